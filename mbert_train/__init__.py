@@ -1,0 +1,3 @@
+"""mbert-train: tensor-parallel MegatronBERT pretraining."""
+
+__version__ = "0.1.0"
