@@ -1,0 +1,200 @@
+"""MegatronBERT (Shoeybi et al. 2019): pre-LayerNorm BERT, numerically the same as
+`transformers.MegatronBertForPreTraining`, with attention and MLP sharded over a TP group.
+
+With `tp_group=None` (or a group of one) every layer is the plain dense layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mbert_train.model.config import ModelConfig
+from mbert_train.parallel.cross_entropy import vocab_parallel_argmax, vocab_parallel_cross_entropy
+from mbert_train.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, normal_init
+from mbert_train.parallel.layout import padded_vocab_size
+from mbert_train.parallel.mappings import copy_to_tp, gather_from_tp, group_size
+from mbert_train.parallel.random import sharded_dropout_mask
+
+IGNORE_INDEX = -100
+
+
+def _dense(n_in: int, n_out: int, std: float) -> nn.Linear:
+    """A replicated linear layer with the reference's init (normal weight, zero bias)."""
+    layer = nn.Linear(n_in, n_out)
+    nn.init.normal_(layer.weight, std=std)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class SelfAttention(nn.Module):
+    """Fused QKV split by whole heads: rank r owns heads [r*n/tp, (r+1)*n/tp) of Q, K and V."""
+
+    def __init__(self, cfg: ModelConfig, group):
+        super().__init__()
+        tp = group_size(group)
+        self.group = group
+        self.local_heads = cfg.num_heads // tp
+        self.head_dim = cfg.head_dim
+        self.dropout = cfg.attention_dropout
+        init = normal_init(cfg.initializer_range)
+        # The master weight is [Q; K; V] stacked (3h, h); stride 3 shards each block by heads.
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, group, stride=3, init=init)
+        self.out = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, group, init=init)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv = self.qkv(x).view(b, s, 3, self.local_heads, self.head_dim)  # (b, s, 3, n/tp, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (b, n/tp, s, d)
+        if self.training and self.dropout > 0:
+            ctx = self._attention_with_dropout(q, k, v, mask)
+        else:
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        ctx = ctx.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim)  # (b, s, h/tp)
+        return self.out(ctx)
+
+    def _attention_with_dropout(self, q, k, v, mask):
+        # Explicit softmax so the dropout mask can be TP-invariant (see parallel/random.py);
+        # SDPA's fused dropout draws a mask per call that depends on the local head count.
+        scores = torch.matmul(q, k.transpose(-1, -2)) / self.head_dim ** 0.5  # (b, n/tp, s, s)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        probs = scores.softmax(dim=-1)
+        keep = sharded_dropout_mask(tuple(probs.shape), self.dropout, 1, self.group, probs.device)
+        return torch.matmul(probs * keep.to(probs.dtype), v)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, group):
+        super().__init__()
+        init = normal_init(cfg.initializer_range)
+        self.fc1 = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, group, init=init)
+        self.fc2 = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, group, init=init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))  # (b, s, I/tp) inside
+
+
+class Layer(nn.Module):
+    """Pre-LN: x + Drop(Attn(LN(x))), then x + Drop(MLP(LN(x)))."""
+
+    def __init__(self, cfg: ModelConfig, group):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attn = SelfAttention(cfg, group)
+        self.mlp_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg, group)
+        self.dropout = cfg.hidden_dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + F.dropout(self.attn(self.attn_norm(x), mask), self.dropout, self.training)
+        return x + F.dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training)
+
+
+@dataclass
+class PretrainOutput:
+    loss: torch.Tensor | None = None
+    mlm_loss: torch.Tensor | None = None
+    nsp_loss: torch.Tensor | None = None
+    mlm_logits: torch.Tensor | None = None
+    """Vocab shard (..., V_pad/tp); over all positions, or over the masked ones only."""
+    nsp_logits: torch.Tensor | None = None
+    mlm_correct: torch.Tensor | None = None
+    mlm_count: torch.Tensor | None = None
+    nsp_correct: torch.Tensor | None = None
+
+
+class MegatronBert(nn.Module):
+    """Encoder + pooler + MLM/NSP heads; `cfg.binary_head=False` gives the MLM-only model."""
+
+    def __init__(self, cfg: ModelConfig, tp_group=None, *, activation_checkpointing: bool = False,
+                 mlm_masked_only: bool = True):
+        super().__init__()
+        self.cfg, self.group = cfg, tp_group
+        self.activation_checkpointing = activation_checkpointing
+        self.mlm_masked_only = mlm_masked_only
+        self.padded_vocab = padded_vocab_size(cfg.vocab_size, group_size(tp_group))
+        std, h = cfg.initializer_range, cfg.hidden_size
+        init = normal_init(std)
+        self.word_embeddings = VocabParallelEmbedding(self.padded_vocab, h, tp_group, real_vocab=cfg.vocab_size,
+                                                      padding_idx=cfg.pad_token_id, init=init)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, h)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, h)
+        nn.init.normal_(self.position_embeddings.weight, std=std)
+        nn.init.normal_(self.token_type_embeddings.weight, std=std)
+        self.layers = nn.ModuleList(Layer(cfg, tp_group) for _ in range(cfg.num_layers))
+        self.final_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.pooler = _dense(h, h, std) if cfg.binary_head else None
+        self.mlm_dense = _dense(h, h, std)
+        self.mlm_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.mlm_bias = nn.Parameter(torch.zeros(self.padded_vocab // group_size(tp_group)))
+        self.mlm_bias.tensor_model_parallel = self.mlm_bias.model_parallel = True
+        self.mlm_bias.partition_dim, self.mlm_bias.partition_stride = 0, 1
+        self.nsp = _dense(h, 2, std) if cfg.binary_head else None
+
+    def encode(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states (b, s, h)."""
+        b, s = input_ids.shape
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        positions = torch.arange(s, device=input_ids.device)
+        x = (self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+             + self.position_embeddings(positions))
+        x = F.dropout(x, self.cfg.hidden_dropout, self.training)
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = attention_mask.bool().view(b, 1, 1, s)  # True = attend
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, mask, use_reentrant=False)
+            else:
+                x = layer(x, mask)
+        return self.final_norm(x)
+
+    def mlm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocab-shard logits (..., V_pad/tp); the decoder is tied to the word embeddings."""
+        hidden = self.mlm_norm(F.gelu(self.mlm_dense(hidden)))
+        return F.linear(copy_to_tp(hidden, self.group), self.word_embeddings.weight, self.mlm_bias)
+
+    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Full-vocab logits (..., V) from shards; for tests and export, not the training path."""
+        return gather_from_tp(logits, self.group)[..., : self.cfg.vocab_size]
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None,
+                nsp_labels: torch.Tensor | None = None) -> PretrainOutput:
+        hidden = self.encode(input_ids, token_type_ids, attention_mask)  # (b, s, h)
+        out = PretrainOutput()
+        if mlm_labels is not None and self.mlm_masked_only:
+            selected = mlm_labels != IGNORE_INDEX
+            out.mlm_logits = self.mlm_head(hidden[selected])  # (n_masked, V_pad/tp)
+            targets = mlm_labels[selected]
+            logits_flat = out.mlm_logits
+        else:
+            out.mlm_logits = self.mlm_head(hidden)  # (b, s, V_pad/tp)
+            if mlm_labels is not None:
+                selected = (mlm_labels != IGNORE_INDEX).view(-1)
+                logits_flat = out.mlm_logits.view(-1, out.mlm_logits.shape[-1])[selected]
+                targets = mlm_labels.view(-1)[selected]
+        if self.nsp is not None:
+            out.nsp_logits = self.nsp(torch.tanh(self.pooler(hidden[:, 0])))  # (b, 2)
+        if mlm_labels is None:
+            return out
+        count = targets.numel()
+        per_token = vocab_parallel_cross_entropy(logits_flat, targets, self.cfg.vocab_size, self.group)
+        out.mlm_loss = per_token.sum() / max(count, 1)
+        out.loss = out.mlm_loss
+        with torch.no_grad():
+            pred = vocab_parallel_argmax(logits_flat.detach(), self.cfg.vocab_size, self.group)
+            out.mlm_correct = (pred == targets).sum()
+            out.mlm_count = torch.tensor(count, device=hidden.device)
+        if nsp_labels is not None and out.nsp_logits is not None:
+            out.nsp_loss = F.cross_entropy(out.nsp_logits.float(), nsp_labels)
+            out.loss = out.loss + out.nsp_loss
+            out.nsp_correct = (out.nsp_logits.argmax(-1) == nsp_labels).sum()
+        return out

@@ -1,0 +1,190 @@
+"""Weights in three forms and the maps between them.
+
+- *sharded*: this rank's `model.state_dict()` (vocab padded for its TP degree).
+- *full*: our parameter names, whole tensors, vocabulary trimmed to `cfg.vocab_size`; the same
+  for every TP degree, so checkpoints move between degrees through it.
+- *hf*: `transformers.MegatronBertForPreTraining` names and layout (Q, K, V separate).
+
+On disk a model directory holds `model_config.json` and one `model_tp{r}-of-{N}.safetensors`
+per TP rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from mbert_train.model.bert import MegatronBert
+from mbert_train.model.config import ModelConfig
+from mbert_train.parallel.layers import shard, unshard
+from mbert_train.parallel.mappings import group_rank, group_size
+
+VOCAB_PARAMS = ("word_embeddings.weight", "mlm_bias")
+MODEL_CONFIG = "model_config.json"
+
+
+def _shard_spec(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """name -> (partition dim, stride) for every sharded parameter."""
+    return {n: (p.partition_dim, p.partition_stride) for n, p in model.named_parameters()
+            if getattr(p, "tensor_model_parallel", False)}
+
+
+def full_state_dict(model: torch.nn.Module, tensors: dict[str, torch.Tensor] | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """Gather the TP shards of `model` (or of `tensors` named like its parameters, e.g. their
+    gradients) into the full form. A collective over the model's TP group."""
+    group, cfg = model.group, model.cfg
+    spec, out = _shard_spec(model), {}
+    tensors = model.state_dict() if tensors is None else tensors
+    for name, tensor in tensors.items():
+        tensor = tensor.detach()
+        if name in spec and group_size(group) > 1:
+            parts = [torch.empty_like(tensor) for _ in range(group_size(group))]
+            dist.all_gather(parts, tensor.contiguous(), group=group)
+            dim, stride = spec[name]
+            tensor = unshard(parts, dim, stride=stride)
+        if name in VOCAB_PARAMS:
+            tensor = tensor[: cfg.vocab_size]
+        out[name] = tensor.cpu().clone()
+    return out
+
+
+def shard_state_dict(full: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's state dict for `model` from the full form."""
+    group, spec = model.group, _shard_spec(model)
+    tp, rank = group_size(group), group_rank(group)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(full))
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors (first: {missing[0]}); it was saved from a "
+                         f"different model (binary_head or num_layers differ?) - check model.* against it")
+    out = {}
+    for name, target in expected.items():
+        tensor = full[name]
+        if name in VOCAB_PARAMS:
+            pad = model.padded_vocab - tensor.shape[0]
+            tensor = torch.cat([tensor, tensor.new_zeros((pad, *tensor.shape[1:]))]) if pad > 0 else tensor
+        if name in spec:
+            dim, stride = spec[name]
+            tensor = shard(tensor, dim, tp, rank, stride=stride)
+        if tensor.shape != target.shape:
+            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)} but model.* gives "
+                             f"{tuple(target.shape)}; make the model config match the checkpoint")
+        out[name] = tensor.to(target.dtype)
+    return out
+
+
+def hf_to_full(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Hugging Face MegatronBertForPreTraining tensors -> our full form."""
+    def take(key: str) -> torch.Tensor:
+        if key not in hf:
+            raise ValueError(f"Hugging Face checkpoint lacks tensor {key}; is it a MegatronBertForPreTraining?")
+        return hf[key]
+
+    full = {
+        "word_embeddings.weight": take("bert.embeddings.word_embeddings.weight"),
+        "position_embeddings.weight": take("bert.embeddings.position_embeddings.weight"),
+        "token_type_embeddings.weight": take("bert.embeddings.token_type_embeddings.weight"),
+    }
+    for i in range(cfg.num_layers):
+        src, dst = f"bert.encoder.layer.{i}.", f"layers.{i}."
+        for kind in ("weight", "bias"):
+            full[dst + f"attn_norm.{kind}"] = take(src + f"attention.ln.{kind}")
+            full[dst + f"attn.qkv.{kind}"] = torch.cat(
+                [take(src + f"attention.self.{p}.{kind}") for p in ("query", "key", "value")])
+            full[dst + f"attn.out.{kind}"] = take(src + f"attention.output.dense.{kind}")
+            full[dst + f"mlp_norm.{kind}"] = take(src + f"ln.{kind}")
+            full[dst + f"mlp.fc1.{kind}"] = take(src + f"intermediate.dense.{kind}")
+            full[dst + f"mlp.fc2.{kind}"] = take(src + f"output.dense.{kind}")
+    for kind in ("weight", "bias"):
+        full[f"final_norm.{kind}"] = take(f"bert.encoder.ln.{kind}")
+        full[f"mlm_dense.{kind}"] = take(f"cls.predictions.transform.dense.{kind}")
+        full[f"mlm_norm.{kind}"] = take(f"cls.predictions.transform.LayerNorm.{kind}")
+        if cfg.binary_head:
+            full[f"pooler.{kind}"] = take(f"bert.pooler.dense.{kind}")
+            full[f"nsp.{kind}"] = take(f"cls.seq_relationship.{kind}")
+    full["mlm_bias"] = take("cls.predictions.bias")
+    return {k: v.float().contiguous() for k, v in full.items()}
+
+
+def full_to_hf(full: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our full form -> Hugging Face names (tied decoder weight/bias omitted, as HF saves them)."""
+    h = cfg.hidden_size
+    hf = {
+        "bert.embeddings.word_embeddings.weight": full["word_embeddings.weight"],
+        "bert.embeddings.position_embeddings.weight": full["position_embeddings.weight"],
+        "bert.embeddings.token_type_embeddings.weight": full["token_type_embeddings.weight"],
+        "cls.predictions.bias": full["mlm_bias"],
+    }
+    for i in range(cfg.num_layers):
+        src, dst = f"layers.{i}.", f"bert.encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            hf[dst + f"attention.ln.{kind}"] = full[src + f"attn_norm.{kind}"]
+            for j, p in enumerate(("query", "key", "value")):
+                hf[dst + f"attention.self.{p}.{kind}"] = full[src + f"attn.qkv.{kind}"][j * h:(j + 1) * h]
+            hf[dst + f"attention.output.dense.{kind}"] = full[src + f"attn.out.{kind}"]
+            hf[dst + f"ln.{kind}"] = full[src + f"mlp_norm.{kind}"]
+            hf[dst + f"intermediate.dense.{kind}"] = full[src + f"mlp.fc1.{kind}"]
+            hf[dst + f"output.dense.{kind}"] = full[src + f"mlp.fc2.{kind}"]
+    for kind in ("weight", "bias"):
+        hf[f"bert.encoder.ln.{kind}"] = full[f"final_norm.{kind}"]
+        hf[f"cls.predictions.transform.dense.{kind}"] = full[f"mlm_dense.{kind}"]
+        hf[f"cls.predictions.transform.LayerNorm.{kind}"] = full[f"mlm_norm.{kind}"]
+        if cfg.binary_head:
+            hf[f"bert.pooler.dense.{kind}"] = full[f"pooler.{kind}"]
+            hf[f"cls.seq_relationship.{kind}"] = full[f"nsp.{kind}"]
+    return {k: v.contiguous().clone() for k, v in hf.items()}
+
+
+def shard_file(tp: int, rank: int) -> str:
+    return f"model_tp{rank:02d}-of-{tp:02d}.safetensors"
+
+
+def save_model_shard(directory: str | os.PathLike, model: torch.nn.Module, tp_rank: int, tp: int) -> None:
+    """Write this rank's shard (and, from TP rank 0, the model config) into `directory`."""
+    directory = Path(directory)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(directory / shard_file(tp, tp_rank)))
+    if tp_rank == 0:
+        meta = {"model": model.cfg.to_dict(), "tensor_parallel": tp, "padded_vocab": model.padded_vocab}
+        (directory / MODEL_CONFIG).write_text(json.dumps(meta, indent=2))
+
+
+def read_model_meta(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / MODEL_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {directory} is not an mbert-train model or checkpoint directory")
+    return json.loads(path.read_text())
+
+
+def load_full_from_dir(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """Read every TP shard of a saved model and assemble the full form (any saved TP degree)."""
+    directory = Path(directory)
+    meta = read_model_meta(directory)
+    cfg, tp = ModelConfig(**meta["model"]), meta["tensor_parallel"]
+    shards = []
+    for r in range(tp):
+        path = directory / shard_file(tp, r)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the checkpoint at {directory} is incomplete")
+        try:
+            shards.append(load_file(str(path)))
+        except Exception as exc:
+            raise ValueError(f"{path} is truncated or corrupt ({exc}); use another checkpoint") from None
+    with torch.device("meta"):
+        template = MegatronBert(cfg)
+    spec = _shard_spec(template)
+    full = {}
+    for name in shards[0]:
+        if name in spec and tp > 1:
+            dim, stride = spec[name]
+            tensor = unshard([s[name] for s in shards], dim, stride=stride)
+        else:
+            tensor = shards[0][name]
+        full[name] = tensor[: cfg.vocab_size] if name in VOCAB_PARAMS else tensor
+    return full, cfg

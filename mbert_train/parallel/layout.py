@@ -1,0 +1,141 @@
+"""The parallel layout: world = TP x DP, its process groups, and DeepSpeed's `mpu` interface.
+
+Rank r sits at tp_rank = r % TP and dp_rank = r // TP, so the ranks of one tensor-parallel
+group are adjacent (on one node under torchrun), as in Megatron-LM.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from mbert_train.model.config import ModelConfig
+
+VOCAB_PAD_MULTIPLE = 128
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel: int) -> int:
+    """Megatron pads the vocabulary to a multiple of 128 x TP so every shard is equal."""
+    multiple = VOCAB_PAD_MULTIPLE * tensor_parallel
+    return -(-vocab_size // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Validated degrees of parallelism; errors show the numbers and the fix."""
+
+    world_size: int
+    tensor_parallel: int = 1
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel < 1:
+            raise ValueError(f"parallel.tensor_parallel={self.tensor_parallel} must be >= 1")
+        if self.world_size % self.tensor_parallel:
+            raise ValueError(
+                f"world size {self.world_size} is not divisible by parallel.tensor_parallel="
+                f"{self.tensor_parallel}; launch a multiple of {self.tensor_parallel} processes "
+                f"or set parallel.tensor_parallel to a divisor of {self.world_size}")
+
+    @property
+    def data_parallel(self) -> int:
+        return self.world_size // self.tensor_parallel
+
+    def tp_rank(self, rank: int) -> int:
+        return rank % self.tensor_parallel
+
+    def dp_rank(self, rank: int) -> int:
+        return rank // self.tensor_parallel
+
+    def check_model(self, cfg: "ModelConfig") -> None:
+        tp = self.tensor_parallel
+        if cfg.num_heads % tp:
+            raise ValueError(
+                f"model.num_heads={cfg.num_heads} is not divisible by parallel.tensor_parallel={tp}; "
+                f"choose a tensor_parallel that divides {cfg.num_heads}")
+        if cfg.intermediate_size % tp:
+            raise ValueError(
+                f"model.intermediate_size={cfg.intermediate_size} is not divisible by "
+                f"parallel.tensor_parallel={tp}; choose a tensor_parallel that divides it")
+
+
+class ParallelState:
+    """Process groups of one layout, with the method names DeepSpeed expects of an `mpu`."""
+
+    def __init__(self, dims: ParallelDims, rank: int,
+                 tp_group: dist.ProcessGroup | None, dp_group: dist.ProcessGroup | None):
+        self.dims = dims
+        self.rank = rank
+        self.tp_group = tp_group
+        self.dp_group = dp_group
+
+    @property
+    def tp_rank(self) -> int:
+        return self.dims.tp_rank(self.rank)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dims.dp_rank(self.rank)
+
+    # DeepSpeed `mpu` interface (engine.py, zero/stage_1_and_2.py, runtime/utils.py).
+    def get_model_parallel_rank(self) -> int:
+        return self.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.dims.tensor_parallel
+
+    def get_model_parallel_group(self):
+        return self.tp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.dims.data_parallel
+
+    def get_data_parallel_group(self):
+        return self.dp_group
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_parallel(tensor_parallel: int, *, timeout_s: float = 600.0) -> ParallelState:
+    """Join (or start) the default process group from torchrun's env and build TP/DP groups.
+
+    Without a launcher (no WORLD_SIZE in the environment) this is a single process with no
+    groups: every parallel layer then behaves exactly as its dense counterpart.
+    """
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            dims = ParallelDims(world_size=1, tensor_parallel=tensor_parallel)
+            return ParallelState(dims, 0, None, None)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(default_backend(), timeout=datetime.timedelta(seconds=timeout_s))
+    world, rank = dist.get_world_size(), dist.get_rank()
+    dims = ParallelDims(world_size=world, tensor_parallel=tensor_parallel)
+    tp = dims.tensor_parallel
+    tp_group = dp_group = None
+    # Every rank must create every group, in the same order.
+    for dp in range(dims.data_parallel):
+        ranks = list(range(dp * tp, (dp + 1) * tp))
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            tp_group = group
+    for t in range(tp):
+        ranks = list(range(t, world, tp))
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            dp_group = group
+    return ParallelState(dims, rank, tp_group, dp_group)

@@ -1,0 +1,139 @@
+"""Our MegatronBert at TP=1, 2, 4 is `transformers.MegatronBertForPreTraining`, forward and backward."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from transformers import MegatronBertConfig, MegatronBertForPreTraining
+
+from mbert_train.model import MegatronBert, ModelConfig
+from mbert_train.model.weights import full_state_dict, full_to_hf, hf_to_full, shard_state_dict
+from tests.dist import spawn
+
+VOCAB = 301  # not a multiple of 128 x TP: exercises vocab padding
+TOL = dict(rtol=1e-5, atol=1e-5)
+GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
+
+
+def small_config(dropout: float = 0.0) -> ModelConfig:
+    return ModelConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                       max_position_embeddings=32, layer_norm_eps=1e-5, hidden_dropout=dropout,
+                       attention_dropout=dropout)
+
+
+def reference_model(cfg: ModelConfig) -> MegatronBertForPreTraining:
+    torch.manual_seed(0)
+    hf_cfg = MegatronBertConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures",)})
+    return MegatronBertForPreTraining(hf_cfg).float()
+
+
+def make_batch(cfg: ModelConfig, b: int = 3, s: int = 12) -> dict:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, cfg.vocab_size, (b, s), generator=g)
+    mask = torch.ones(b, s, dtype=torch.long)
+    mask[1, 8:] = 0
+    ids[1, 8:] = cfg.pad_token_id
+    labels = torch.full((b, s), -100)
+    pick = (torch.rand(b, s, generator=g) < 0.3) & mask.bool()
+    pick[:, 1] = True
+    labels[pick] = torch.randint(0, cfg.vocab_size, (int(pick.sum()),), generator=g)
+    types = torch.zeros(b, s, dtype=torch.long)
+    types[:, s // 2:] = 1
+    return dict(input_ids=ids, token_type_ids=types, attention_mask=mask, mlm_labels=labels,
+                nsp_labels=torch.tensor([0, 1, 1])[:b])
+
+
+def ours_from_reference(ref, cfg, group, **kw) -> MegatronBert:
+    model = MegatronBert(cfg, group, **kw)
+    model.load_state_dict(shard_state_dict(hf_to_full(ref.state_dict(), cfg), model))
+    return model
+
+
+def full_grads_as_hf(model: MegatronBert) -> dict:
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    return full_to_hf(full_state_dict(model, grads), model.cfg)
+
+
+def check_against_reference(group) -> None:
+    cfg = small_config()
+    ref = reference_model(cfg)
+    batch = make_batch(cfg)
+    out_ref = ref(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                  attention_mask=batch["attention_mask"], labels=batch["mlm_labels"],
+                  next_sentence_label=batch["nsp_labels"])
+    out_ref.loss.backward()
+    labels = batch["mlm_labels"].view(-1)
+    ref_mlm = torch.nn.functional.cross_entropy(out_ref.prediction_logits.view(-1, VOCAB), labels)
+    ref_nsp = torch.nn.functional.cross_entropy(out_ref.seq_relationship_logits, batch["nsp_labels"])
+
+    full_decoder = ours_from_reference(ref, cfg, group, mlm_masked_only=False)
+    out = full_decoder(**batch)
+    out.loss.backward()
+    torch.testing.assert_close(full_decoder.gather_logits(out.mlm_logits), out_ref.prediction_logits, **TOL)
+    torch.testing.assert_close(out.nsp_logits, out_ref.seq_relationship_logits, **TOL)
+    torch.testing.assert_close(out.loss, out_ref.loss, **TOL)
+    torch.testing.assert_close(out.mlm_loss, ref_mlm, **TOL)
+    torch.testing.assert_close(out.nsp_loss, ref_nsp, **TOL)
+    grads = full_grads_as_hf(full_decoder)
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    assert set(grads) == set(ref_grads) - {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], **GRAD_TOL, msg=lambda m: f"{name}: {m}")
+
+    masked_only = ours_from_reference(ref, cfg, group, mlm_masked_only=True)
+    out_m = masked_only(**batch)
+    out_m.loss.backward()
+    torch.testing.assert_close(out_m.loss, out.loss, **TOL)
+    selected = batch["mlm_labels"] != -100
+    torch.testing.assert_close(masked_only.gather_logits(out_m.mlm_logits),
+                               full_decoder.gather_logits(out.mlm_logits)[selected], **TOL)
+    for name, g in full_grads_as_hf(masked_only).items():
+        torch.testing.assert_close(g, grads[name], **GRAD_TOL, msg=lambda m: f"masked-only {name}: {m}")
+
+
+def dropout_loss(group, *, checkpointing: bool = False):
+    cfg = small_config(dropout=0.1)
+    torch.manual_seed(5)
+    model = MegatronBert(cfg, group, activation_checkpointing=checkpointing).train()
+    torch.manual_seed(9)
+    out = model(**make_batch(cfg))
+    out.loss.backward()
+    return out.loss.detach(), full_state_dict(model, {n: p.grad for n, p in model.named_parameters()})
+
+
+def check_dropout(group) -> None:
+    loss_tp1, _ = dropout_loss(None)
+    loss_tp, grads = dropout_loss(group)
+    torch.testing.assert_close(loss_tp, loss_tp1, **TOL)
+    loss_ckpt, grads_ckpt = dropout_loss(group, checkpointing=True)
+    assert torch.equal(loss_ckpt, loss_tp)
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], g, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def _ranks_main():
+    check_against_reference(dist.group.WORLD)
+    check_dropout(dist.group.WORLD)
+
+
+def test_tp1_matches_reference():
+    check_against_reference(None)
+
+
+def test_tp1_dropout_and_checkpointing():
+    check_dropout(None)
+
+
+def test_dropout_changes_the_loss():
+    cfg = small_config(dropout=0.1)
+    torch.manual_seed(5)
+    model = MegatronBert(cfg)
+    batch = make_batch(cfg)
+    torch.manual_seed(9)
+    train_loss = model(**batch).loss
+    model.eval()
+    assert not torch.allclose(train_loss, model(**batch).loss)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_matches_reference(tp):
+    spawn(_ranks_main, tp)
