@@ -16,7 +16,7 @@ GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
 
 def small_config(dropout: float = 0.0) -> ModelConfig:
     return ModelConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                       max_position_embeddings=32, layer_norm_eps=1e-5, hidden_dropout=dropout,
+                       max_position_embeddings=32, layer_norm_eps=1e-5, initializer_range=0.2, hidden_dropout=dropout,
                        attention_dropout=dropout)
 
 
