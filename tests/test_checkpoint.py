@@ -1,22 +1,27 @@
-"""Checkpoint directory protocol: atomic commit, `latest`, rotation, crash recovery, loaders."""
+"""Checkpoint directory protocol: atomic commit, `latest`, rotation, crash recovery, loaders,
+and the RNG state the trainer stores in checkpoints."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from mbert_train.checkpoint import (CheckpointDir, CheckpointError, load_tensors, load_torch,
                                     read_meta, step_of, step_tag)
+from mbert_train.rng import capture_rng_state, restore_rng_state, seed_everything
 
 
 def _save(ckpt: CheckpointDir, step: int, value: float | None = None) -> Path:
@@ -85,7 +90,6 @@ def test_latest_naming_missing_dir_falls_back_to_newest(tmp_path, caplog):
     ckpt = CheckpointDir(tmp_path, keep_last=None)
     for step in (100, 200, 300):
         _save(ckpt, step)
-    import shutil
     shutil.rmtree(ckpt.path(300))
     with caplog.at_level(logging.WARNING, logger="mbert_train.checkpoint"):
         assert step_of(ckpt.latest()) == 200
@@ -207,3 +211,25 @@ def test_sigkill_mid_save_keeps_previous_checkpoint(tmp_path, phase):
     # The run goes on: the next save of step 200 succeeds and rotation drops step 100.
     _save(ckpt, 200)
     assert [p.name for p in ckpt.list()] == ["step_00000200"]
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    seed_everything(1234)
+    # Leave a cached Gaussian in both generators: it is part of their state too.
+    random.gauss(0, 1)
+    np.random.randn()
+    torch.save({"rng": capture_rng_state()}, tmp_path / "rng.pt")
+
+    def draw():
+        return (random.random(), random.gauss(0, 1), np.random.rand(), np.random.randn(),
+                torch.rand(3).tolist())
+
+    expected = draw()
+    restore_rng_state(load_torch(tmp_path / "rng.pt")["rng"])
+    assert draw() == expected
+    seed_everything(1234)
+    first = draw()
+    seed_everything(1234)
+    assert draw() == first
+    with pytest.raises(ValueError, match="seed=-1"):
+        seed_everything(-1)

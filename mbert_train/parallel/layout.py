@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -111,15 +112,16 @@ def default_backend() -> str:
 
 
 def init_parallel(tensor_parallel: int, *, timeout_s: float = 600.0) -> ParallelState:
-    """Join (or start) the default process group from torchrun's env and build TP/DP groups.
-
-    Without a launcher (no WORLD_SIZE in the environment) this is a single process with no
-    groups: every parallel layer then behaves exactly as its dense counterpart.
+    """Join the default process group from the launcher's env (torchrun, deepspeed, srun) and
+    build the TP/DP groups. Without a launcher this starts a one-process group on loopback, so
+    DeepSpeed and the layers see real (trivial) groups either way.
     """
     if not dist.is_initialized():
-        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-            dims = ParallelDims(world_size=1, tensor_parallel=tensor_parallel)
-            return ParallelState(dims, 0, None, None)
+        if "WORLD_SIZE" not in os.environ:
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(_free_port()))
+        world = int(os.environ["WORLD_SIZE"])
+        ParallelDims(world_size=world, tensor_parallel=tensor_parallel)  # fail before any rendezvous
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(default_backend(), timeout=datetime.timedelta(seconds=timeout_s))
@@ -139,3 +141,9 @@ def init_parallel(tensor_parallel: int, *, timeout_s: float = 600.0) -> Parallel
         if rank in ranks:
             dp_group = group
     return ParallelState(dims, rank, tp_group, dp_group)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

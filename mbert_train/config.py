@@ -1,0 +1,194 @@
+"""The typed schema behind `conf/`: Hydra validates overrides against it, and the entry points
+turn the composed DictConfig into these dataclasses once (library code never sees Hydra)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from mbert_train.data.config import DataConfig
+from mbert_train.model.config import ModelConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class ParallelConfig:
+    """How the world is split: TP within a node, DP (with ZeRO) across the rest."""
+
+    tensor_parallel: int = 1
+    """Tensor-parallel degree; divides num_heads, intermediate_size and the world size."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage: 0 none, 1 optimizer state, 2 also gradients sharded over DP."""
+    timeout_s: float = 600.0
+    """Process-group timeout: a hung collective fails after this long instead of never."""
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel < 1:
+            raise ValueError(f"parallel.tensor_parallel={self.tensor_parallel} must be >= 1")
+        if self.zero_stage == 3:
+            raise ValueError("parallel.zero_stage=3 is not supported with tensor parallelism (ZeRO-3 "
+                             "re-partitions the TP shards); use parallel.zero_stage=2")
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"parallel.zero_stage={self.zero_stage} must be 0, 1 or 2")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule (linear warmup, then decay)."""
+
+    name: str = "adamw"
+    """adamw, or lamb (CUDA only, through DeepSpeed's FusedLamb)."""
+    lr: float = 1e-3
+    """Peak learning rate, reached at the end of warmup."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay; not applied to biases, LayerNorms or embeddings (as Megatron)."""
+    beta1: float = 0.9
+    """Adam's first-moment decay."""
+    beta2: float = 0.999
+    """Adam's second-moment decay."""
+    eps: float = 1e-6
+    """Adam's denominator epsilon."""
+    warmup_steps: int = 30
+    """Optimizer steps of linear warmup from 0 to `lr`."""
+    decay: str = "linear"
+    """After warmup: linear (to min_lr_ratio*lr at max_steps), cosine, or constant."""
+    min_lr_ratio: float = 0.0
+    """Floor of the decay as a fraction of `lr`."""
+
+    def __post_init__(self) -> None:
+        if self.name not in ("adamw", "lamb"):
+            raise ValueError(f"optim.name={self.name!r} must be adamw or lamb")
+        if self.decay not in ("linear", "cosine", "constant"):
+            raise ValueError(f"optim.decay={self.decay!r} must be linear, cosine or constant")
+        if self.lr <= 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.lr={self.lr} must be > 0, optim.warmup_steps={self.warmup_steps} >= 0, "
+                             f"optim.min_lr_ratio={self.min_lr_ratio} in [0, 1]")
+
+
+@dataclass
+class TrainerConfig:
+    """The loop: steps, batch, precision, checkpoints, evaluation."""
+
+    max_steps: int = 300
+    """Optimizer steps to train for."""
+    micro_batch_size: int = 16
+    """Samples per forward pass on each data-parallel replica."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; global batch = micro x grad_accum x DP."""
+    precision: str = "fp32"
+    """fp32, bf16 (GPU or CPU) or fp16 (GPU, dynamic loss scaling)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm (TP-correct: replicated parameters counted once); 0 = off."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints (also written on SIGTERM/SIGINT/SIGUSR1 and at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept; older ones are deleted after a new one is complete."""
+    eval_every: int = 100
+    """Steps between held-out evaluations (0 = never)."""
+    eval_batches: int = 8
+    """Held-out micro-batches per evaluation."""
+    log_every: int = 10
+    """Steps between lines in metrics.jsonl / W&B."""
+    activation_checkpointing: bool = False
+    """Recompute each layer's activations in backward (less memory, ~30% more compute)."""
+    mlm_masked_only: bool = True
+    """Run the MLM decoder on masked positions only (same loss and gradients, far less work)."""
+    seed: int = 1234
+    """Seed of weights, data order, masks and dropout."""
+    max_bad_steps: int = 5
+    """Stop (with the last good checkpoint intact) after this many consecutive NaN/inf steps."""
+    init_from: str | None = None
+    """Start from these weights (an `mbert-convert from-hf` output or any checkpoint, any TP)."""
+    export_hf: bool = True
+    """Write a Hugging Face export to RUN_DIR/hf at the end."""
+    inject_nan_at: list[int] = field(default_factory=list)
+    """Fault injection for tests: make the loss NaN at these steps."""
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    """Extra DeepSpeed config keys, merged over the generated JSON (e.g. zero_optimization.*)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "checkpoint_every", "log_every",
+                     "eval_batches", "keep_last", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"trainer.{name}={getattr(self, name)} must be >= 1")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"trainer.precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
+        if self.grad_clip < 0 or self.eval_every < 0:
+            raise ValueError(f"trainer.grad_clip={self.grad_clip} and trainer.eval_every={self.eval_every} "
+                             f"must be >= 0")
+
+
+@dataclass
+class LoggingConfig:
+    """Weights & Biases (rank 0 only) and the progress bar."""
+
+    wandb_mode: str = "offline"
+    """offline (files under RUN_DIR/wandb), online (needs WANDB_API_KEY in the env) or disabled."""
+    project: str = "mbert-train"
+    """W&B project."""
+    run_name: str | None = None
+    """W&B run name; default: the run directory's name."""
+    progress_bar: bool = True
+    """tqdm bar on rank 0."""
+
+    def __post_init__(self) -> None:
+        if self.wandb_mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"logging.wandb_mode={self.wandb_mode!r} must be offline, online or disabled")
+
+
+@dataclass
+class RunConfig:
+    """Where this run lives; rerunning with the same dir resumes from its latest checkpoint."""
+
+    dir: str | None = None
+    """Run directory; default Hydra's output dir (runs/DATE_TIME), fixed by rank 0 for all ranks."""
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.max_seq_length > self.model.max_position_embeddings:
+            raise ValueError(f"data.max_seq_length={self.data.max_seq_length} exceeds "
+                             f"model.max_position_embeddings={self.model.max_position_embeddings}; lower it")
+        if (self.data.objective == "none") == self.model.binary_head:
+            want = "false" if self.data.objective == "none" else "true"
+            raise ValueError(f"data.objective={self.data.objective} needs model.binary_head={want}")
+        if self.optim.name == "lamb" and self.parallel.zero_stage > 0:
+            raise ValueError("optim=lamb needs parallel.zero_stage=0: ZeRO flattens parameters and LAMB's "
+                             "per-tensor trust ratio needs them whole; use optim=adamw with ZeRO")
+        if self.trainer.precision != "fp32" and self.parallel.zero_stage == 0:
+            raise ValueError(f"trainer.precision={self.trainer.precision} needs parallel.zero_stage>=1: "
+                             f"DeepSpeed's ZeRO-0 mixed-precision optimizer miscounts the grad norm "
+                             f"under TP; set parallel.zero_stage=1")
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name="schema", node=TrainConfig)
+
+
+def to_train_config(cfg) -> TrainConfig:
+    """The one conversion from Hydra's DictConfig to dataclasses (runs every __post_init__)."""
+    return OmegaConf.to_object(cfg)
+
+
+def compose_config(overrides: list[str] | None = None) -> TrainConfig:
+    """Compose `conf/` with Hydra's compose API (tests, mbert-plan)."""
+    from hydra import compose, initialize_config_dir
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return to_train_config(compose(config_name="config", overrides=list(overrides or [])))

@@ -1,0 +1,417 @@
+"""Per-GPU memory and tensor-parallel traffic of a MegatronBERT layout, and a layout advisor.
+
+Accounting, all per GPU:
+
+- Parameters are counted exactly as the model holds them (Megatron-LM layout): the word
+  embedding and MLM decoder bias are vocab-parallel over a vocabulary padded to a multiple
+  of 128 x TP; QKV and MLP-in are column-parallel, attention-out and MLP-out row-parallel
+  (their biases replicated); LayerNorms, position/type embeddings, pooler, MLM transform and
+  NSP head are replicated on every TP rank.
+- Mixed precision keeps 16-bit params and grads and fp32 master weights plus both AdamW
+  moments (2 + 2 + 12 bytes per parameter, Rajbhandari et al. 2020, "ZeRO", Sec. 3.1);
+  fp32 keeps 4 + 4 + 8. ZeRO-1 shards the optimizer states over data parallel, ZeRO-2 also
+  the gradients, ZeRO-3 also the parameters.
+- Activations follow Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+  Transformer Models", Sec. 4: sbh(10 + 24/t + 5as/(ht)) bytes per layer with 16-bit
+  activations and TP without sequence parallelism (sbh(34 + 5as/h) at t=1), generalised
+  here to any activation width and MLP width; full recomputation keeps only each layer's
+  input (2sbh) plus one layer's working set. With attention_dropout=0 the model runs fused
+  SDPA and the 5as/h score term drops out.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mbert_train.model.config import ModelConfig
+
+GIB = 1024**3
+VOCAB_MULTIPLE = 128
+"""Megatron's `make_vocab_size_divisible_by`: the padded vocab is a multiple of this x TP."""
+TP_MIN_SHARD_WIDTH = 1024
+"""Narrowest per-rank hidden slice (h/t) at which TP GEMMs still keep tensor cores busy."""
+TP_HIDDEN_THRESHOLD = 2048
+"""Below this hidden size TP's per-layer all-reduces cost more than the memory they save."""
+
+_PRECISIONS = {"fp32": "fp32", "32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16",
+               "bf16-mixed": "bf16", "fp16": "fp16", "16": "fp16", "float16": "fp16",
+               "16-mixed": "fp16", "fp16-mixed": "fp16"}
+
+
+def normalize_precision(precision: str) -> str:
+    """Map spellings such as `bf16-mixed` or `32` to one of `fp32`, `bf16`, `fp16`."""
+    try:
+        return _PRECISIONS[str(precision).lower()]
+    except KeyError:
+        raise ValueError(f"precision={precision!r} is not one of fp32, bf16, fp16") from None
+
+
+def pad_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """Vocabulary rounded up to a multiple of `multiple * tensor_parallel` (Megatron-LM)."""
+    step = multiple * tensor_parallel
+    return math.ceil(vocab_size / step) * step
+
+
+@dataclass(frozen=True)
+class ParamBreakdown:
+    """Parameter counts held by one tensor-parallel rank (the whole model at TP=1)."""
+
+    word_embeddings: int
+    """Vocab-parallel word embedding, padded vocab x h / t (tied with the MLM decoder)."""
+    position_embeddings: int
+    """Learned position table, max_position_embeddings x h, replicated."""
+    token_type_embeddings: int
+    """Segment embedding, type_vocab_size x h, replicated."""
+    layers: int
+    """All transformer layers: two LayerNorms, QKV, attention-out and the two MLP linears."""
+    final_layernorm: int
+    """LayerNorm after the last layer (pre-LN models need one before the heads)."""
+    pooler: int
+    """[CLS] pooler dense layer, replicated; zero without the binary head."""
+    mlm_head: int
+    """MLM transform dense + LayerNorm (replicated) and the vocab-parallel decoder bias."""
+    nsp_head: int
+    """Next-sentence classifier h -> 2; zero without the binary head."""
+
+    @property
+    def embeddings(self) -> int:
+        return self.word_embeddings + self.position_embeddings + self.token_type_embeddings
+
+    @property
+    def total(self) -> int:
+        return (self.embeddings + self.layers + self.final_layernorm + self.pooler
+                + self.mlm_head + self.nsp_head)
+
+    @property
+    def non_embedding(self) -> int:
+        return self.total - self.embeddings
+
+
+def count_parameters(model: ModelConfig, *, tensor_parallel: int = 1,
+                     vocab_multiple: int = VOCAB_MULTIPLE) -> ParamBreakdown:
+    """Parameters on one TP rank; `vocab_multiple=1` with TP=1 gives the unpadded HF model."""
+    t, h, i = tensor_parallel, model.hidden_size, model.intermediate_size
+    if model.num_heads % t or i % t:
+        raise ValueError(f"tensor_parallel={t} must divide model.num_heads={model.num_heads} and "
+                         f"model.intermediate_size={i}")
+    vocab = pad_vocab_size(model.vocab_size, t, vocab_multiple)
+    per_layer = (2 * 2 * h                      # two LayerNorms (weight + bias)
+                 + (3 * h * h + 3 * h) // t     # column-parallel QKV
+                 + h * h // t + h               # row-parallel out-proj, replicated bias
+                 + (h * i + i) // t             # column-parallel MLP in
+                 + i * h // t + h)              # row-parallel MLP out, replicated bias
+    return ParamBreakdown(
+        word_embeddings=vocab * h // t,
+        position_embeddings=model.max_position_embeddings * h,
+        token_type_embeddings=model.type_vocab_size * h,
+        layers=model.num_layers * per_layer,
+        final_layernorm=2 * h,
+        pooler=(h * h + h) if model.binary_head else 0,
+        mlm_head=h * h + h + 2 * h + vocab // t,
+        nsp_head=(2 * h + 2) if model.binary_head else 0,
+    )
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes one GPU holds for a layout, and the TP traffic of one micro-batch step."""
+
+    tensor_parallel: int
+    """TP degree t (ranks sharing each layer)."""
+    data_parallel: int
+    """DP degree (replicas, over which ZeRO shards)."""
+    zero_stage: int
+    """DeepSpeed ZeRO stage 0-3."""
+    micro_batch_size: int
+    """Sequences per GPU per forward/backward."""
+    seq_len: int
+    """Tokens per sequence."""
+    precision: str
+    """Normalised precision: fp32, bf16 or fp16."""
+    activation_checkpointing: bool
+    """Whether `activation_bytes` and `total_bytes` assume full per-layer recomputation."""
+    total_params: int
+    """Parameters of the whole model, padded vocab included."""
+    params_per_tp_rank: int
+    """Parameters one TP rank owns before any ZeRO-3 sharding."""
+    padded_vocab_size: int
+    """Vocabulary after padding to a multiple of 128 x TP."""
+    param_bytes: int
+    """Model weights held (16-bit copy under mixed precision)."""
+    grad_bytes: int
+    """Gradient buffers held."""
+    optimizer_bytes: int
+    """AdamW states held: fp32 master copy (mixed precision only) and two moments."""
+    activation_bytes_no_ckpt: int
+    """Activations saved for backward of one micro-batch without recomputation."""
+    activation_bytes_ckpt: int
+    """The same with full activation checkpointing of every layer."""
+    tp_comm_bytes_per_step: int
+    """Size of all tensors all-reduced over TP in one micro-batch forward+backward."""
+    tp_wire_bytes_per_step: int
+    """Bytes each GPU sends for those all-reduces with a ring algorithm (2(t-1)/t x size)."""
+
+    @property
+    def activation_bytes(self) -> int:
+        return self.activation_bytes_ckpt if self.activation_checkpointing else self.activation_bytes_no_ckpt
+
+    @property
+    def total_bytes(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+
+
+def _activation_bytes(model: ModelConfig, *, t: int, b: int, s: int, vocab: int, e: int,
+                      checkpointing: bool) -> int:
+    """Korthikanti et al. 2022 Sec. 4, with e-byte activations and 1-byte dropout masks."""
+    h, a, i, n = model.hidden_size, model.num_heads, model.intermediate_size, model.num_layers
+    sbh = s * b * h
+    # Replicated on every TP rank: both LayerNorm inputs (2e), the QKV and MLP inputs (2e)
+    # and the two residual dropout masks (2); e=2 gives the paper's 10.
+    replicated = sbh * (4 * e + 2)
+    # Sharded: Q, K, V and the out-proj input (4e sbh) and GELU input and output (2e sbI);
+    # with I=4h and e=2 this is the paper's 24sbh. Attention scores: softmax output,
+    # its dropout mask and dropout output, (2e+1) a s^2 b, the paper's 5as^2b. Without
+    # attention dropout the model calls fused SDPA (flash / memory-efficient kernels), which
+    # keeps no s x s matrix, only an fp32 log-sum-exp per query and head (4 a s b).
+    if model.attention_dropout > 0:
+        scores = (2 * e + 1) * a * s * s * b
+    else:
+        scores = 4 * a * s * b
+    sharded = 4 * e * sbh + 2 * e * s * b * i + scores
+    per_layer = replicated + sharded // t
+    # Outside the layers: embedding dropout mask, final-LN input, MLM transform input, GELU
+    # and LN inputs, then the vocab-parallel logits and the fp32 softmax that the parallel
+    # cross-entropy saves for backward.
+    head = sbh * (1 + 4 * e) + s * b * vocab // t * (e + 4)
+    if checkpointing:
+        # Each layer keeps only its input; backward recomputes one layer at a time.
+        return n * e * sbh + per_layer + head
+    return n * per_layer + head
+
+
+def plan_memory(model: ModelConfig, *, tensor_parallel: int, data_parallel: int, zero_stage: int,
+                micro_batch_size: int, seq_len: int, precision: str,
+                activation_checkpointing: bool) -> MemoryPlan:
+    """Per-GPU memory of MegatronBERT under TP x DP with ZeRO and AdamW."""
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage={zero_stage} must be 0, 1, 2 or 3")
+    if tensor_parallel < 1 or data_parallel < 1:
+        raise ValueError(f"tensor_parallel={tensor_parallel} and data_parallel={data_parallel} must be >= 1")
+    if seq_len > model.max_position_embeddings:
+        raise ValueError(f"seq_len={seq_len} exceeds model.max_position_embeddings="
+                         f"{model.max_position_embeddings}")
+    prec = normalize_precision(precision)
+    t, dp = tensor_parallel, data_parallel
+    params = count_parameters(model, tensor_parallel=t)
+    n = params.total
+    mixed = prec != "fp32"
+    weight_b, grad_b, optim_b = (2, 2, 12) if mixed else (4, 4, 8)
+
+    def shard(count: int, stage_needed: int) -> int:
+        return math.ceil(count / dp) if zero_stage >= stage_needed else count
+
+    e = 2 if mixed else 4
+    vocab = pad_vocab_size(model.vocab_size, t)
+    acts = {ckpt: _activation_bytes(model, t=t, b=micro_batch_size, s=seq_len, vocab=vocab, e=e,
+                                    checkpointing=ckpt) for ckpt in (False, True)}
+    # Megatron TP, per layer: forward all-reduces after attention-out and MLP-out, backward
+    # all-reduces before QKV and MLP-in (Shoeybi et al. 2019, Fig. 4): 4 x bsh elements;
+    # recomputation repeats the 2 forward ones. Plus the vocab-parallel embedding (forward),
+    # the LM-head input (backward), and 3 small fp32 all-reduces of the parallel
+    # cross-entropy (max, sum of exp, target logit).
+    bsh = micro_batch_size * seq_len * model.hidden_size
+    per_layer_allreduces = 6 if activation_checkpointing else 4
+    comm = (model.num_layers * per_layer_allreduces + 2) * bsh * e + 3 * micro_batch_size * seq_len * 4
+    comm = comm if t > 1 else 0
+    return MemoryPlan(
+        tensor_parallel=t, data_parallel=dp, zero_stage=zero_stage,
+        micro_batch_size=micro_batch_size, seq_len=seq_len, precision=prec,
+        activation_checkpointing=activation_checkpointing,
+        total_params=count_parameters(model, tensor_parallel=1, vocab_multiple=VOCAB_MULTIPLE * t).total,
+        params_per_tp_rank=n, padded_vocab_size=vocab,
+        param_bytes=shard(n, 3) * weight_b, grad_bytes=shard(n, 2) * grad_b,
+        optimizer_bytes=shard(n, 1) * optim_b,
+        activation_bytes_no_ckpt=acts[False], activation_bytes_ckpt=acts[True],
+        tp_comm_bytes_per_step=comm, tp_wire_bytes_per_step=comm * 2 * (t - 1) // t)
+
+
+@dataclass(frozen=True)
+class LayoutRecommendation:
+    """The layout `recommend_layout` picked, its memory plan and why."""
+
+    plan: MemoryPlan
+    """Memory of the recommended layout (its TP, DP, ZeRO stage and checkpointing)."""
+    fits: bool
+    """Whether `plan.total_bytes` fits in the usable part of one GPU's memory."""
+    usable_bytes: int
+    """GPU memory the plan may use after the headroom for CUDA context and fragmentation."""
+    reason: str
+    """One sentence on why this layout was chosen."""
+
+
+def valid_tensor_parallel(model: ModelConfig, world: int, gpus_per_node: int) -> list[int]:
+    """TP degrees that stay within a node and divide world, heads and MLP width."""
+    return [t for t in range(1, gpus_per_node + 1)
+            if gpus_per_node % t == 0 and world % t == 0 and model.num_heads % t == 0
+            and model.intermediate_size % t == 0]
+
+
+def recommend_layout(model: ModelConfig, world: int, gpus_per_node: int, gpu_mem_bytes: int, *,
+                     micro_batch_size: int, seq_len: int, precision: str = "bf16",
+                     activation_checkpointing: bool | None = None,
+                     zero_stages: Sequence[int] = (1, 2),
+                     usable_fraction: float = 0.9) -> LayoutRecommendation:
+    """Pick TP (within a node), ZeRO stage and recomputation for `world` GPUs.
+
+    TP is used only when it pays: hidden >= 2048, taking the largest t that keeps h/t >=
+    1024, or a larger t when nothing fits otherwise. Everything else is DP + ZeRO, trying
+    `zero_stages` in order before turning on activation checkpointing, since recomputation
+    costs a third more compute on every step while ZeRO-1/2 cost no extra communication
+    over plain DP. The default stages are the ones mbert-train's config accepts with mixed
+    precision (ZeRO-3 would re-partition the TP shards, and bf16/fp16 need ZeRO >= 1); pass
+    (1, 2, 3) to plan for a trainer that has ZeRO-3. `activation_checkpointing` forces recomputation on or off.
+    """
+    if not zero_stages:
+        raise ValueError("zero_stages must name at least one ZeRO stage")
+    if world < 1 or gpus_per_node < 1 or (world > gpus_per_node and world % gpus_per_node):
+        raise ValueError(f"world={world} must be a positive multiple of gpus_per_node={gpus_per_node}")
+    node = min(gpus_per_node, world)
+    candidates = valid_tensor_parallel(model, world, node)
+    h = model.hidden_size
+    wide = [t for t in candidates if h // t >= TP_MIN_SHARD_WIDTH]
+    preferred = max(wide) if h >= TP_HIDDEN_THRESHOLD and wide else 1
+    usable = int(gpu_mem_bytes * usable_fraction)
+    ckpt_options = [False, True] if activation_checkpointing is None else [activation_checkpointing]
+    plan: MemoryPlan | None = None
+    for t in [preferred] + [c for c in candidates if c > preferred]:
+        dp = world // t
+        # At DP=1 there is nothing to shard: every stage holds the same bytes.
+        stages = list(zero_stages)[:1] if dp == 1 else list(zero_stages)
+        for ckpt in ckpt_options:
+            for stage in stages:
+                plan = plan_memory(model, tensor_parallel=t, data_parallel=dp, zero_stage=stage,
+                                   micro_batch_size=micro_batch_size, seq_len=seq_len,
+                                   precision=precision, activation_checkpointing=ckpt)
+                if plan.total_bytes <= usable:
+                    return LayoutRecommendation(plan, True, usable, _why(plan, preferred, h))
+    # TP=1 is always a candidate, so the loop ran; `plan` is the most frugal layout tried.
+    return LayoutRecommendation(
+        plan, False, usable,
+        f"does not fit even at TP={plan.tensor_parallel}, ZeRO-{plan.zero_stage} and "
+        f"activation checkpointing={plan.activation_checkpointing}: needs "
+        f"{plan.total_bytes / GIB:.1f} GiB of {usable / GIB:.1f} GiB usable; lower "
+        "micro_batch_size or seq_len, or use GPUs with more memory")
+
+
+def _why(plan: MemoryPlan, preferred: int, hidden: int) -> str:
+    t = plan.tensor_parallel
+    if t == 1:
+        head = (f"hidden_size={hidden} < {TP_HIDDEN_THRESHOLD}: TP's per-layer all-reduces would "
+                "cost more than they save, so pure data parallel")
+    elif t == preferred:
+        head = (f"hidden_size={hidden}: TP={t} within a node keeps each rank's GEMMs "
+                f"{hidden // t} wide while cutting weights and activations by {t}x")
+    else:
+        head = f"TP={t} is the smallest tensor-parallel degree within a node that fits"
+    extras = [f"ZeRO-{plan.zero_stage}" + (" (nothing to shard at DP=1)" if plan.data_parallel == 1 else ""),
+              "activation checkpointing" if plan.activation_checkpointing else "no recomputation"]
+    return f"{head}; {' + '.join(extras)} fits in {plan.total_bytes / GIB:.1f} GiB"
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """A readable per-GPU table of a memory plan."""
+    rows = [("parameters", plan.param_bytes), ("gradients", plan.grad_bytes),
+            ("optimizer states", plan.optimizer_bytes),
+            ("activations, no checkpointing", plan.activation_bytes_no_ckpt),
+            ("activations, full checkpointing", plan.activation_bytes_ckpt),
+            (f"total (checkpointing {'on' if plan.activation_checkpointing else 'off'})",
+             plan.total_bytes)]
+    lines = [f"model: {plan.total_params / 1e6:,.1f}M parameters (vocab padded to "
+             f"{plan.padded_vocab_size}), seq_len {plan.seq_len}, micro-batch "
+             f"{plan.micro_batch_size}, {plan.precision}",
+             f"layout: TP={plan.tensor_parallel} x DP={plan.data_parallel} "
+             f"(world {plan.tensor_parallel * plan.data_parallel}), ZeRO-{plan.zero_stage}",
+             "", f"  {'per GPU':<34}{'GiB':>10}", "  " + "-" * 44]
+    lines += [f"  {name:<34}{value / GIB:>10.2f}" for name, value in rows]
+    lines += ["", f"  TP all-reduce per micro-batch step: {plan.tp_comm_bytes_per_step / GIB:.3f} GiB "
+              f"({plan.tp_wire_bytes_per_step / GIB:.3f} GiB sent per GPU by a ring)"]
+    return "\n".join(lines)
+
+
+PLANNER_KEYS = {"world": int, "gpus_per_node": int, "gpu_mem_gb": float}
+"""Overrides the planner consumes itself instead of passing to `compose_config`."""
+_TYPE_NAMES = {int: "an integer", float: "a number"}
+
+
+def split_planner_args(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """Pop `world=`, `gpus_per_node=`, `gpu_mem_gb=` from Hydra-style overrides."""
+    own: dict[str, Any] = {}
+    rest: list[str] = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key in PLANNER_KEYS:
+            try:
+                own[key] = PLANNER_KEYS[key](value)
+            except ValueError:
+                raise ValueError(f"{arg}: {key} must be {_TYPE_NAMES[PLANNER_KEYS[key]]}") from None
+        else:
+            rest.append(arg)
+    return own, rest
+
+
+def run_cli(argv: Sequence[str], compose: Callable[[list[str]], Any]) -> str:
+    """The `mbert-plan` report for `argv`, composing the training config with `compose`."""
+    own, overrides = split_planner_args(argv)
+    cfg = compose(overrides)
+    gpus_per_node = own.get("gpus_per_node", 8)
+    world = own.get("world", gpus_per_node)
+    mem = int(own.get("gpu_mem_gb", 80.0) * GIB)
+    t = cfg.parallel.tensor_parallel
+    if world % t:
+        raise ValueError(f"world={world} is not divisible by parallel.tensor_parallel={t}")
+    common = dict(micro_batch_size=cfg.trainer.micro_batch_size, seq_len=cfg.data.max_seq_length,
+                  precision=cfg.trainer.precision)
+    plan = plan_memory(cfg.model, tensor_parallel=t, data_parallel=world // t,
+                       zero_stage=cfg.parallel.zero_stage,
+                       activation_checkpointing=cfg.trainer.activation_checkpointing, **common)
+    rec = recommend_layout(cfg.model, world, gpus_per_node, mem, **common)
+    r = rec.plan
+    verdict = "fits" if plan.total_bytes <= rec.usable_bytes else "does NOT fit"
+    return "\n".join([
+        format_plan(plan),
+        f"  -> {verdict} in {rec.usable_bytes / GIB:.1f} GiB usable of a {mem / GIB:.0f} GiB GPU",
+        "",
+        f"recommended for world={world} ({gpus_per_node} GPUs/node, {mem / GIB:.0f} GiB): "
+        f"parallel.tensor_parallel={r.tensor_parallel} parallel.zero_stage={r.zero_stage} "
+        f"trainer.activation_checkpointing={str(r.activation_checkpointing).lower()} "
+        f"(DP={r.data_parallel}, {r.total_bytes / GIB:.1f} GiB per GPU)",
+        f"  {rec.reason}",
+    ])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`mbert-plan [hydra overrides] [world=N] [gpus_per_node=N] [gpu_mem_gb=X]`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(main.__doc__)
+        return
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from mbert_train.config import compose_config
+
+    try:
+        print(run_cli(argv, compose_config))
+    except (ValueError, HydraException, OmegaConfBaseException) as exc:
+        # Hydra's messages run over several lines (search path, hints); the first says it.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"mbert-plan: error: {first}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

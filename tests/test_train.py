@@ -1,0 +1,140 @@
+"""`mbert-train` end to end: layouts agree, loss falls, exact resume after SIGKILL, NaN handling,
+artifacts (metrics, plot, W&B offline files, HF export), and one-line config errors."""
+
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.train_util import command, env, losses, train, FAST
+
+STEPS = ["trainer.max_steps=20", "trainer.checkpoint_every=10", "trainer.eval_every=10"]
+SECRET = "sekrit-wandb-key-123"
+
+LAYOUTS = {  # name: (processes, overrides)
+    "tp1": (1, []),
+    "tp2": (2, ["parallel.tensor_parallel=2"]),
+    "dp2_zero0": (2, ["parallel.zero_stage=0"]),
+    "dp2_zero1": (2, ["parallel.zero_stage=1"]),
+    "dp2_zero2": (2, ["parallel.zero_stage=2"]),
+    "tp2_dp2_zero1": (4, ["parallel.tensor_parallel=2", "parallel.zero_stage=1"]),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, corpus_cache):
+    root = tmp_path_factory.mktemp("layouts")
+    for name, (nproc, overrides) in LAYOUTS.items():
+        train(root / name, corpus_cache, [*STEPS, *overrides], nproc=nproc,
+              extra_env={"WANDB_API_KEY": SECRET} if name == "tp1" else None)
+    return root
+
+
+def _close(a: dict, b: dict, rtol: float) -> None:
+    assert a.keys() == b.keys() and len(a) == 20
+    for step in a:
+        assert math.isclose(a[step], b[step], rel_tol=rtol), (step, a[step], b[step])
+
+
+def _falls(run_dir: Path) -> None:
+    curve = losses(run_dir)
+    first, last = [curve[s] for s in range(1, 4)], [curve[s] for s in range(18, 21)]
+    assert sum(last) / 3 < sum(first) / 3 - 0.5, curve
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_every_layout_learns(runs, name):
+    _falls(runs / name)
+
+
+def test_zero_stages_give_the_same_losses(runs):
+    base = losses(runs / "dp2_zero0")
+    _close(losses(runs / "dp2_zero1"), base, 1e-4)
+    _close(losses(runs / "dp2_zero2"), base, 1e-4)
+
+
+def test_tensor_parallel_matches_tp1(runs):
+    _close(losses(runs / "tp2"), losses(runs / "tp1"), 1e-4)
+    _close(losses(runs / "tp2_dp2_zero1"), losses(runs / "dp2_zero1"), 1e-4)
+
+
+def test_run_artifacts(runs):
+    from transformers import MegatronBertForPreTraining
+
+    run = runs / "tp1"
+    records = [r for r in map(__import__("json").loads, (run / "metrics.jsonl").read_text().splitlines())]
+    train_keys = {"step", "loss", "mlm_loss", "nsp_loss", "lr", "grad_norm", "tokens_per_s"}
+    assert train_keys <= set(records[0])
+    assert any("eval_mlm_loss" in r and "eval_nsp_accuracy" in r for r in records)
+    assert (run / "curves.png").stat().st_size > 1000
+    assert list((run / "wandb").glob("offline-run-*")), "W&B offline run files"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000020"
+    model = MegatronBertForPreTraining.from_pretrained(run / "hf")
+    assert model.config.hidden_size == 64
+    for path in run.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), f"secret leaked into {path}"
+
+
+def test_resume_after_sigkill_is_exact(runs, tmp_path, corpus_cache):
+    """Kill a 2-process run after its first checkpoint; the rerun continues bit for bit."""
+    run_dir = tmp_path / "killed"
+    overrides = [*FAST, f"run.dir={run_dir}", *STEPS, *LAYOUTS["dp2_zero1"][1]]
+    proc = subprocess.Popen(command(2, overrides), env=env(corpus_cache), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    # torchrun's workers run in sessions of their own: kill them all by their command line.
+    subprocess.run(["pkill", "-9", "-f", f"run.dir={run_dir}"], check=False)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest.read_text().strip() == "step_00000010"
+    train(run_dir, corpus_cache, [*STEPS, *LAYOUTS["dp2_zero1"][1]], nproc=2)
+    resumed, reference = losses(run_dir), losses(runs / "dp2_zero1")
+    assert [resumed[s] for s in range(11, 21)] == [reference[s] for s in range(11, 21)]
+    assert sorted(resumed) == list(range(1, 21)), "metrics.jsonl has each step once"
+
+
+def test_nan_step_is_skipped_and_counted(tmp_path, corpus_cache):
+    run_dir = tmp_path / "nan"
+    train(run_dir, corpus_cache, ["trainer.max_steps=8", "trainer.checkpoint_every=4", "trainer.eval_every=0",
+                                  "trainer.inject_nan_at=[3]", "trainer.export_hf=false"])
+    skipped = losses(run_dir, "skipped_steps")
+    assert skipped[2] == 0 and skipped[3] == 1 and skipped[8] == 1
+    assert all(math.isfinite(v) for s, v in losses(run_dir).items() if s != 3)
+
+
+def test_persistent_nan_stops_with_last_good_checkpoint(tmp_path, corpus_cache):
+    run_dir = tmp_path / "diverged"
+    proc = train(run_dir, corpus_cache, ["trainer.max_steps=20", "trainer.checkpoint_every=4",
+                                         "trainer.eval_every=0", "trainer.max_bad_steps=3",
+                                         "trainer.inject_nan_at=[6,7,8,9,10]"], check=False)
+    assert proc.returncode != 0
+    assert "consecutive non-finite steps" in proc.stderr
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    from mbert_train.model.weights import load_full_from_dir
+
+    full, _ = load_full_from_dir(run_dir / "checkpoints" / "step_00000004")
+    assert all(torch.isfinite(t).all() for t in full.values())
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("trainer.max_stepz=3", "trainer.max_stepz"),
+    ("trainer.max_steps=many", "trainer.max_steps"),
+    ("parallel.tensor_parallel=2", "parallel.tensor_parallel=2"),
+    ("model.num_heads=3", "model.num_heads=3"),
+    ("trainer.precision=fp16", "trainer.precision=fp16"),
+])
+def test_bad_config_fails_at_startup_with_one_line(tmp_path, corpus_cache, override, expected):
+    proc = train(tmp_path / "bad", corpus_cache, [override], check=False, timeout=120)
+    assert proc.returncode != 0
+    first = proc.stderr.strip().splitlines()[0]
+    assert expected in first, proc.stderr
+    assert "Traceback" not in proc.stderr

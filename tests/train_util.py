@@ -1,0 +1,48 @@
+"""Launch the real CLIs (`mbert-train`, `torchrun -m mbert_train.train`) as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# Small enough for 2 CPU cores; dropout stays on so exact-resume covers the RNG state.
+FAST = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.intermediate_size=128",
+        "data.max_seq_length=64", "trainer.micro_batch_size=8", "trainer.log_every=1", "optim.warmup_steps=5",
+        "logging.progress_bar=false", "data.num_workers=1", "trainer.eval_batches=2"]
+
+
+def env(cache: str) -> dict:
+    e = dict(os.environ, MBERT_CACHE=cache, WANDB_SILENT="true", OMP_NUM_THREADS="1",
+             PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="0")
+    e.pop("WANDB_API_KEY", None)
+    return e
+
+
+def command(nproc: int, overrides: list[str]) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "mbert_train.train", *overrides]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "mbert_train.train", *overrides]
+
+
+def train(run_dir: Path, cache: str, overrides: list[str], *, nproc: int = 1, check: bool = True,
+          extra_env: dict | None = None, timeout: float = 400) -> subprocess.CompletedProcess:
+    cmd = command(nproc, [*FAST, f"run.dir={run_dir}", *overrides])
+    proc = subprocess.run(cmd, env={**env(cache), **(extra_env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    return proc
+
+
+def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if key in record:
+            out[record["step"]] = record[key]
+    return out
