@@ -11,28 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train_util import command, env, losses, train, FAST
-
-STEPS = ["trainer.max_steps=20", "trainer.checkpoint_every=10", "trainer.eval_every=10"]
-SECRET = "sekrit-wandb-key-123"
-
-LAYOUTS = {  # name: (processes, overrides)
-    "tp1": (1, []),
-    "tp2": (2, ["parallel.tensor_parallel=2"]),
-    "dp2_zero0": (2, ["parallel.zero_stage=0"]),
-    "dp2_zero1": (2, ["parallel.zero_stage=1"]),
-    "dp2_zero2": (2, ["parallel.zero_stage=2"]),
-    "tp2_dp2_zero1": (4, ["parallel.tensor_parallel=2", "parallel.zero_stage=1"]),
-}
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, corpus_cache):
-    root = tmp_path_factory.mktemp("layouts")
-    for name, (nproc, overrides) in LAYOUTS.items():
-        train(root / name, corpus_cache, [*STEPS, *overrides], nproc=nproc,
-              extra_env={"WANDB_API_KEY": SECRET} if name == "tp1" else None)
-    return root
+from tests.train_util import FAST, LAYOUTS, SECRET, STEPS, command, env, losses, train
 
 
 def _close(a: dict, b: dict, rtol: float) -> None:

@@ -46,3 +46,16 @@ def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
         if key in record:
             out[record["step"]] = record[key]
     return out
+
+
+STEPS = ["trainer.max_steps=20", "trainer.checkpoint_every=10", "trainer.eval_every=10"]
+SECRET = "sekrit-wandb-key-123"
+
+LAYOUTS = {  # name: (processes, overrides)
+    "tp1": (1, []),
+    "tp2": (2, ["parallel.tensor_parallel=2"]),
+    "dp2_zero0": (2, ["parallel.zero_stage=0"]),
+    "dp2_zero1": (2, ["parallel.zero_stage=1"]),
+    "dp2_zero2": (2, ["parallel.zero_stage=2"]),
+    "tp2_dp2_zero1": (4, ["parallel.tensor_parallel=2", "parallel.zero_stage=1"]),
+}
