@@ -117,6 +117,8 @@ def init_parallel(tensor_parallel: int, *, timeout_s: float = 600.0) -> Parallel
     DeepSpeed and the layers see real (trivial) groups either way.
     """
     if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ and "SLURM_NTASKS" in os.environ:
+            _env_from_slurm()
         if "WORLD_SIZE" not in os.environ:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(_free_port()))
@@ -141,6 +143,26 @@ def init_parallel(tensor_parallel: int, *, timeout_s: float = 600.0) -> Parallel
         if rank in ranks:
             dp_group = group
     return ParallelState(dims, rank, tp_group, dp_group)
+
+
+def _env_from_slurm() -> None:
+    """One task per GPU under `srun` (or hydra-submitit-launcher), no torchrun: derive the
+    rendezvous from SLURM's variables. The port is a function of the job id so every task
+    agrees on it without talking; MASTER_ADDR/MASTER_PORT already set take precedence."""
+    env = os.environ
+    if "MASTER_ADDR" not in env:
+        env["MASTER_ADDR"] = env.get("SLURM_LAUNCH_NODE_IPADDR") or _first_host(env.get("SLURM_JOB_NODELIST", ""))
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+
+
+def _first_host(nodelist: str) -> str:
+    """First host of a SLURM nodelist such as `gpu[003-005,009],cpu1` (`gpu003`)."""
+    head = nodelist.split(",")[0]
+    if "[" not in head:
+        return head or "127.0.0.1"
+    prefix, ranges = head.split("[", 1)
+    return prefix + ranges.split("-")[0].split(",")[0].rstrip("]")
 
 
 def _free_port() -> int:
