@@ -1,6 +1,6 @@
 """The embedded default corpus (stdlib docstrings): built once, cached, safe to race for.
 
-`embedded_corpus` is shared with the other data test modules, built once per session.
+`embedded_corpus` is shared with the other data test modules.
 """
 
 from __future__ import annotations
@@ -19,22 +19,19 @@ from mbert_train.data import DataConfig, check_vocab, open_dataset, prepare_defa
 from mbert_train.data import stdlib_docs
 
 
-def cache_dir(tmp_path_factory) -> str:
-    # One cache per pytest session, shared by every data test module.
-    return str(tmp_path_factory.getbasetemp() / "mbert-cache")
-
-
-def embedded_corpus(tmp_path_factory) -> str:
-    """The default corpus in the session cache: built by the first caller, then a lookup."""
-    return prepare_default_corpus(DataConfig(cache_dir=cache_dir(tmp_path_factory)))
+def embedded_corpus(cache: str) -> str:
+    """The default corpus in `cache`: built by the first caller, then a lookup."""
+    return prepare_default_corpus(DataConfig(cache_dir=cache))
 
 
 @pytest.fixture(scope="module")
-def embedded_dir(tmp_path_factory) -> str:
-    return embedded_corpus(tmp_path_factory)
+def embedded_dir(corpus_cache) -> str:
+    # `corpus_cache` (tests/conftest.py) is the session's one cache, shared with the trainer
+    # tests, so the corpus is built once per session.
+    return embedded_corpus(corpus_cache)
 
 
-def test_default_corpus_is_real_prose_and_cached(embedded_dir, tmp_path_factory):
+def test_default_corpus_is_real_prose_and_cached(embedded_dir, corpus_cache):
     corpus = open_dataset(embedded_dir)
     meta = corpus.metadata
     assert meta["vocab_size"] == DataConfig().default_vocab_size
@@ -45,7 +42,7 @@ def test_default_corpus_is_real_prose_and_cached(embedded_dir, tmp_path_factory)
     vocab = set(corpus.vocab)
     for word in ("the", "return", "file", "module", "string"):
         assert word in vocab
-    again = prepare_default_corpus(DataConfig(cache_dir=cache_dir(tmp_path_factory)))
+    again = embedded_corpus(corpus_cache)
     assert again == embedded_dir
     assert os.path.getmtime(os.path.join(again, "metadata.json")) == os.path.getmtime(
         os.path.join(embedded_dir, "metadata.json"))

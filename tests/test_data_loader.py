@@ -22,8 +22,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def embedded_dir(tmp_path_factory) -> str:
-    return embedded_corpus(tmp_path_factory)
+def embedded_dir(corpus_cache) -> str:
+    return embedded_corpus(corpus_cache)
 
 
 def take(loader, n: int) -> list[dict]:
@@ -77,8 +77,9 @@ def test_resume_yields_exactly_the_uninterrupted_batches(embedded_dir, workers):
 def test_resume_with_a_new_global_batch_continues_the_same_samples(embedded_dir):
     cfg = DataConfig(num_workers=0)
     small, _ = build_loaders(cfg, embedded_dir, seed=1, micro_batch_size=8, dp_rank=0, dp_size=1)
-    head = take(small, 4)
+    take(small, 4)
     state = small.state_dict()
+    assert (state["epoch"], state["position"]) == (0, 4)
     tail = take(small, 2)
     big, _ = build_loaders(cfg, embedded_dir, seed=1, micro_batch_size=16, dp_rank=0, dp_size=1)
     big.load_state_dict(state)
@@ -87,11 +88,15 @@ def test_resume_with_a_new_global_batch_continues_the_same_samples(embedded_dir)
     for (ids, mask), big_ids, big_mask in zip(rows, merged["input_ids"],
                                               merged["attention_mask"]):
         assert torch.equal(ids[mask.bool()], big_ids[big_mask.bool()])
-    assert head  # the first loader really advanced
+    assert len(rows) == len(merged["input_ids"]) == 16
+    other, _ = build_loaders(cfg, embedded_dir, seed=2, micro_batch_size=8, dp_rank=0,
+                             dp_size=1)
     with pytest.raises(ValueError, match="seed"):
-        other, _ = build_loaders(cfg, embedded_dir, seed=2, micro_batch_size=8, dp_rank=0,
-                                 dp_size=1)
         other.load_state_dict(state)
+    odd, _ = build_loaders(cfg, embedded_dir, seed=1, micro_batch_size=24, dp_rank=0,
+                           dp_size=1)
+    with pytest.raises(ValueError, match="not a multiple"):
+        odd.load_state_dict(state)
 
 
 def test_dp_ranks_are_disjoint_equal_and_cover_the_epoch(embedded_dir):

@@ -197,3 +197,17 @@ def test_killed_prep_leaves_nothing_finished(tmp_path):
     assert done.returncode == 0, done.stderr
     assert is_prepared_dataset(out)
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".ds.")]
+
+
+def test_cased_and_wide_vocabularies(tmp_path):
+    inputs = write_bad_corpus(tmp_path)
+    out = tmp_path / "wide"
+    done = run_cli(*inputs, "--output", str(out), "--vocab-size", "70000", "--cased", "--quiet")
+    assert done.returncode == 0, done.stderr
+    corpus = open_dataset(str(out))
+    meta = corpus.metadata
+    assert meta["vocab_size"] == 70000 and meta["lowercase"] is False
+    assert meta["token_dtype"] == "uint32" and corpus.tokens.dtype == np.uint32
+    assert "The" in corpus.vocab and corpus.vocab[-1].startswith("[unused")
+    # Padding entries are never real text, so never a random replacement token.
+    assert len(corpus.replacement_ids) < 1000

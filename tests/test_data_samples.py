@@ -15,8 +15,8 @@ N_MIN = 2000
 
 
 @pytest.fixture(scope="module")
-def embedded_dir(tmp_path_factory) -> str:
-    return embedded_corpus(tmp_path_factory)
+def embedded_dir(corpus_cache) -> str:
+    return embedded_corpus(corpus_cache)
 
 
 def samples(directory: str, **overrides) -> tuple[PretrainingDataset, list[dict]]:

@@ -53,7 +53,8 @@ class TrainLoader:
         # from the global torch RNG, and a resumed run (which starts it after restoring the
         # RNG state) would then draw different dropout masks than the uninterrupted run.
         loader = DataLoader(self.dataset, batch_sampler=self.sampler(), num_workers=workers,
-                            collate_fn=self.collate, generator=torch.Generator().manual_seed(self.seed),
+                            collate_fn=self.collate,
+                            generator=torch.Generator().manual_seed(self.seed),
                             prefetch_factor=self.prefetch_factor if workers else None,
                             persistent_workers=False)
         return iter(loader)

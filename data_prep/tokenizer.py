@@ -1,0 +1,126 @@
+"""Train, load and save the WordPiece tokenizer of a prepared corpus.
+
+A trained tokenizer is BERT's: `BertNormalizer` (clean-up, CJK spacing, optional lower-casing
+with accent stripping), `BertPreTokenizer` (whitespace and punctuation), WordPiece with `##`
+continuations, and the special tokens [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4. When the
+corpus is too small to fill `--vocab-size`, the vocabulary is padded with `[unusedN]` entries
+(as Google's BERT vocabularies are) so the size the model is configured with is the size asked
+for; those entries never occur in text and are never drawn as random replacement tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Iterator
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from data_prep.format import SPECIAL_KEYS, SPECIAL_TOKENS, UNK
+
+MAX_CHARS_PER_WORD = 100
+"""Longer words become [UNK], as in BERT; bounds WordPiece's per-word cost."""
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot serve a BERT corpus; the message names the file and fix."""
+
+
+def _bert_pipeline(model: models.Model, *, lowercase: bool) -> Tokenizer:
+    tok = Tokenizer(model)
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                strip_accents=None, lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok
+
+
+def train_wordpiece(batches: Iterable[list[str]], *, vocab_size: int, lowercase: bool,
+                    min_frequency: int, length: int | None = None,
+                    show_progress: bool = True) -> Tokenizer:
+    """Train BERT's WordPiece on batches of documents; pad the vocabulary to `vocab_size`."""
+    tok = _bert_pipeline(models.WordPiece(unk_token=UNK,
+                                          max_input_chars_per_word=MAX_CHARS_PER_WORD),
+                         lowercase=lowercase)
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                        special_tokens=list(SPECIAL_TOKENS),
+                                        continuing_subword_prefix="##",
+                                        show_progress=show_progress)
+    tok.train_from_iterator(batches, trainer=trainer, length=length)
+    vocab = tok.get_vocab(with_added_tokens=False)
+    if len(vocab) < vocab_size:
+        for i in range(vocab_size - len(vocab)):
+            vocab[f"[unused{i}]"] = len(vocab)
+        tok.model = models.WordPiece(vocab, unk_token=UNK,
+                                     max_input_chars_per_word=MAX_CHARS_PER_WORD)
+    return tok
+
+
+def load_tokenizer(path: str, *, lowercase: bool) -> Tokenizer:
+    """A `tokenizer.json`, or a BERT `vocab.txt` wrapped in the BERT pipeline."""
+    if not os.path.isfile(path):
+        raise TokenizerError(f"--tokenizer {path}: no such file; pass a vocab.txt or "
+                             f"tokenizer.json, or leave --tokenizer out to train one")
+    try:
+        if path.endswith(".json"):
+            tok = Tokenizer.from_file(path)
+        else:
+            vocab = models.WordPiece.read_file(path)
+            tok = _bert_pipeline(models.WordPiece(vocab, unk_token=UNK,
+                                                  max_input_chars_per_word=MAX_CHARS_PER_WORD),
+                                 lowercase=lowercase)
+    except Exception as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TokenizerError(f"--tokenizer {path}: cannot be read ({first_line}); pass a "
+                             f"vocab.txt (one token a line) or a tokenizers tokenizer.json")
+    special_ids(tok, path)
+    return tok
+
+
+def special_ids(tok: Tokenizer, source: str) -> dict[str, int]:
+    """{'pad': 0, 'unk': 1, ...}; raises when a special token is missing from the vocab."""
+    ids = {}
+    missing = []
+    for token in SPECIAL_TOKENS:
+        tid = tok.token_to_id(token)
+        if tid is None:
+            missing.append(token)
+        else:
+            ids[SPECIAL_KEYS[token]] = tid
+    if missing:
+        raise TokenizerError(f"tokenizer {source} lacks the special token(s) {' '.join(missing)}; "
+                             f"use a BERT vocabulary that has {' '.join(SPECIAL_TOKENS)}")
+    return ids
+
+
+def is_lowercasing(tok: Tokenizer, default: bool) -> bool:
+    """Whether the tokenizer's normaliser lower-cases (`default` when it cannot be told)."""
+    normalizer = json.loads(tok.to_str()).get("normalizer") or {}
+    if normalizer.get("type") == "BertNormalizer":
+        return bool(normalizer.get("lowercase", default))
+    if normalizer.get("type") == "Sequence":
+        return any(n.get("type") == "Lowercase" for n in normalizer.get("normalizers", []))
+    return normalizer.get("type") == "Lowercase" or default
+
+
+def for_corpus(tok: Tokenizer) -> Tokenizer:
+    """A copy that reads "[MASK]" in raw text as characters, never as the special token."""
+    copy = Tokenizer.from_str(tok.to_str())
+    copy.encode_special_tokens = True
+    return copy
+
+
+def save_tokenizer(tok: Tokenizer, directory: str, tokenizer_file: str, vocab_file: str) -> None:
+    """Write `tokenizer.json` and a `vocab.txt` ordered by id."""
+    tok.save(os.path.join(directory, tokenizer_file))
+    vocab = tok.get_vocab(with_added_tokens=True)
+    by_id = sorted(vocab.items(), key=lambda item: item[1])
+    with open(os.path.join(directory, vocab_file), "w", encoding="utf-8") as f:
+        for token, _ in by_id:
+            f.write(token + "\n")
+
+
+def iter_text_batches(dataset, column: str, batch_size: int) -> Iterator[list[str]]:
+    """Batches of one text column of a `datasets.Dataset`, read lazily from its Arrow file."""
+    for batch in dataset.iter(batch_size=batch_size):
+        yield batch[column]

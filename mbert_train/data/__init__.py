@@ -1,0 +1,19 @@
+"""Pretraining data: prepared corpora, MLM+NSP/SOP samples, resumable sharded loaders.
+
+The trainer's whole interface::
+
+    dataset_dir = cfg.data.path or prepare_default_corpus(cfg.data)
+    check_vocab(open_dataset(dataset_dir).metadata, cfg.model.vocab_size, dataset_dir)
+    train_loader, eval_loader = build_loaders(cfg.data, dataset_dir, seed=..., micro_batch_size=...,
+                                              dp_rank=..., dp_size=...)
+"""
+
+from mbert_train.data.config import DataConfig
+from mbert_train.data.corpus import PreparedCorpus, SpecialIds, check_vocab, open_dataset
+from mbert_train.data.dataset import PretrainingDataset
+from mbert_train.data.default_corpus import prepare_default_corpus
+from mbert_train.data.loader import EvalLoader, TrainLoader, build_loaders
+
+__all__ = ["DataConfig", "EvalLoader", "PreparedCorpus", "PretrainingDataset", "SpecialIds",
+           "TrainLoader", "build_loaders", "check_vocab", "open_dataset",
+           "prepare_default_corpus"]
