@@ -69,6 +69,16 @@ def _dataset_dir(cfg: TrainConfig, rank: int) -> str:
     return path if rank == 0 else prepare_default_corpus(cfg.data)
 
 
+def _check_same_tokenizer(digest: str | None, dataset_dir: str) -> None:
+    """Nodes without a shared file system build the embedded corpus each on their own, and
+    WordPiece training may break ties differently: refuse rather than train on mixed vocabs."""
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) > 1:
+        raise ValueError(f"ranks see different tokenizers in {dataset_dir}; put the dataset (or MBERT_CACHE "
+                         f"for the embedded corpus) on a file system all nodes share, or use data.path")
+
+
 def run(cfg: TrainConfig, run_dir_candidate: str) -> Path:
     from mbert_train.data import build_loaders, check_vocab, open_dataset
     from mbert_train.engine import build_engine
@@ -91,7 +101,9 @@ def run(cfg: TrainConfig, run_dir_candidate: str) -> Path:
                        run_dir / "config.yaml")
 
     dataset_dir = _dataset_dir(cfg, state.rank)
-    check_vocab(open_dataset(dataset_dir).metadata, cfg.model.vocab_size, dataset_dir)
+    metadata = open_dataset(dataset_dir).metadata
+    check_vocab(metadata, cfg.model.vocab_size, dataset_dir)
+    _check_same_tokenizer(metadata.get("tokenizer_sha256"), dataset_dir)
 
     torch.manual_seed(cfg.trainer.seed)  # same on every rank: TP shards cut from one master weight
     model = MegatronBert(cfg.model, state.tp_group, activation_checkpointing=cfg.trainer.activation_checkpointing,
