@@ -117,3 +117,31 @@ def test_bad_config_fails_at_startup_with_one_line(tmp_path, corpus_cache, overr
     first = proc.stderr.strip().splitlines()[0]
     assert expected in first, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _copy_checkpoint(src_run: Path, dst_run: Path) -> None:
+    import shutil
+
+    shutil.copytree(src_run / "checkpoints", dst_run / "checkpoints")
+
+
+def test_incompatible_checkpoint_is_refused(runs, tmp_path, corpus_cache):
+    _copy_checkpoint(runs / "tp1", tmp_path / "wider")
+    proc = train(tmp_path / "wider", corpus_cache, [*STEPS, "model.hidden_size=128", "trainer.max_steps=30"],
+                 check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "model.hidden_size=128 (checkpoint: 64)" in proc.stderr.strip().splitlines()[0], proc.stderr
+
+
+def test_tp_change_refused_on_resume_and_resharded_by_init_from(runs, tmp_path, corpus_cache):
+    _copy_checkpoint(runs / "tp1", tmp_path / "tp_change")
+    proc = train(tmp_path / "tp_change", corpus_cache, [*STEPS, "parallel.tensor_parallel=2", "trainer.max_steps=30"],
+                 nproc=2, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "trainer.init_from=" in proc.stderr, proc.stderr
+    start = runs / "tp1" / "checkpoints" / "step_00000020"
+    train(tmp_path / "from_tp1", corpus_cache, [f"trainer.init_from={start}", "parallel.tensor_parallel=2",
+                                                "trainer.max_steps=2", "trainer.eval_every=0",
+                                                "trainer.export_hf=false"], nproc=2)
+    # Continuing from step-20 weights: far below the loss of a fresh model (about 9.7).
+    assert losses(tmp_path / "from_tp1")[1] < losses(runs / "tp1")[1] - 0.5
