@@ -106,8 +106,9 @@ def run(cfg: TrainConfig, run_dir_candidate: str) -> Path:
     _check_same_tokenizer(metadata.get("tokenizer_sha256"), dataset_dir)
 
     torch.manual_seed(cfg.trainer.seed)  # same on every rank: TP shards cut from one master weight
-    model = MegatronBert(cfg.model, state.tp_group, activation_checkpointing=cfg.trainer.activation_checkpointing,
-                         mlm_masked_only=cfg.trainer.mlm_masked_only).to(device)
+    with device:  # initialise on the GPU itself: no full-size host copies of large models
+        model = MegatronBert(cfg.model, state.tp_group, activation_checkpointing=cfg.trainer.activation_checkpointing,
+                             mlm_masked_only=cfg.trainer.mlm_masked_only)
     seed_for_training(cfg.trainer.seed, state.dp_rank)
     random.seed(training_seed(cfg.trainer.seed, state.dp_rank))
     np.random.seed(training_seed(cfg.trainer.seed, state.dp_rank) % 2**32)

@@ -34,6 +34,7 @@ class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, vocab_size, group):
         # logits (n, V/tp) float, target (n,) in [0, vocab_size)
+        ctx.dtype = logits.dtype
         logits = mask_padded_vocab(logits.float(), vocab_size, group)
         per_rank = logits.shape[-1]
         start = group_rank(group) * per_rank
@@ -56,13 +57,14 @@ class _VocabParallelCE(torch.autograd.Function):
         grad = softmax
         rows = torch.arange(grad.shape[0], device=grad.device)
         grad[rows, local] -= (~outside).to(grad.dtype)
-        return grad * grad_loss.unsqueeze(-1), None, None, None
+        return (grad * grad_loss.unsqueeze(-1)).to(ctx.dtype), None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_size: int,
                                  group=None) -> torch.Tensor:
-    """Per-token loss (n,) from vocab-sharded `logits` (n, V/tp); `target` must be valid ids."""
-    return _VocabParallelCE.apply(logits, target, vocab_size, group).to(logits.dtype)
+    """Per-token fp32 loss (n,) from vocab-sharded `logits` (n, V/tp, any float dtype); `target`
+    must be valid ids. The loss stays fp32 under bf16/fp16 so its mean does not lose digits."""
+    return _VocabParallelCE.apply(logits, target, vocab_size, group)
 
 
 def vocab_parallel_argmax(logits: torch.Tensor, vocab_size: int, group=None) -> torch.Tensor:
