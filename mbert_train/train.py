@@ -148,7 +148,7 @@ def finish(trainer, run_dir: Path) -> None:
         if state.rank == 0:
             from mbert_train.convert import export_hf
 
-            export_hf({k: v.float() for k, v in full.items()}, cfg.model, run_dir / "hf")
+            export_hf({k: v.float() for k, v in full.items()}, cfg.model, run_dir / "hf", overwrite=True)
     if state.rank == 0:
         from mbert_train.plot import plot_curves, read_metrics
 
