@@ -3,6 +3,7 @@ turn the composed DictConfig into these dataclasses once (library code never see
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,7 +178,12 @@ class TrainConfig:
 
 
 def register_schema() -> None:
+    """The schema node `conf/config.yaml` lists, and the resolvers its `hydra:` block uses."""
     ConfigStore.instance().store(name="schema", node=TrainConfig)
+    if not OmegaConf.has_resolver("first_set"):
+        OmegaConf.register_new_resolver("first_set", lambda value, fallback: fallback if value is None else value)
+        OmegaConf.register_new_resolver(
+            "rank_zero_only", lambda value: value if os.environ.get("RANK", "0") == "0" else None)
 
 
 def to_train_config(cfg) -> TrainConfig:
