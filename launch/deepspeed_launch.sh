@@ -25,6 +25,15 @@ source "$LAUNCH_DIR/env.sh"
 RUN_DIR=${RUN_DIR:-runs/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$RUN_DIR"
 
+# With one host in the hostfile the launcher starts every rank here, without ssh, whatever the
+# host is called, yet it still demands passwordless ssh to that host (a reachability check, and
+# `hostname -I` for the rendezvous address). Skip both: the rendezvous is on this machine.
+single_host=()
+if [ "$(grep -cE '^[[:space:]]*[^#[:space:]]' "$HOSTFILE")" -eq 1 ]; then
+    single_host=(--no_ssh_check)
+    MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+fi
+
 master=()
 if [ -n "${MASTER_ADDR:-}" ]; then
     master=(--master_addr="$MASTER_ADDR")
@@ -32,6 +41,7 @@ fi
 
 exec deepspeed \
     --hostfile="$HOSTFILE" \
+    ${single_host[@]+"${single_host[@]}"} \
     ${master[@]+"${master[@]}"} \
     --master_port="${MASTER_PORT:-29500}" \
     --no_local_rank \

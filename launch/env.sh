@@ -52,6 +52,11 @@ export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-$PET_SIG
 # Seconds torchrun waits for ranks to finish that checkpoint before SIGKILL (default 30).
 # Keep it below the 120 s SLURM warning.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}
+# After a restart (--max-restarts) the ranks must not rendezvous through the store torchrun
+# kept from the failed attempt: its keys, unprefixed, still hold the dead ranks' addresses and
+# the restarted group connects to them or hangs (pytorch/pytorch#135712; still so in torch
+# 2.13). With 1, rank 0 of every attempt hosts a fresh store on a fresh port.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
 # Unbuffered Python output so SLURM log files show progress as it happens.
 export PYTHONUNBUFFERED=${PYTHONUNBUFFERED:-1}

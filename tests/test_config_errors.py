@@ -68,8 +68,9 @@ def _checkpoint_of(cfg: ModelConfig) -> dict:
 
 
 @pytest.mark.parametrize("changes, needles", [
-    # A vocabulary larger than the model's padded one cannot fit its embedding rows.
-    (dict(vocab_size=600), ("mlm_bias", "(600,)", "(384,)", "model config")),
+    # Any other vocabulary size is refused, even one that would fit the padded rows.
+    (dict(vocab_size=600), ("mlm_bias", "600 vocabulary rows", "model.vocab_size=301")),
+    (dict(vocab_size=300), ("mlm_bias", "300 vocabulary rows", "model.vocab_size=301")),
     (dict(intermediate_size=128), ("mlp.fc1.weight", "(128, 32)", "(64, 32)", "model config")),
     (dict(hidden_size=48, num_heads=4), ("word_embeddings.weight", "(384, 48)", "(384, 32)", "model config")),
     (dict(num_layers=1), ("lacks", "layers.1.", "num_layers")),

@@ -2,6 +2,7 @@
 logits, and every bad input is refused with one line naming the file or setting."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -70,6 +71,9 @@ def test_round_trip_is_bit_exact_and_loads_into_the_reference(tp, reference, hf_
     batch = make_batch(small_config())
     assert torch.equal(logits(model.eval(), batch), logits(reference, batch))
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "staging directory left behind"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "ours").iterdir()} == {0o666 & ~umask}
 
 
 def test_pytorch_model_bin_and_sharded_index_inputs(reference, hf_dir, tmp_path):
@@ -231,10 +235,16 @@ def test_to_hf_refuses_bad_inputs(hf_dir, tmp_path, capsys):
     meta = json.loads((reshaped / "model_config.json").read_text())
     meta["model"]["intermediate_size"] = 128
     (reshaped / "model_config.json").write_text(json.dumps(meta))
-    assert "model_config.json (vocab_size=301" in error_of(capsys, "to-hf", reshaped, out)
+    assert "layers.0.mlp.fc1.weight has shape (64, 32) but its model_config.json implies (128, 32)" in error_of(
+        capsys, "to-hf", reshaped, out)
+    meta["model"].update(intermediate_size=64, num_heads=5)
+    (reshaped / "model_config.json").write_text(json.dumps(meta))
+    assert ("model_config.json is corrupt or from another tool (model.hidden_size=32 is not divisible by "
+            "model.num_heads=5") in error_of(capsys, "to-hf", reshaped, out)
     garbled = _copy(ours, tmp_path / "garbled")
     (garbled / "model_config.json").write_text("{not json")
-    assert "garbled/model_config.json is unreadable" in error_of(capsys, "to-hf", garbled, out)
+    assert "garbled/model_config.json is corrupt or from another tool (Expecting property name" in error_of(
+        capsys, "to-hf", garbled, out)
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     assert "checkpoints/latest not found" in error_of(capsys, "to-hf", run, out)

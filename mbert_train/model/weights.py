@@ -22,16 +22,43 @@ from safetensors.torch import load_file, save_file
 from mbert_train.model.bert import MegatronBert
 from mbert_train.model.config import ModelConfig
 from mbert_train.parallel.layers import shard, unshard
+from mbert_train.parallel.layout import padded_vocab_size
 from mbert_train.parallel.mappings import group_rank, group_size
 
 VOCAB_PARAMS = ("word_embeddings.weight", "mlm_bias")
 MODEL_CONFIG = "model_config.json"
 
 
-def _shard_spec(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
-    """name -> (partition dim, stride) for every sharded parameter."""
+def shard_spec(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """name -> (partition dim, stride) for every sharded parameter (the same at every TP)."""
     return {n: (p.partition_dim, p.partition_stride) for n, p in model.named_parameters()
             if getattr(p, "tensor_model_parallel", False)}
+
+
+def template(cfg: ModelConfig) -> MegatronBert:
+    """A TP=1 model on the meta device: names, shapes and partition attributes, no memory."""
+    with torch.device("meta"):
+        return MegatronBert(cfg)
+
+
+def shard_full(full: dict[str, torch.Tensor], cfg: ModelConfig, tp: int, rank: int) -> dict[str, torch.Tensor]:
+    """TP rank `rank`'s tensors of a TP=`tp` model from the full form, with no process group:
+    vocabulary rows padded with zeros to `padded_vocab_size(vocab, tp)`, then cut."""
+    spec = shard_spec(template(cfg))
+    pad = padded_vocab_size(cfg.vocab_size, tp) - cfg.vocab_size
+    out = {}
+    for name, tensor in full.items():
+        if name in VOCAB_PARAMS:
+            if tensor.shape[0] != cfg.vocab_size:
+                raise ValueError(f"checkpoint tensor {name} has {tensor.shape[0]} vocabulary rows but "
+                                 f"model.vocab_size={cfg.vocab_size}; set model.vocab_size to the checkpoint's")
+            if pad:
+                tensor = torch.cat([tensor, tensor.new_zeros((pad, *tensor.shape[1:]))])
+        if name in spec:
+            dim, stride = spec[name]
+            tensor = shard(tensor, dim, tp, rank, stride=stride)
+        out[name] = tensor.contiguous()
+    return out
 
 
 def full_state_dict(model: torch.nn.Module, tensors: dict[str, torch.Tensor] | None = None
@@ -39,7 +66,7 @@ def full_state_dict(model: torch.nn.Module, tensors: dict[str, torch.Tensor] | N
     """Gather the TP shards of `model` (or of `tensors` named like its parameters, e.g. their
     gradients) into the full form. A collective over the model's TP group."""
     group, cfg = model.group, model.cfg
-    spec, out = _shard_spec(model), {}
+    spec, out = shard_spec(model), {}
     tensors = model.state_dict() if tensors is None else tensors
     for name, tensor in tensors.items():
         tensor = tensor.detach()
@@ -55,28 +82,19 @@ def full_state_dict(model: torch.nn.Module, tensors: dict[str, torch.Tensor] | N
 
 
 def shard_state_dict(full: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """This rank's state dict for `model` from the full form."""
-    group, spec = model.group, _shard_spec(model)
-    tp, rank = group_size(group), group_rank(group)
+    """This rank's state dict for `model` from the full form, checked against the model."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(full))
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors (first: {missing[0]}); it was saved from a "
                          f"different model (binary_head or num_layers differ?) - check model.* against it")
-    out = {}
+    tensors = shard_full({k: full[k] for k in expected}, model.cfg, group_size(model.group), group_rank(model.group))
     for name, target in expected.items():
-        tensor = full[name]
-        if name in VOCAB_PARAMS:
-            pad = model.padded_vocab - tensor.shape[0]
-            tensor = torch.cat([tensor, tensor.new_zeros((pad, *tensor.shape[1:]))]) if pad > 0 else tensor
-        if name in spec:
-            dim, stride = spec[name]
-            tensor = shard(tensor, dim, tp, rank, stride=stride)
-        if tensor.shape != target.shape:
-            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)} but model.* gives "
+        if tensors[name].shape != target.shape:
+            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensors[name].shape)} but model.* gives "
                              f"{tuple(target.shape)}; make the model config match the checkpoint")
-        out[name] = tensor.to(target.dtype)
-    return out
+        tensors[name] = tensors[name].to(target.dtype)
+    return tensors
 
 
 def hf_to_full(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -145,21 +163,47 @@ def shard_file(tp: int, rank: int) -> str:
     return f"model_tp{rank:02d}-of-{tp:02d}.safetensors"
 
 
-def save_model_shard(directory: str | os.PathLike, model: torch.nn.Module, tp_rank: int, tp: int) -> None:
-    """Write this rank's shard (and, from TP rank 0, the model config) into `directory`."""
+def process_umask() -> int:
+    """The process umask, read without changing it (setting it to read it races with threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def save_shard_tensors(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], cfg: ModelConfig,
+                       tp_rank: int, tp: int) -> None:
+    """Write one TP rank's tensors (and, from TP rank 0, the model config) into `directory`."""
     directory = Path(directory)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(directory / shard_file(tp, tp_rank)))
+    path = directory / shard_file(tp, tp_rank)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    os.chmod(path, 0o666 & ~process_umask())  # safetensors creates 0600 files; shared clusters need the umask's
     if tp_rank == 0:
-        meta = {"model": model.cfg.to_dict(), "tensor_parallel": tp, "padded_vocab": model.padded_vocab}
+        meta = {"model": cfg.to_dict(), "tensor_parallel": tp, "padded_vocab": padded_vocab_size(cfg.vocab_size, tp)}
         (directory / MODEL_CONFIG).write_text(json.dumps(meta, indent=2))
+
+
+def save_model_shard(directory: str | os.PathLike, model: torch.nn.Module, tp_rank: int, tp: int) -> None:
+    """Write this rank's shard of `model` (and, from TP rank 0, the model config) into `directory`."""
+    save_shard_tensors(directory, model.state_dict(), model.cfg, tp_rank, tp)
 
 
 def read_model_meta(directory: str | os.PathLike) -> dict:
     path = Path(directory) / MODEL_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {directory} is not an mbert-train model or checkpoint directory")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+        ModelConfig(**meta["model"])
+        int(meta["tensor_parallel"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is corrupt or from another tool ({str(exc).splitlines()[0]}); "
+                         f"use another checkpoint") from None
+    return meta
 
 
 def load_full_from_dir(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelConfig]:
@@ -175,16 +219,20 @@ def load_full_from_dir(directory: str | os.PathLike) -> tuple[dict[str, torch.Te
         try:
             shards.append(load_file(str(path)))
         except Exception as exc:
-            raise ValueError(f"{path} is truncated or corrupt ({exc}); use another checkpoint") from None
-    with torch.device("meta"):
-        template = MegatronBert(cfg)
-    spec = _shard_spec(template)
+            raise ValueError(f"{path} is truncated or corrupt ({str(exc).splitlines()[0]}); "
+                             f"use another checkpoint") from None
+    model = template(cfg)
+    spec, expected = shard_spec(model), model.state_dict()
     full = {}
-    for name in shards[0]:
-        if name in spec and tp > 1:
-            dim, stride = spec[name]
-            tensor = unshard([s[name] for s in shards], dim, stride=stride)
-        else:
-            tensor = shards[0][name]
+    for name, like in expected.items():
+        if any(name not in s for s in shards):
+            raise ValueError(f"{directory} lacks tensor {name} in some shard; the checkpoint is incomplete "
+                             f"or from another model")
+        tensor = unshard([s[name] for s in shards], *spec[name][:1], stride=spec[name][1]) \
+            if name in spec and tp > 1 else shards[0][name]
+        want = (padded_vocab_size(cfg.vocab_size, tp), *like.shape[1:]) if name in VOCAB_PARAMS else like.shape
+        if tuple(tensor.shape) != tuple(want):
+            raise ValueError(f"{directory}: {name} has shape {tuple(tensor.shape)} but its {MODEL_CONFIG} implies "
+                             f"{tuple(want)}; the checkpoint is corrupt")
         full[name] = tensor[: cfg.vocab_size] if name in VOCAB_PARAMS else tensor
     return full, cfg

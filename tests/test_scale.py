@@ -1,0 +1,240 @@
+"""Scale-out paths run for real on one machine (CPU, gloo): two torchrun "nodes" on loopback, an
+elastic restart after a worker is SIGKILLed, the DeepSpeed launcher with a one-host hostfile, a
+Hydra `--multirun` sweep, and SLURM-style ranks started without any launcher.
+
+Every distributed run is compared with the matching single-launcher run of the `runs` fixture:
+same layout and seed give the same losses, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.train_util import FAST, LAYOUTS, STEPS, env, losses
+
+LAUNCH = Path(__file__).resolve().parents[1] / "launch"
+# Distributed settings a surrounding launcher (or a SLURM allocation running pytest) may have
+# exported; each test sets the ones it means.
+_INHERITED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+              "NNODES", "NODE_RANK", "NPROC_PER_NODE", "RUN_DIR", "HOSTFILE", "MAX_RESTARTS", "RDZV_ID")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(cache: str, **extra: str) -> dict[str, str]:
+    e = env(cache)
+    for key in [*_INHERITED, *(k for k in e if k.startswith(("SLURM_", "TORCHELASTIC_", "PET_")))]:
+        e.pop(key, None)
+    # The launch scripts call `torchrun` / `deepspeed` by name: use this interpreter's.
+    e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e['PATH']}"
+    return e | extra
+
+
+def _start(cmd: list, log: Path, environ: dict[str, str], cwd: Path) -> subprocess.Popen:
+    # Output to files, not pipes: a rank blocked on a full pipe would stall its peers' collectives.
+    with open(log, "w") as out:
+        return subprocess.Popen([str(c) for c in cmd], env=environ, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _finish(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 300) -> list[str]:
+    """Wait for every process; fail with the logs' tails if one times out or exits non-zero."""
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    texts = [log.read_text() for log in logs]
+    status = ["still running at the timeout" if p.returncode is None else f"rc {p.returncode}" for p in procs]
+    report = "\n".join(f"--- {log.name} ({st}):\n{t[-4000:]}" for st, log, t in zip(status, logs, texts))
+    assert all(p.returncode == 0 for p in procs), report
+    return texts
+
+
+@contextmanager
+def _reaped(marker: str, procs: list[subprocess.Popen]):
+    """Whatever happens, no rank outlives the test: torchrun's workers run in sessions of their own,
+    so they are found by a string unique to their command line."""
+    try:
+        yield
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        subprocess.run(["pkill", "-9", "-f", marker], check=False)
+
+
+def _logged_steps(run_dir: Path) -> list[int]:
+    """Steps of metrics.jsonl's training records, in file order (`losses` would hide repeats)."""
+    records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [r["step"] for r in records if "loss" in r]
+
+
+def _banners(text: str) -> list[str]:
+    """Rank 0's start-up line, one per (re)start of the trainer."""
+    return [line for line in text.splitlines() if line.startswith("[mbert-train] run dir")]
+
+
+def test_two_torchrun_nodes_on_loopback_match_one_four_process_run(runs, tmp_path, corpus_cache):
+    """launch/torchrun_multinode.sh twice (NODE_RANK 0 and 1, c10d rendezvous on 127.0.0.1) forms
+    one TP2 x DP2 job that trains exactly like `torchrun --nproc_per_node 4`."""
+    run_dir = tmp_path / "two-nodes"
+    shared = {"NNODES": "2", "NPROC_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+              "RDZV_ID": uuid.uuid4().hex, "RUN_DIR": str(run_dir), "MAX_RESTARTS": "0"}
+    overrides = [*FAST, *STEPS, *LAYOUTS["tp2_dp2_zero1"][1]]
+    logs = [tmp_path / f"node{r}.log" for r in range(2)]
+    procs: list[subprocess.Popen] = []
+    with _reaped(f"run.dir={run_dir}", procs):
+        for node, log in enumerate(logs):
+            procs.append(_start([LAUNCH / "torchrun_multinode.sh", *overrides], log,
+                                _env(corpus_cache, **shared, NODE_RANK=str(node)), tmp_path))
+        texts = _finish(procs, logs)
+    banners = [line for t in texts for line in _banners(t)]
+    assert len(banners) == 1 and "world 4 = TP 2 x DP 2" in banners[0], banners
+    assert _logged_steps(run_dir) == list(range(1, 21))
+    assert losses(run_dir) == losses(runs / "tp2_dp2_zero1")
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000020"
+
+
+def _workers(agent: int, count: int, timeout: float = 120) -> dict[int, int]:
+    """LOCAL_RANK -> pid of torchrun's worker processes (its children; dataloader workers are theirs)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = {}
+        pids = subprocess.run(["pgrep", "-P", str(agent)], capture_output=True, text=True).stdout.split()
+        for pid in map(int, pids):
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            for item in environ:
+                if item.startswith(b"LOCAL_RANK="):
+                    found[int(item.split(b"=", 1)[1])] = pid
+        if len(found) == count:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"torchrun {agent} did not start {count} workers in {timeout} s")
+
+
+def test_elastic_restart_resumes_from_checkpoint_after_a_worker_is_killed(runs, tmp_path, corpus_cache):
+    """SIGKILL one rank after the step-10 checkpoint: torchrun (MAX_RESTARTS=1) restarts the group,
+    which resumes at step 10 and ends with the uninterrupted run's losses."""
+    run_dir = tmp_path / "elastic"
+    log = tmp_path / "torchrun.log"
+    latest = run_dir / "checkpoints" / "latest"
+    agent = _start([LAUNCH / "torchrun_single.sh", *FAST, *STEPS, *LAYOUTS["dp2_zero1"][1]], log,
+                   _env(corpus_cache, NPROC_PER_NODE="2", MAX_RESTARTS="1", RUN_DIR=str(run_dir)), tmp_path)
+    with _reaped(f"run.dir={run_dir}", [agent]):
+        deadline = time.monotonic() + 300
+        while not latest.exists() and agent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if agent.poll() is None:  # else it failed or finished early: _finish and the asserts say which
+            os.kill(_workers(agent.pid, 2)[0], signal.SIGKILL)  # rank 0, which also writes metrics.jsonl
+        killed_at = latest.read_text().strip() if latest.exists() else None
+        (text,) = _finish([agent], [log])
+    assert killed_at == "step_00000010", text[-3000:]
+    banners = _banners(text)
+    assert len(banners) == 2 and "new run" in banners[0] and "resumed at step 10" in banners[1], text[-3000:]
+    assert _logged_steps(run_dir) == list(range(1, 21)), "metrics.jsonl has each step once"
+    resumed, reference = losses(run_dir), losses(runs / "dp2_zero1")
+    assert resumed[20] == reference[20]
+    assert resumed == reference
+    assert latest.read_text().strip() == "step_00000020"
+
+
+def test_deepspeed_launcher_with_a_one_host_hostfile(runs, tmp_path, corpus_cache):
+    """launch/deepspeed_launch.sh (--no_local_rank) trains DP2 exactly like torchrun; a plain
+    `deepspeed` call, which appends --local_rank=N to argv, also runs: the trainer strips it."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# this machine only\nlocalhost slots=2\n")
+    run_dir = tmp_path / "ds-script"
+    log = tmp_path / "ds-script.log"
+    proc = _start([LAUNCH / "deepspeed_launch.sh", *FAST, *STEPS, *LAYOUTS["dp2_zero0"][1]], log,
+                  _env(corpus_cache, HOSTFILE=str(hostfile), RUN_DIR=str(run_dir), MASTER_PORT=str(_free_port())),
+                  tmp_path)
+    with _reaped(f"run.dir={run_dir}", [proc]):
+        (text,) = _finish([proc], [log])
+    assert [b for b in _banners(text) if "world 2 = TP 1 x DP 2" in b], text[-3000:]
+    assert "--local_rank" not in text.split("spawned with command", 1)[1].splitlines()[0]
+    curve = losses(run_dir)
+    assert curve == losses(runs / "dp2_zero0")
+    assert sum(curve[s] for s in (18, 19, 20)) < sum(curve[s] for s in (1, 2, 3)) - 1.5
+
+    plain_dir = tmp_path / "ds-plain"
+    log = tmp_path / "ds-plain.log"
+    cmd = ["deepspeed", f"--hostfile={hostfile}", "--no_ssh_check", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "--module", "mbert_train.train", *FAST, f"run.dir={plain_dir}",
+           "trainer.max_steps=4", "trainer.checkpoint_every=4", "trainer.eval_every=0", "trainer.export_hf=false",
+           *LAYOUTS["dp2_zero0"][1]]
+    proc = _start(cmd, log, _env(corpus_cache), tmp_path)
+    with _reaped(f"run.dir={plain_dir}", [proc]):
+        (text,) = _finish([proc], [log])
+    spawned = [line for line in text.splitlines() if "spawned with command" in line]
+    assert len(spawned) == 2 and all(f"'--local_rank={r}'" in line for r, line in enumerate(spawned)), spawned
+    assert [b for b in _banners(text) if "world 2 = TP 1 x DP 2" in b], text[-3000:]
+    # Step 1 runs before the first update, so the 4-step schedule cannot change it.
+    assert sorted(losses(plain_dir)) == [1, 2, 3, 4]
+    assert losses(plain_dir)[1] == losses(runs / "dp2_zero0")[1]
+
+
+def test_hydra_multirun_gives_each_job_its_own_run_dir(tmp_path, corpus_cache):
+    sweep = tmp_path / "sweep"
+    log = tmp_path / "multirun.log"
+    cmd = [sys.executable, "-m", "mbert_train.train", "-m", *FAST, "trainer.max_steps=4", "trainer.checkpoint_every=4",
+           "trainer.eval_every=0", "trainer.export_hf=false", "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}"]
+    proc = _start(cmd, log, _env(corpus_cache), tmp_path)
+    with _reaped(f"hydra.sweep.dir={sweep}", [proc]):
+        _finish([proc], [log])
+    lrs = []
+    for job in ("0", "1"):
+        run_dir = sweep / job
+        assert sorted(losses(run_dir)) == [1, 2, 3, 4], job
+        assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+        assert (run_dir / "checkpoints" / "step_00000004" / "meta.json").is_file()
+        lrs.append(losses(run_dir, "lr"))
+    # Same warmup, peak lr doubled: every step's lr doubles.
+    assert all(math.isclose(lrs[1][s], 2 * lrs[0][s], rel_tol=1e-9) and lrs[0][s] > 0 for s in lrs[0]), lrs
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+
+
+def test_slurm_tasks_without_torchrun_form_one_job(runs, tmp_path, corpus_cache):
+    """What submitit's srun gives each task: SLURM_* only, no RANK/WORLD_SIZE, no run.dir. Two such
+    processes must find each other, train as DP2, and share rank 0's run dir although each task's
+    Hydra picked its own (distinct here: microsecond timestamps)."""
+    out = tmp_path / "hydra-out"
+    job = {"SLURM_JOB_ID": str(int.from_bytes(os.urandom(3), "big")), "SLURM_NTASKS": "2", "SLURM_NNODES": "1",
+           "SLURM_NTASKS_PER_NODE": "2", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "127.0.0.1",
+           "SLURM_NODELIST": "127.0.0.1", "SLURM_LAUNCH_NODE_IPADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    overrides = [*FAST, *STEPS, *LAYOUTS["dp2_zero0"][1], f"hydra.run.dir={out}/${{now:%H-%M-%S-%f}}"]
+    logs = [tmp_path / f"task{r}.log" for r in range(2)]
+    procs: list[subprocess.Popen] = []
+    with _reaped(str(out), procs):
+        for task, log in enumerate(logs):
+            procs.append(_start([sys.executable, "-m", "mbert_train.train", *overrides], log,
+                                _env(corpus_cache, **job, SLURM_PROCID=str(task), SLURM_LOCALID=str(task)),
+                                tmp_path))
+        texts = _finish(procs, logs, timeout=240)
+    assert len(_banners(texts[0])) == 1 and "world 2 = TP 1 x DP 2" in _banners(texts[0])[0], texts[0][-3000:]
+    assert not _banners(texts[1]), "task 1 must be rank 1 of the same job"
+    (run_dir,) = [d for d in out.iterdir() if (d / "metrics.jsonl").exists()]
+    assert f"run dir {run_dir} |" in _banners(texts[0])[0]
+    assert _logged_steps(run_dir) == list(range(1, 21))
+    assert losses(run_dir) == losses(runs / "dp2_zero0")
+    saved = json.loads((run_dir / "checkpoints" / "step_00000020" / "meta.json").read_text())
+    assert saved["layout"]["data_parallel"] == 2, saved
