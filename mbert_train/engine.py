@@ -113,9 +113,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, state: ParallelSta
     o = cfg.optim
     groups = param_groups(model, o.weight_decay)
     if o.name == "lamb":
-        if not torch.cuda.is_available():
-            raise ValueError("optim=lamb needs CUDA (DeepSpeed's FusedLamb); on CPU use optim=adamw")
-        from deepspeed.ops.lamb import FusedLamb
+        from deepspeed.ops.lamb import FusedLamb  # CUDA only: train.py refuses lamb on CPU up front
 
         return FusedLamb(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, max_grad_norm=0.0)
     kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)

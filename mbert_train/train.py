@@ -94,6 +94,8 @@ def run(cfg: TrainConfig, run_dir_candidate: str) -> Path:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if cfg.trainer.precision == "fp16" and device.type != "cuda":
         raise ValueError("trainer.precision=fp16 needs a GPU; on CPU use fp32 or bf16")
+    if cfg.optim.name == "lamb" and device.type != "cuda":
+        raise ValueError("optim=lamb needs a GPU (DeepSpeed's FusedLamb); on CPU use optim=adamw")
     run_dir = _shared_run_dir(run_dir_candidate)
     if state.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)

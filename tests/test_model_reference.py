@@ -1,5 +1,7 @@
 """Our MegatronBert at TP=1, 2, 4 is `transformers.MegatronBertForPreTraining`, forward and backward."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -137,3 +139,25 @@ def test_dropout_changes_the_loss():
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tensor_parallel_matches_reference(tp):
     spawn(_ranks_main, tp)
+
+
+def test_mlm_only_model_matches_reference_masked_lm():
+    from transformers import MegatronBertForMaskedLM
+
+    cfg = dataclasses.replace(small_config(), binary_head=False)
+    torch.manual_seed(0)
+    hf_cfg = MegatronBertConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"})
+    ref = MegatronBertForMaskedLM(hf_cfg).float()
+    batch = make_batch(cfg)
+    out_ref = ref(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                  attention_mask=batch["attention_mask"], labels=batch["mlm_labels"])
+    out_ref.loss.backward()
+    ours = MegatronBert(cfg)
+    ours.load_state_dict(shard_state_dict(hf_to_full(ref.state_dict(), cfg), ours))
+    out = ours(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], batch["mlm_labels"])
+    out.loss.backward()
+    assert ours.pooler is None and ours.nsp is None and out.nsp_logits is None
+    torch.testing.assert_close(out.loss, out_ref.loss, **TOL)
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    for name, g in full_grads_as_hf(ours).items():
+        torch.testing.assert_close(g, ref_grads[name], **GRAD_TOL, msg=lambda m: f"{name}: {m}")
