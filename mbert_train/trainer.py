@@ -145,8 +145,9 @@ class Trainer:
             if stop:
                 if bar:
                     bar.close()
-                print(f"[mbert-train] stop signal: checkpoint written at step {self.step}; rerun the same "
-                      f"command to resume", flush=True) if self.state.rank == 0 else None
+                if self.state.rank == 0:
+                    print(f"[mbert-train] stop signal: checkpoint written at step {self.step}; rerun the same "
+                          f"command to resume", flush=True)
                 raise SystemExit(0)
         if bar:
             bar.close()

@@ -147,3 +147,21 @@ def test_tp_change_refused_on_resume_and_resharded_by_init_from(runs, tmp_path, 
                                                 "trainer.export_hf=false"], nproc=2)
     # Continuing from step-20 weights: far below the loss of a fresh model (about 9.7).
     assert losses(tmp_path / "from_tp1")[1] < losses(runs / "tp1")[1] - 0.5
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, corpus_cache):
+    run_dir = tmp_path / "preempted"
+    overrides = [*FAST, f"run.dir={run_dir}", "trainer.max_steps=100000", "trainer.checkpoint_every=100000",
+                 "trainer.eval_every=0", "logging.wandb_mode=disabled"]
+    proc = subprocess.Popen(command(1, overrides), env=env(corpus_cache), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 200
+    while proc.poll() is None and time.time() < deadline and (
+            not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    step = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert step >= 3 and f"checkpoint written at step {step}" in out
