@@ -142,7 +142,13 @@ class MetricsLogger:
             self.truncate_after(resume_step)
         self._file = self.path.open("a", encoding="utf-8")
         if wandb_mode != "disabled":
-            self._start_wandb(wandb_mode, project, run_name, config)
+            try:
+                self._start_wandb(wandb_mode, project, run_name, config)
+            except Exception as exc:  # W&B trouble (service start, network) must not stop training
+                self._run = None
+                print(f"[mbert-train] warning: W&B did not start ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0] if str(exc) else ''}); metrics go to {self.path} only",
+                      file=sys.stderr, flush=True)
 
     def _start_wandb(self, mode: str, project: str, run_name: str | None,
                      config: Mapping[str, Any]) -> None:

@@ -34,7 +34,9 @@ def train(run_dir: Path, cache: str, overrides: list[str], *, nproc: int = 1, ch
     proc = subprocess.run(cmd, env={**env(cache), **(extra_env or {})}, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+        # Every rank's final error line first: the tail alone often shows only a peer's reaction.
+        errors = "\n".join(line for line in proc.stderr.splitlines() if "Error:" in line or "error:" in line)
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{errors}\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-5000:]}")
     return proc
 
