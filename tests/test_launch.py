@@ -32,7 +32,7 @@ keys = ("OMP_NUM_THREADS", "PET_SIGNALS_TO_HANDLE", "TORCH_ELASTIC_SHUTDOWN_TIME
         "CUDA_DEVICE_MAX_CONNECTIONS", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "SRUN_CPUS_PER_TASK",
         "NODE_RANK", "NPROC_PER_NODE")
 line = "FAKE " + json.dumps({"prog": os.path.basename(sys.argv[0]), "argv": sys.argv[1:],
-                            "node": node, "env": {k: os.environ.get(k) for k in keys}}) + "\n"
+                            "node": node, "env": {k: os.environ.get(k) for k in keys}}) + "\\n"
 # One write(2) of < PIPE_BUF bytes: the nodes share stdout, and print() may split the line.
 os.write(1, line.encode())
 wait_dir = os.environ.get("FAKE_WAIT_DIR")
