@@ -112,6 +112,7 @@ def test_persistent_nan_stops_with_last_good_checkpoint(tmp_path, corpus_cache):
     ("trainer.precision=fp16", "trainer.precision=fp16"),
     ("optim=lamb", "optim=lamb"),
     ("data.objective=none", "model.binary_head=false"),
+    ("model.vocab_size=1000", "model.vocab_size=1000"),
 ])
 def test_bad_config_fails_at_startup_with_one_line(tmp_path, corpus_cache, override, expected):
     proc = train(tmp_path / "bad", corpus_cache, [override], check=False, timeout=120)
