@@ -116,7 +116,9 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, state: ParallelSta
         from deepspeed.ops.lamb import FusedLamb  # CUDA only: train.py refuses lamb on CPU up front
 
         return FusedLamb(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, max_grad_norm=0.0)
-    kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    # The fused kernel (CPU and CUDA, torch >= 2.4) is several times faster than the per-tensor
+    # loop and is what transformers' Trainer defaults to on torch >= 2.8.
+    kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
     if cfg.parallel.zero_stage == 0:
         opt = GuardedAdamW(groups, **kwargs)
         opt.setup_guard(state.tp_group, cfg.trainer.grad_clip)
