@@ -24,6 +24,7 @@ from mbert_train.model.config import ModelConfig
 from mbert_train.parallel.layers import shard, unshard
 from mbert_train.parallel.layout import padded_vocab_size
 from mbert_train.parallel.mappings import group_rank, group_size
+from mbert_train.staging import process_umask
 
 VOCAB_PARAMS = ("word_embeddings.weight", "mlm_bias")
 MODEL_CONFIG = "model_config.json"
@@ -161,18 +162,6 @@ def full_to_hf(full: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, tor
 
 def shard_file(tp: int, rank: int) -> str:
     return f"model_tp{rank:02d}-of-{tp:02d}.safetensors"
-
-
-def process_umask() -> int:
-    """The process umask, read without changing it (setting it to read it races with threads)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
 
 
 def save_shard_tensors(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], cfg: ModelConfig,
