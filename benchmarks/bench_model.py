@@ -1,29 +1,49 @@
 """One training step (forward, backward, AdamW) of our MegatronBert against the reference
-`transformers.MegatronBertForPreTraining`: time, throughput and peak memory at the same shapes.
+`transformers.MegatronBertForPreTraining`, in the configuration users train with, next to the
+same-math floor: time, CPU time, throughput, MFU and memory at the same shapes.
 
-    python benchmarks/bench_model.py                        # all shapes, CUDA if present else CPU
-    python benchmarks/bench_model.py --shapes small --steps 5
-    python benchmarks/bench_model.py --bf16                 # CUDA: bf16 autocast for both models
+    python benchmarks/bench_model.py --data DIR             # BERT-base S=128 and S=512, real batches
+    python benchmarks/bench_model.py                        # the same on synthetic batches (says so)
+    python benchmarks/bench_model.py --shapes tiny --steps 1 --warmup 0    # a dry run
+    python benchmarks/bench_model.py --bf16 --shapes large512 --batch 16   # CUDA: bf16 autocast, MFU
     python benchmarks/bench_model.py --profile base128      # torch.profiler top ops of each model
 
-Fairness: both models hold the same weights (the reference's seeded init, copied into ours with
-`hf_to_full` + `shard_state_dict`), see the same batch (15% of positions masked, full-length
-sequences, NSP labels), run with dropout 0 in train mode, and optimise the same loss (MLM + NSP);
-the first-step losses are printed and must agree to 1e-4 in fp32. Ours runs TP=1 in one process
-with `mlm_masked_only=True`; the reference uses its default attention (eager; it offers no SDPA).
+DIR is an `mbert-prep` dataset, e.g. `mbert-prep ../shared/corpora/wikitext-2/valid.txt -o
+/tmp/wt2`. Batches then come from our own data pipeline (`build_loaders`: NSP pairs, BERT's
+masking with its prediction cap, 20 at seq 128 and 80 at seq 512, each batch padded to its
+longest sample rounded up to 8, as the collator does); without --data they are synthetic
+with the same length distribution targets and the same collator, and the header says so.
 
-Memory: each (model, shape) runs in a fresh subprocess. CPU tensors are invisible to tracemalloc,
-so on CPU we read the kernel's resident-set counters: after the model, optimizer and batch exist,
-`malloc_trim(0)` returns freed heap pages, writing 5 to /proc/self/clear_refs resets the
-high-water mark, and VmRSS is the baseline. "step MB" is VmHWM (== ru_maxrss after the reset)
-minus that baseline over all steps: gradients, AdamW state, activations, logits, temporaries.
-On CUDA it is torch.cuda.max_memory_allocated() minus memory_allocated() at the same point.
+Fairness: both models hold the same weights (the reference's seeded init, copied into ours with
+`hf_to_full` + `shard_state_dict`), see the same batches, run the presets' dropout (0.1 on
+hidden states and attention probabilities; `--dropout 0` for the old comparison) in train
+mode, and optimise the same MLM + NSP loss with fused AdamW. Dropout masks differ between the
+two implementations, so the losses are compared on a dropout-0 forward of the first batch
+(eval mode), which must agree to 1e-4 in fp32. Ours runs TP=1 in one process with
+`mlm_masked_only=True` (the trainer's default) and its default attention dropout (fused SDPA
+on CUDA); the reference runs SDPA where transformers offers it for MegatronBERT, else eager.
+
+Same-math floor: the encoder's dense GEMMs at the same shapes (QKV, attention-out, MLP-in,
+MLP-out of every layer, forward + both backward GEMMs, on the padded tokens) plus the fused
+AdamW step over the model's parameters, timed in a fresh process like the models. No
+implementation of the same math can step in less, so ref/floor is the largest speed-up
+possible and ours/floor is how far ours is from it.
+
+MFU (CUDA) and achieved TFLOP/s credit both models the same model FLOPs, counted on the real
+(unpadded) tokens by `mbert_train.arithmetic` with the MLM head on the masked tokens.
+
+Memory: each (model, shape) runs in a fresh subprocess. On CPU the worker reads the kernel's
+counters: once the model, optimizer and batches exist, `malloc_trim(0)`, reset the high-water
+mark (`echo 5 > /proc/self/clear_refs`), VmRSS is the baseline; "step MB" is VmHWM minus that
+baseline over all steps. On CUDA "step MB" is `max_memory_allocated()` minus
+`memory_allocated()` at the same point, and "peak MB" is `max_memory_allocated()` itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import json
 import os
 import resource
@@ -31,88 +51,42 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
+from common import (DROPOUT, SHAPES, Shape, batch_stats, batches_for, batches_label, build, data_dir_or_none,
+                    dataset_vocab, loss_of, model_config, step_model_flops, with_overrides)
 
 MODELS = ("ref", "ours")
+WORKERS = ("ref", "ours", "floor")
 LOSS_TOL = {"fp32": 1e-4, "bf16": 2e-2}
-# Dense peak FLOP/s per device (bf16 tensor core, fp32 without TF32), from NVIDIA data sheets.
-PEAK_FLOPS = {"H200": (989e12, 67e12), "H100": (989e12, 67e12), "A100": (312e12, 19.5e12),
-              "L40S": (362e12, 91.6e12), "A10": (125e12, 31.2e12)}
+TARGET_SPEEDUP = {"base128": 1.5, "base512": 1.7}
+TARGET_MEMORY = {"base512": 1.3}
 
 
-@dataclass(frozen=True)
-class Shape:
-    hidden: int
-    layers: int
-    heads: int
-    intermediate: int
-    seq: int
-    batch: int
-    vocab: int = 30522
+def resolve_shape(name: str, args) -> Shape:
+    return with_overrides(SHAPES[name], batch=args.batch, vocab=dataset_vocab(args.data) if args.data else None)
 
 
-SHAPES = {
-    "small": Shape(hidden=256, layers=4, heads=4, intermediate=1024, seq=128, batch=8),
-    "base128": Shape(hidden=768, layers=12, heads=12, intermediate=3072, seq=128, batch=8),
-    "base512": Shape(hidden=768, layers=12, heads=12, intermediate=3072, seq=512, batch=2),
-}
-TARGET_SPEEDUP = {"base128": 1.5, "base512": 2.0}
-
-
-def model_config(shape: Shape):
-    from mbert_train.model import ModelConfig
-    return ModelConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, num_layers=shape.layers,
-                       num_heads=shape.heads, intermediate_size=shape.intermediate,
-                       max_position_embeddings=max(512, shape.seq), hidden_dropout=0.0, attention_dropout=0.0)
-
-
-def make_batch(shape: Shape, device: torch.device) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1234)
-    b, s = shape.batch, shape.seq
-    ids = torch.randint(1, shape.vocab, (b, s), generator=g)
-    labels = torch.full((b, s), -100)
-    picked = torch.rand(b, s, generator=g) < 0.15
-    labels[picked] = ids[picked]
-    types = torch.zeros(b, s, dtype=torch.long)
-    types[:, s // 2:] = 1
-    batch = dict(input_ids=ids, token_type_ids=types, attention_mask=torch.ones(b, s, dtype=torch.long),
-                 mlm_labels=labels, nsp_labels=torch.randint(0, 2, (b,), generator=g))
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def build(which: str, shape: Shape):
-    """The reference with its seeded init, or ours holding exactly those weights."""
-    from transformers import MegatronBertConfig, MegatronBertForPreTraining
-    cfg = model_config(shape)
-    torch.manual_seed(0)
-    hf_cfg = MegatronBertConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"})
-    ref = MegatronBertForPreTraining(hf_cfg).float()
-    if which == "ref":
-        return ref
-    from mbert_train.model import MegatronBert
-    from mbert_train.model.weights import hf_to_full, shard_state_dict
-    ours = MegatronBert(cfg, mlm_masked_only=True)
-    ours.load_state_dict(shard_state_dict(hf_to_full(ref.state_dict(), cfg), ours))
-    return ours
-
-
-def loss_of(which: str, model, batch) -> torch.Tensor:
-    if which == "ours":
-        return model(**batch).loss
-    return model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                 attention_mask=batch["attention_mask"], labels=batch["mlm_labels"],
-                 next_sentence_label=batch["nsp_labels"]).loss
+def _autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def train_step(which, model, opt, batch, bf16: bool) -> torch.Tensor:
     opt.zero_grad(set_to_none=True)
-    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):
+    with _autocast(batch["input_ids"].device, bf16):
         loss = loss_of(which, model, batch)
     loss.backward()
     opt.step()
     return loss.detach()
+
+
+def loss_without_dropout(which, model, batch, bf16: bool) -> float:
+    """The loss of a dropout-free forward (eval mode): comparable between the two models."""
+    model.eval()
+    with torch.no_grad(), _autocast(batch["input_ids"].device, bf16):
+        loss = loss_of(which, model, batch).item()
+    model.train()
+    return loss
 
 
 def _proc_status_kb(field: str) -> int:
@@ -145,128 +119,191 @@ def memory_peak(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # kB on Linux
 
 
-def step_flops(shape: Shape, masked: int) -> float:
-    """Model FLOPs of one training step (3x forward): dense matmuls, attention, and the MLM head
-    on the masked positions only (what the loss needs), so both models are credited the same."""
-    h, s, tokens = shape.hidden, shape.seq, shape.batch * shape.seq
-    per_token = shape.layers * (2 * h * 3 * h + 2 * h * h + 4 * h * shape.intermediate + 4 * s * h)
-    head = masked * (2 * h * h + 2 * h * shape.vocab)
-    return 3.0 * (tokens * per_token + head)
-
-
 def peak_flops(device: torch.device, bf16: bool, override: float | None) -> float | None:
+    """Peak FLOP/s of the device at the precision the matmuls run in (the one table)."""
+    from mbert_train.arithmetic import peak_tflops
     if override:
         return override * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, (bf16_peak, fp32_peak) in PEAK_FLOPS.items():
-        if key in name:
-            return bf16_peak if bf16 else fp32_peak
-    return None
+    precision = "bf16" if bf16 else ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32")
+    peak = peak_tflops(torch.cuda.get_device_name(device), precision)
+    return peak * 1e12 if peak else None
 
 
-def worker(args) -> dict:
-    """Runs in a fresh process: build one model, time its steps, report as JSON."""
-    device = torch.device(args.device)
-    shape = SHAPES[args.shape]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = build(args.model, shape).to(device).train()
-    batch = make_batch(shape, device)
-    # Fused AdamW for both: what mbert-train's engine uses and what transformers' Trainer
-    # defaults to on torch >= 2.8; the optimizer costs the same and only the models differ.
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    params = sum(p.numel() for p in model.parameters())
-    baseline, method = memory_baseline(device)
-    times, cpu_times, losses = [], [], []
-    for _ in range(args.warmup + args.steps):
+def timed(step, batches: list[dict], device: torch.device) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds of `step(batch)` for each batch."""
+    times, cpu_times = [], []
+    for batch in batches:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start, cpu_start = time.perf_counter(), time.process_time()
-        loss = train_step(args.model, model, opt, batch, args.bf16)
+        step(batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
-        losses.append(loss.item())
-    step_s = statistics.median(times[args.warmup:])
-    masked = int((batch["mlm_labels"] != -100).sum())
-    peak = peak_flops(device, args.bf16, args.peak_tflops)
-    flops = step_flops(shape, masked)
-    return dict(model=args.model, shape=args.shape, step_s=step_s, times=times, first_loss=losses[0],
-                min_s=min(times[args.warmup:]), cpu_s=statistics.median(cpu_times[args.warmup:]),
-                cpu_times=cpu_times,
-                tokens_per_s=shape.batch * shape.seq / step_s, achieved_tflops=flops / step_s / 1e12,
-                mfu=flops / step_s / peak if peak else None, params=params, base_mb=baseline / 2**20,
-                step_mb=(memory_peak(device) - baseline) / 2**20, mem_method=method,
-                threads=torch.get_num_threads(), device=str(device))
+    return times, cpu_times
+
+
+def model_worker(args, shape: Shape, device: torch.device) -> dict:
+    cfg = model_config(shape, args.dropout)
+    model, ref_attention = build(args.model, cfg, device)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches_for(args.data, shape, args.warmup + args.steps)]
+    check_loss = loss_without_dropout(args.model, model, batches[0], args.bf16)
+    # Fused AdamW for both: what mbert-train's engine uses and what transformers' Trainer
+    # defaults to on torch >= 2.8; the optimizer costs the same and only the models differ.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    baseline, method = memory_baseline(device)
+    losses = []
+    times, cpu_times = timed(lambda b: losses.append(train_step(args.model, model, opt, b, args.bf16).item()),
+                             batches, device)
+    return dict(times=times, cpu_times=cpu_times, losses=losses, check_loss=check_loss,
+                batch_stats=[batch_stats(b) for b in batches], vocab=shape.vocab, batch=shape.batch,
+                params=sum(p.numel() for p in model.parameters()), base_mb=baseline / 2**20,
+                step_mb=(memory_peak(device) - baseline) / 2**20, peak_mb=memory_peak(device) / 2**20,
+                mem_method=method, ref_attention=ref_attention)
+
+
+def floor_worker(args, shape: Shape, device: torch.device) -> dict:
+    """The encoder's dense GEMMs (forward, input grad, weight grad) at the models' shapes on the
+    padded tokens of each batch, plus the fused AdamW step over the model's parameters."""
+    from mbert_train.model import MegatronBert
+    cfg = model_config(shape, args.dropout)
+    torch.manual_seed(0)
+    with torch.device(device):
+        params = list(MegatronBert(cfg).parameters())  # for their count and shapes only
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    h, i = shape.hidden, shape.intermediate
+    dims = ((3 * h, h), (h, h), (i, h), (h, i))  # (out, in): QKV, attention-out, MLP-in, MLP-out
+    weights = [[torch.randn(o, n, device=device, dtype=dtype) * 0.02 for o, n in dims] for _ in range(shape.layers)]
+    widths = [b["input_ids"].shape[1] for b in batches_for(args.data, shape, args.warmup + args.steps)]
+    buffers = {}
+    for w in set(widths):
+        t = shape.batch * w
+        buffers[w] = [(torch.randn(t, n, device=device, dtype=dtype), torch.randn(t, o, device=device, dtype=dtype))
+                      for o, n in dims]
+
+    def step(width: int) -> None:
+        for layer in weights:
+            for weight, (x, dy) in zip(layer, buffers[width]):
+                x @ weight.T       # forward
+                dy @ weight        # input gradient
+                dy.T @ x           # weight gradient
+        opt.step()
+
+    times, cpu_times = timed(step, widths, device)
+    return dict(times=times, cpu_times=cpu_times, params=sum(p.numel() for p in params))
+
+
+def worker(args) -> dict:
+    """Runs in a fresh process: one model (or the floor), its steps, reported as JSON."""
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gc.collect()  # in-process runs: the previous model's memory is back before this one starts
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    shape = resolve_shape(args.shapes, args)
+    out = (floor_worker if args.model == "floor" else model_worker)(args, shape, device)
+    w = args.warmup
+    out.update(model=args.model, shape=args.shapes, step_s=statistics.median(out["times"][w:]),
+               min_s=min(out["times"][w:]), cpu_s=statistics.median(out["cpu_times"][w:]),
+               threads=torch.get_num_threads(), device=str(device),
+               device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+    return out
+
+
+def _worker_flags(args) -> list[str]:
+    flags = ["--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),
+             "--dropout", str(args.dropout)]
+    for name in ("threads", "batch", "data", "peak_tflops"):
+        if getattr(args, name):
+            flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return flags + (["--bf16"] if args.bf16 else [])
 
 
 def run_worker(model: str, shape: str, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", model, "--shapes", shape, "--device", args.device,
-           "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    if args.bf16:
-        cmd.append("--bf16")
-    if args.peak_tflops:
-        cmd += ["--peak-tflops", str(args.peak_tflops)]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
+    if args.in_process:
+        return worker(argparse.Namespace(**{**vars(args), "model": model, "shapes": shape}))
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", model, "--shapes", shape, *_worker_flags(args)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"worker {model}/{shape} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def reference_sdpa_note() -> str:
-    """Whether the reference offers SDPA attention (MegatronBERT in transformers 5 does not)."""
-    import transformers
-    from transformers import MegatronBertConfig, MegatronBertForPreTraining
-    tiny = MegatronBertConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                              intermediate_size=8)
-    try:
-        MegatronBertForPreTraining._from_config(tiny, attn_implementation="sdpa")
-    except (ValueError, ImportError) as exc:
-        return f"reference attn_implementation='sdpa': not supported by transformers {transformers.__version__} " \
-               f"({str(exc).split(' Please')[0]})"
-    return "reference attn_implementation='sdpa': supported but not benchmarked here; eager is its default"
+def summarise(shape_name: str, trio: dict, args) -> dict:
+    """Throughput and MFU of both models over the timed steps, on the batches they saw."""
+    ours = trio["ours"]
+    shape = with_overrides(SHAPES[shape_name], batch=ours["batch"], vocab=ours["vocab"])
+    cfg = model_config(shape, args.dropout)
+    stats = ours["batch_stats"][args.warmup:]
+    flops = sum(step_model_flops(cfg, s) for s in stats)
+    real = sum(s["real"] for s in stats)
+    padded = sum(s["rows"] * s["width"] for s in stats)
+    device = torch.device(args.device)
+    peak = peak_flops(device, args.bf16, args.peak_tflops) if device.type == "cuda" else (
+        args.peak_tflops * 1e12 if args.peak_tflops else None)
+    for r in (trio["ref"], ours):
+        total = sum(r["times"][args.warmup:])
+        r.update(tokens_per_s=real / total, achieved_tflops=flops / total / 1e12,
+                 mfu=flops / total / peak if peak else None)
+    return dict(real_tokens=real, padded_tokens=padded, masked=sum(s["masked"] for s in stats),
+                model_flops=flops)
 
 
-def print_table(results: dict, args) -> bool:
-    """Print per-model rows and ratios; return whether every loss check passed."""
+def print_tables(results: dict, summaries: dict, args) -> bool:
+    """Per-model rows, then ratios and one `ratio` line per shape; whether every loss check passed."""
     ok = True
     tol = LOSS_TOL["bf16" if args.bf16 else "fp32"]
-    with_mfu = all(r["mfu"] is not None for pair in results.values() for r in pair.values())
-    print(f"| shape | model | step ms (median) | min ms | CPU s | tokens/s | {'MFU | ' if with_mfu else ''}"
-          f"step MB | params+batch MB | first loss |")
-    print("|---" * (9 + with_mfu) + "|")
-    for shape, pair in results.items():
+    with_mfu = all(r.get("mfu") is not None for trio in results.values() for r in (trio["ref"], trio["ours"]))
+    print(f"| shape | model | step ms (median) | min ms | CPU s | real tokens/s | TFLOP/s | {'MFU | ' if with_mfu else ''}"
+          "step MB | peak MB | loss, dropout 0 |")
+    print("|---" * (10 + with_mfu) + "|")
+    for shape, trio in results.items():
         for model in MODELS:
-            r = pair[model]
+            r = trio[model]
             mfu = f"{100 * r['mfu']:.1f}% | " if with_mfu else ""
-            print(f"| {shape} | {model} | {1000 * r['step_s']:.0f} | {1000 * r['min_s']:.0f} | {r['cpu_s']:.1f} | "
-                  f"{r['tokens_per_s']:.0f} | {mfu}{r['step_mb']:.0f} | {r['base_mb']:.0f} | {r['first_loss']:.6f} |")
+            print(f"| {shape} | {model} | {1000 * r['step_s']:.0f} | {1000 * r['min_s']:.0f} | {r['cpu_s']:.2f} | "
+                  f"{r['tokens_per_s']:.0f} | {r['achieved_tflops']:.3f} | {mfu}{r['step_mb']:.0f} | "
+                  f"{r['peak_mb']:.0f} | {r['check_loss']:.6f} |")
+        f = trio["floor"]
+        print(f"| {shape} | floor (GEMMs + AdamW) | {1000 * f['step_s']:.0f} | {1000 * f['min_s']:.0f} | "
+              f"{f['cpu_s']:.2f} | | | {'| ' if with_mfu else ''}| | |")
     print()
-    print("| shape | time ref/ours (median) | (min) | CPU time ref/ours | step memory ref/ours | loss |ref-ours| "
-          "| target (on the median) |")
-    print("|---" * 7 + "|")
-    for shape, pair in results.items():
-        ref, ours = pair["ref"], pair["ours"]
-        speedup, mem = ref["step_s"] / ours["step_s"], ref["step_mb"] / max(ours["step_mb"], 1e-9)
-        diff = abs(ref["first_loss"] - ours["first_loss"])
+    print("| shape | time ref/ours (median) | (min) | CPU time ref/ours | step memory ref/ours | ref/floor | ours/floor "
+          "| loss |ref-ours|, dropout 0 | targets |")
+    print("|---" * 9 + "|")
+    lines = []
+    for shape, trio in results.items():
+        ref, ours, floor = trio["ref"], trio["ours"], trio["floor"]
+        speed, mem = ref["step_s"] / ours["step_s"], ref["step_mb"] / max(ours["step_mb"], 1e-9)
+        ref_floor, ours_floor = ref["step_s"] / floor["step_s"], ours["step_s"] / floor["step_s"]
+        diff = abs(ref["check_loss"] - ours["check_loss"])
         ok &= diff <= tol
-        verdict = [f"memory {'met' if mem >= 1.0 else 'MISSED'}"]
+        verdict = []
         if shape in TARGET_SPEEDUP:
-            target = TARGET_SPEEDUP[shape]
-            verdict.insert(0, f"speed >={target}x {'met' if speedup >= target else 'MISSED'}")
-        print(f"| {shape} | {speedup:.2f}x | {ref['min_s'] / ours['min_s']:.2f}x | {ref['cpu_s'] / ours['cpu_s']:.2f}x "
-              f"| {mem:.2f}x | {diff:.1e} {'ok' if diff <= tol else 'FAIL'} | {', '.join(verdict)} |")
+            verdict.append(f"speed >= {TARGET_SPEEDUP[shape]}x {'met' if speed >= TARGET_SPEEDUP[shape] else 'MISSED'}")
+        if shape in TARGET_MEMORY:
+            verdict.append(f"memory >= {TARGET_MEMORY[shape]}x {'met' if mem >= TARGET_MEMORY[shape] else 'MISSED'}")
+        print(f"| {shape} | {speed:.2f}x | {ref['min_s'] / ours['min_s']:.2f}x | {ref['cpu_s'] / ours['cpu_s']:.2f}x "
+              f"| {mem:.2f}x | {ref_floor:.2f}x | {ours_floor:.2f}x | {diff:.1e} {'ok' if diff <= tol else 'FAIL'} "
+              f"| {', '.join(verdict) or '-'} |")
+        lines.append(f"ratio {shape}: time ref/ours {speed:.2f}x, step memory ref/ours {mem:.2f}x, "
+                     f"ref/floor {ref_floor:.2f}x, ours/floor {ours_floor:.2f}x, "
+                     f"padding {1 - summaries[shape]['real_tokens'] / summaries[shape]['padded_tokens']:.1%}")
+    print()
+    print("\n".join(lines))
     return ok
 
 
 CATEGORIES = ("optimizer (AdamW)", "vocab-sized: MLM decoder, loss, embedding grad",
               "attention: scores, softmax, context, head reshapes", "dense GEMMs: QKV, out, MLP, heads",
-              "other: LayerNorm, GELU, residuals, embeddings, copies")
+              "other: LayerNorm, GELU, dropout, residuals, embeddings, copies")
 
 
 ATTENTION_OPS = ("bmm", "softmax", "scaled_dot_product")
@@ -297,7 +334,7 @@ def time_breakdown(prof, shape: Shape, device: torch.device) -> dict[str, float]
     """Self time (ms) per category; self times partition the step, so the categories sum to it."""
     from torch.autograd import DeviceType
 
-    from mbert_train.parallel.layout import padded_vocab_size
+    from mbert_train.arithmetic import padded_vocab_size
     vocab_dims = {shape.vocab, padded_vocab_size(shape.vocab, 1)}
     totals = dict.fromkeys(CATEGORIES, 0.0)
     for event in prof.events():
@@ -310,24 +347,25 @@ def time_breakdown(prof, shape: Shape, device: torch.device) -> dict[str, float]
 
 
 def profile(shape_name: str, args) -> None:
-    """torch.profiler over one step of each model, in this process (timings, not memory)."""
+    """torch.profiler over steps of each model, in this process (timings, not memory)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     device = torch.device(args.device)
-    shape = SHAPES[shape_name]
+    shape = resolve_shape(shape_name, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches_for(args.data, shape, args.warmup + args.steps)]
+    print(batches_label(args.data))
     breakdowns = {}
     for which in MODELS:
-        model = build(which, shape).to(device).train()
-        batch = make_batch(shape, device)
+        model = build(which, model_config(shape, args.dropout), device)[0]
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        for _ in range(args.warmup):
+        for batch in batches[:args.warmup]:
             train_step(which, model, opt, batch, args.bf16)
         # Several profiled steps, keep the fastest: on a shared machine noise only adds time.
         best = None
-        for _ in range(args.steps):
+        for batch in batches[args.warmup:]:
             with torch_profile(activities=activities, record_shapes=True) as prof:
                 train_step(which, model, opt, batch, args.bf16)
             totals = time_breakdown(prof, shape, device)
@@ -349,52 +387,65 @@ def profile(shape_name: str, args) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {', '.join(SHAPES)}")
+    p.add_argument("--shapes", default="base128,base512", help=f"comma-separated subset of {', '.join(SHAPES)}")
+    p.add_argument("--data", metavar="DIR", help="an mbert-prep dataset: batches from our data pipeline")
+    p.add_argument("--batch", type=int, default=None, help="micro-batch size (default: the shape's)")
+    p.add_argument("--dropout", type=float, default=DROPOUT, help="hidden and attention dropout (presets: 0.1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="device peak for MFU when its name is not in the built-in table")
+                   help="device peak for MFU when its name is not in mbert_train.arithmetic.PEAK_TFLOPS")
     p.add_argument("--profile", metavar="SHAPE", help="print a torch.profiler table per model instead")
     p.add_argument("--profile-rows", type=int, default=20)
     p.add_argument("--json", metavar="PATH", help="also write the raw results here")
-    p.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)
+    p.add_argument("--in-process", action="store_true",
+                   help="run the models in this process, one after the other (faster start; memory not isolated)")
+    p.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.bf16 and not args.device.startswith("cuda"):
         p.error("--bf16 needs a CUDA device")
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
-    if unknown:
-        p.error(f"unknown shape {unknown[0]!r}; choose from {', '.join(SHAPES)}")
+    if unknown or (args.profile and args.profile not in SHAPES):
+        p.error(f"unknown shape {(unknown or [args.profile])[0]!r}; choose from {', '.join(SHAPES)}")
+    args.data = data_dir_or_none(args.data)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
-        args.model, args.shape = args.worker, args.shapes
+        args.model = args.worker
         print(json.dumps(worker(args)))
         return 0
     if args.profile:
         profile(args.profile, args)
         return 0
-    print(f"device={args.device} dtype={'bf16 autocast' if args.bf16 else 'fp32'} torch={torch.__version__} "
-          f"threads={args.threads or torch.get_num_threads()} warmup={args.warmup} timed steps={args.steps} "
-          f"(median) load average at start={os.getloadavg()[0]:.2f}")
-    print(reference_sdpa_note())
-    results = {}
+    print(f"device={args.device} dtype={'bf16 autocast' if args.bf16 else 'fp32'} dropout={args.dropout} "
+          f"torch={torch.__version__} threads={args.threads or torch.get_num_threads()} warmup={args.warmup} "
+          f"timed steps={args.steps} (median) load average at start={os.getloadavg()[0]:.2f}")
+    print(batches_label(args.data))
+    results, summaries = {}, {}
     for shape in args.shapes.split(","):
-        results[shape] = {model: run_worker(model, shape, args) for model in MODELS}
-        pair = results[shape]
-        print(f"{shape}: ref {1000 * pair['ref']['step_s']:.0f} ms, ours {1000 * pair['ours']['step_s']:.0f} ms; "
-              f"first loss ref={pair['ref']['first_loss']:.6f} ours={pair['ours']['first_loss']:.6f}", flush=True)
-    print(f"memory method: {results[next(iter(results))]['ours']['mem_method']}; "
-          f"load average at end={os.getloadavg()[0]:.2f}\n")
-    ok = print_table(results, args)
+        results[shape] = {w: run_worker(w, shape, args) for w in WORKERS}
+        summaries[shape] = summarise(shape, results[shape], args)
+        trio = results[shape]
+        print(f"{shape}: ref {1000 * trio['ref']['step_s']:.0f} ms, ours {1000 * trio['ours']['step_s']:.0f} ms, "
+              f"floor {1000 * trio['floor']['step_s']:.0f} ms", flush=True)
+    first = results[next(iter(results))]
+    isolation = "in one process, not isolated" if args.in_process else "a fresh process per model"
+    print(f"reference attention: {first['ref']['ref_attention']}; memory: {first['ours']['mem_method']}, "
+          f"{isolation}; "
+          f"device: {first['ours']['device_name']}; load average at end={os.getloadavg()[0]:.2f}\n")
+    ok = print_tables(results, summaries, args)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump({"args": {k: v for k, v in vars(args).items() if k != "worker"}, "summaries": summaries,
+                       "results": results}, f, indent=2)
     return 0 if ok else 1
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from mbert_train.errors import UserError
 
-class PrepError(ValueError):
+
+class PrepError(UserError):
     """A setting that cannot work; the one-line message names the flag and the fix."""
 
 
@@ -17,7 +19,7 @@ class PrepConfig:
     inputs: list[str] = field(default_factory=list)
     """Files (.txt/.jsonl/.parquet), directories of them, or `datasets` names/directories."""
     output: str = ""
-    """Dataset directory to create; must be new, empty, or (with `overwrite`) a dataset."""
+    """Dataset directory to create; must be new, empty, or (with `overwrite`) a prepared dataset."""
     text_field: str = "text"
     """Column holding the document text in .jsonl/.parquet/`datasets` inputs."""
     hf_split: str = "train"
@@ -29,7 +31,8 @@ class PrepConfig:
     tokenizer: str | None = None
     """Existing vocab.txt or tokenizer.json; None trains a WordPiece vocabulary."""
     vocab_size: int = 30522
-    """Size of the trained vocabulary (padded with [unusedN] when the corpus is small)."""
+    """Size of the trained vocabulary: padded with [unusedN] when the corpus is small, and never
+    exceeded (the alphabet is capped at the most frequent characters; rarer ones become [UNK])."""
     lowercase: bool = True
     """Lower-case and strip accents (uncased BERT); False keeps case (cased BERT)."""
     min_frequency: int = 2
@@ -49,7 +52,8 @@ class PrepConfig:
     max_sentence_tokens: int = 512
     """Longer sentences are cut into pieces of this many tokens; counted."""
     overwrite: bool = False
-    """Replace an existing prepared dataset at `output` (only after the new one is complete)."""
+    """Replace an existing prepared dataset at `output` (only after the new one is complete);
+    never anything that lacks the dataset's format marker."""
     quiet: bool = False
     """No progress bars and no closing summary (the summary still goes to metadata.json)."""
 

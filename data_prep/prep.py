@@ -6,21 +6,25 @@
 Steps: check everything cheap first (inputs, text fields, tokenizer file, output path), then
 read and repair documents into an Arrow spool, train (or load) the WordPiece tokenizer,
 sentence-split and tokenise with a multi-process `datasets.map`, and stream the arrays of
-`data_prep.format`. All of it happens in a hidden temporary directory beside the output,
-renamed into place only when complete, so an interrupted run leaves no `metadata.json` at the
-output path; a later run removes the leftovers of dead runs.
+`data_prep.format`. All of it happens in a hidden temporary directory beside the output
+(`mbert_train.staging`), fsynced and renamed into place only when complete, so an interrupted
+run leaves nothing at the output path that looks finished; a later run removes the leftovers of
+dead runs (and puts back a previous dataset a kill caught in mid-swap).
+
+`--overwrite` replaces only a folder that is recognisably a prepared dataset (its metadata.json
+carries the format marker) and holds nothing but the dataset's own files; nothing else is ever
+deleted.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
+import errno
 import hashlib
 import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 
 import datasets
@@ -30,60 +34,57 @@ from tqdm.auto import tqdm
 
 from data_prep import format as fmt
 from data_prep.config import PrepConfig, PrepError
-from data_prep.sources import ReadStats, Source, SourceError, read_documents, resolve_sources
+from data_prep.sources import ReadStats, Source, read_documents, resolve_sources
 from data_prep.sources import total_local_bytes
 from data_prep.split import get_splitter
-from data_prep.tokenizer import TokenizerError, for_corpus, is_lowercasing, load_tokenizer
+from data_prep.tokenizer import for_corpus, is_lowercasing, load_tokenizer
 from data_prep.tokenizer import iter_text_batches, save_tokenizer, special_ids, train_wordpiece
 from data_prep.writer import CorpusCounts, choose_heldout, count_corpus, spool_documents
 from data_prep.writer import tokenize_batch, tokenized_features, write_arrays
+from mbert_train.errors import UserError, describe_os_error, first_line
+from mbert_train.staging import clean_leftovers, staged_dir
 
 PAUSE_ENV = "MBERT_PREP_TEST_PAUSE_S"
 """Test hook: seconds to sleep after everything is written but before the final rename."""
 
 
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
 def check_output(cfg: PrepConfig) -> None:
     """Refuse to clobber anything that is not an old dataset the user asked to replace."""
-    out = cfg.output
-    if os.path.isfile(out) or (os.path.exists(out) and not os.path.isdir(out)):
-        raise PrepError(f"--output {out} is a file; choose a directory path")
+    out = os.path.abspath(cfg.output)
+    if os.path.islink(out):
+        raise PrepError(f"--output {cfg.output} is a symbolic link (to {os.readlink(out)}); "
+                        f"mbert-prep neither writes through nor replaces links; pass a real "
+                        f"directory path")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise PrepError(f"--output {cfg.output} exists and is not a directory; choose a new "
+                        f"directory path")
     if fmt.is_prepared_dataset(out):
         if not cfg.overwrite:
-            raise PrepError(f"--output {out} already holds a prepared dataset; pass --overwrite "
-                            f"to replace it or choose another --output")
+            raise PrepError(f"--output {cfg.output} already holds a prepared dataset; pass "
+                            f"--overwrite to replace it or choose another --output")
+        foreign = sorted(set(os.listdir(out)) - fmt.DATASET_FILES)
+        if foreign:
+            raise PrepError(f"--output {cfg.output} holds a prepared dataset plus other files "
+                            f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                            f"mbert-prep deletes only its own files: move them out or choose "
+                            f"another --output")
     elif os.path.isdir(out) and os.listdir(out):
-        raise PrepError(f"--output {out} is a non-empty directory that is not a prepared "
-                        f"dataset; choose a new or empty --output directory")
+        raise PrepError(f"--output {cfg.output} is a non-empty directory that is not a prepared "
+                        f"dataset ({fmt.not_a_dataset_reason(out)}); mbert-prep never deletes "
+                        f"it: choose a new or empty --output directory")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
-        raise PrepError(f"--output {out}: parent directory {parent} does not exist; create it")
-
-
-def _remove_dead_leftovers(out: str) -> None:
-    """Delete `.NAME.partial-PID-*` directories of runs whose process is gone."""
-    parent, name = os.path.split(os.path.abspath(out))
-    for path in glob.glob(os.path.join(parent, f".{name}.partial-*")):
-        try:
-            pid = int(os.path.basename(path).split(".partial-")[1].split("-")[0])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except (ValueError, IndexError, PermissionError):
-            continue
-
-
-def _finalize(tmp: str, out: str) -> None:
-    """Move the finished `tmp` to `out`, replacing an old dataset only after success."""
-    old = None
-    if os.path.isdir(out) and os.listdir(out):
-        old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out)),
-                               prefix=f".{os.path.basename(out)}.old-{os.getpid()}-")
-        os.rename(out, os.path.join(old, "dataset"))
-    elif os.path.isdir(out):
-        os.rmdir(out)
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        raise PrepError(f"--output {cfg.output}: parent directory {parent} does not exist; "
+                        f"create it")
+    for item in cfg.inputs:
+        if os.path.isdir(item) and _inside(out, item):
+            raise PrepError(f"--output {cfg.output} is inside the input folder {item}, whose "
+                            f"files are all read as input; choose an --output outside it")
 
 
 def _sha256(path: str) -> str:
@@ -101,10 +102,11 @@ def _summary_lines(summary: dict, output: str) -> list[str]:
         f"  sentences  {s['sentences']:,}   tokens {s['tokens']:,}   vocab {s['vocab_size']:,}",
         f"  skipped    empty files {s['empty_files']}, empty documents {s['empty_documents']}, "
         f"records without text {s['records_without_text']}, bad JSON lines "
-        f"{s['bad_json_lines']}",
-        f"  repaired   undecodable bytes {s['undecodable_bytes']} (-> U+FFFD), long lines split "
-        f"{s['long_lines_split']}, long documents split {s['long_documents_split']}, long "
-        f"sentences split {s['long_sentences_split']}",
+        f"{s['bad_json_lines']}, files of unknown type {s['unknown_files']}",
+        f"  repaired   undecodable bytes {s['undecodable_bytes']} and lone surrogates "
+        f"{s['lone_surrogates']} (-> U+FFFD), long lines split {s['long_lines_split']}, long "
+        f"documents split {s['long_documents_split']}, long sentences split "
+        f"{s['long_sentences_split']}",
         f"  read       {s['bytes_read'] / 1e6:.2f} MB in {s['seconds']:.1f} s = "
         f"{s['mb_per_s']:.2f} MB/s",
     ]
@@ -116,6 +118,15 @@ def _build_tokenizer(cfg: PrepConfig, spool, n_docs: int) -> Tokenizer:
     return train_wordpiece(iter_text_batches(spool, "text", 1000), vocab_size=cfg.vocab_size,
                            lowercase=cfg.lowercase, min_frequency=cfg.min_frequency,
                            length=n_docs, show_progress=not cfg.quiet)
+
+
+def _no_documents(stats: ReadStats, tokenless: int = 0) -> PrepError:
+    return PrepError(
+        f"no documents in the inputs ({stats.files} file(s) read; skipped: empty files "
+        f"{stats.empty_files}, empty records {stats.empty_records}, records without text "
+        f"{stats.records_without_text}, bad JSON lines {stats.bad_json_lines}, files of unknown "
+        f"type {stats.unknown_files}, documents without a token {tokenless}); nothing was "
+        f"written: check the inputs and --text-field")
 
 
 def _spool(cfg: PrepConfig, sources: list[Source], cache: str, stats: ReadStats):
@@ -163,7 +174,7 @@ def _summary(counts: CorpusCounts, heldout: np.ndarray, stats: ReadStats, vocab_
 
 
 def _metadata(cfg: PrepConfig, tok: Tokenizer, tmp: str, dtype: np.dtype, sources: list[Source],
-              stats: ReadStats, summary: dict) -> dict:
+              stats: ReadStats, summary: dict, max_token_id: int) -> dict:
     return {
         "format": fmt.FORMAT_NAME,
         "format_version": fmt.FORMAT_VERSION,
@@ -172,6 +183,8 @@ def _metadata(cfg: PrepConfig, tok: Tokenizer, tmp: str, dtype: np.dtype, source
         "tokenizer_sha256": _sha256(os.path.join(tmp, fmt.TOKENIZER_FILE)),
         "vocab_file": fmt.VOCAB_FILE,
         "vocab_size": summary["vocab_size"],
+        # Readers check it against the model's vocabulary without scanning tokens.npy.
+        "max_token_id": max_token_id,
         "special_ids": special_ids(tok, cfg.tokenizer or "trained"),
         "lowercase": is_lowercasing(tok, cfg.lowercase),
         "token_dtype": dtype.name,
@@ -189,58 +202,80 @@ def _metadata(cfg: PrepConfig, tok: Tokenizer, tmp: str, dtype: np.dtype, source
     }
 
 
-def _run(cfg: PrepConfig, sources: list[Source], tmp: str, started: float) -> dict:
+def _run(cfg: PrepConfig, sources: list[Source], stats: ReadStats, tmp: str,
+         started: float) -> dict:
     """Everything heavy, inside the temporary directory `tmp`."""
-    stats = ReadStats()
     cache = os.path.join(tmp, "cache")
     os.makedirs(cache)
     spool, n_input_docs = _spool(cfg, sources, cache, stats)
+    if n_input_docs == 0:
+        raise _no_documents(stats)
     tok = _build_tokenizer(cfg, spool, n_input_docs)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = fmt.token_dtype(vocab_size)
     tokenized = _tokenize(cfg, spool, tok, dtype, cache)
     counts = count_corpus(tokenized)
+    if not counts.kept.any():  # documents of control characters only, say
+        raise _no_documents(stats, len(counts.kept))
     heldout = choose_heldout(counts.sentences_per_doc[counts.kept], cfg.heldout_fraction,
                              cfg.split_seed)
     with tqdm(total=len(tokenized), unit="doc", desc="writing", disable=cfg.quiet) as bar:
-        write_arrays(tokenized, counts, heldout, tmp, dtype, bar.update)
+        max_token_id = write_arrays(tokenized, counts, heldout, tmp, dtype, bar.update)
     save_tokenizer(tok, tmp, fmt.TOKENIZER_FILE, fmt.VOCAB_FILE)
     del spool, tokenized
     shutil.rmtree(cache)
     summary = _summary(counts, heldout, stats, vocab_size, time.perf_counter() - started)
-    metadata = _metadata(cfg, tok, tmp, dtype, sources, stats, summary)
-    # metadata.json last: its presence is what marks a finished dataset.
+    metadata = _metadata(cfg, tok, tmp, dtype, sources, stats, summary, max_token_id)
+    # metadata.json last: its format marker is what marks a finished dataset.
     with open(os.path.join(tmp, fmt.METADATA_FILE), "w", encoding="utf-8") as f:
         json.dump(metadata, f, indent=2)
     return summary
 
 
+def _os_error(exc: OSError, cfg: PrepConfig) -> PrepError:
+    """One line for a full disk (naming the output), a read-only or unreadable path, ..."""
+    out_of_space = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+    if exc.errno in out_of_space or "No space left" in str(exc) or not exc.filename:
+        return PrepError(describe_os_error(exc, cfg.output, "writing"))
+    return PrepError(describe_os_error(exc, exc.filename, "accessing"))
+
+
 def prepare(cfg: PrepConfig) -> dict:
     """Run the whole preparation; returns the summary that metadata.json also records."""
+    try:
+        return _prepare(cfg)
+    except OSError as exc:
+        raise _os_error(exc, cfg) from None
+
+
+def _prepare(cfg: PrepConfig) -> dict:
     started = time.perf_counter()
+    out = os.path.abspath(cfg.output)
+    # First: a previous dataset that a kill caught in mid-swap is put back before any check.
+    clean_leftovers(out)
     check_output(cfg)
     get_splitter(cfg.splitter)
-    sources = resolve_sources(cfg.inputs, cfg.text_field)
+    stats = ReadStats()
+    sources = resolve_sources(cfg.inputs, cfg.text_field, stats)
     if cfg.tokenizer:
         load_tokenizer(cfg.tokenizer, lowercase=cfg.lowercase)
-    _remove_dead_leftovers(cfg.output)
-    parent, name = os.path.split(os.path.abspath(cfg.output))
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.partial-{os.getpid()}-")
     bars_were_on = datasets.is_progress_bar_enabled()
     if cfg.quiet:
         datasets.disable_progress_bars()
     try:
-        summary = _run(cfg, sources, tmp, started)
-        pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
-        if pause > 0:
-            print(f"mbert-prep: pausing {pause} s before the final rename", flush=True)
-            time.sleep(pause)
-        _finalize(tmp, cfg.output)
+        # check_output has refused anything but a new path, an empty folder, or (with
+        # --overwrite) a dataset holding only its own files.
+        with staged_dir(out, replace=cfg.overwrite) as tmp:
+            summary = _run(cfg, sources, stats, str(tmp), started)
+            pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
+            if pause > 0:
+                print(f"mbert-prep: pausing {pause} s before the final rename", flush=True)
+                time.sleep(pause)
+            # A long run: check again that what the rename replaces is still ours to replace.
+            check_output(cfg)
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
     if not cfg.quiet:
         print("\n".join(_summary_lines(summary, cfg.output)), flush=True)
     return summary
@@ -280,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         prepare(cfg)
-    except (PrepError, SourceError, TokenizerError) as exc:
-        print(f"mbert-prep: error: {exc}", file=sys.stderr)
+    except UserError as exc:
+        print(f"mbert-prep: error: {first_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mbert-prep: interrupted; nothing was written to the output", file=sys.stderr)

@@ -8,7 +8,10 @@ directory written by `save_to_disk`, `datasets.load_from_disk`.
 Repairs, each counted in `ReadStats`: undecodable bytes become U+FFFD; a line longer than
 `max_line_chars` is cut into pieces (a `.txt` line is read at most that many bytes at a time,
 so one 10 GB line never sits in memory); a document longer than `max_doc_chars` is cut into
-several; empty files and empty records are skipped.
+several; a JSON string holding a lone UTF-16 surrogate (`"\\ud800"`, which no UTF-8 writer
+accepts) has it replaced by U+FFFD; empty files, empty records, lines that are not JSON (or nest
+deeper than the parser's recursion limit) and, inside an input folder, files of other types are
+skipped.
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ import glob
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import datasets
 import pyarrow.parquet as pq
+
+from mbert_train.errors import UserError
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 LOCAL_KINDS = ("txt", "jsonl", "parquet")
@@ -45,13 +51,16 @@ class ReadStats:
     undecodable_bytes: int = 0
     long_lines_split: int = 0
     long_documents_split: int = 0
+    lone_surrogates: int = 0
+    unknown_files: int = 0
+    """Files in an input folder that are not .txt/.jsonl/.parquet (hidden files aside)."""
     checksums: dict[str, str] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "checksums"}
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     """An input that cannot be read at all; the message names the file and the fix."""
 
 
@@ -63,8 +72,18 @@ class Source:
     kind: str  # txt | jsonl | parquet | hf_disk | hf
 
 
-def resolve_sources(inputs: list[str], text_field: str) -> list[Source]:
-    """Expand directories of local files, check kinds and text fields; no heavy reading."""
+def _local_kind(path: str) -> str | None:
+    suffix = os.path.splitext(path)[1].lower()
+    return suffix[1:] if suffix in LOCAL_SUFFIXES else None
+
+
+def resolve_sources(inputs: list[str], text_field: str, stats: ReadStats | None = None
+                    ) -> list[Source]:
+    """Expand directories of local files, check kinds and text fields; no heavy reading.
+
+    Files of other types in a folder of local files are counted in `stats.unknown_files`.
+    """
+    stats = stats if stats is not None else ReadStats()
     sources: list[Source] = []
     for item in inputs:
         if os.path.isdir(item):
@@ -72,16 +91,16 @@ def resolve_sources(inputs: list[str], text_field: str) -> list[Source]:
                    for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
                 sources.append(Source(item, "hf_disk"))
                 continue
-            files = sorted(f for f in glob.glob(os.path.join(item, "**", "*"), recursive=True)
-                           if f.endswith(LOCAL_SUFFIXES) and os.path.isfile(f))
+            found = sorted(f for f in glob.glob(os.path.join(item, "**", "*"), recursive=True)
+                           if os.path.isfile(f))
+            files = [f for f in found if _local_kind(f)]
             if files:
-                sources.extend(Source(f, f.rsplit(".", 1)[1]) for f in files)
+                sources.extend(Source(f, _local_kind(f)) for f in files)
+                stats.unknown_files += len(found) - len(files)
             else:
                 sources.append(Source(item, "hf"))
         elif os.path.isfile(item):
-            suffix = os.path.splitext(item)[1].lower()
-            kind = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}.get(suffix, "hf")
-            sources.append(Source(item, kind))
+            sources.append(Source(item, _local_kind(item) or "hf"))
         elif os.path.exists(item) or item.startswith(("/", ".", "~")) or item.lower().endswith(
                 _FILE_SUFFIXES):
             raise SourceError(f"input {item}: not a readable file or directory; check the path")
@@ -99,7 +118,7 @@ def _check_text_field(src: Source, text_field: str) -> None:
                 if raw.strip():
                     try:
                         record = json.loads(raw.decode("utf-8", errors="replace"))
-                    except json.JSONDecodeError:
+                    except (ValueError, RecursionError):
                         return  # counted as a bad line when read; later lines may be fine
                     if not isinstance(record, dict) or text_field not in record:
                         fields = ", ".join(record) if isinstance(record, dict) else "not an object"
@@ -217,6 +236,16 @@ def _split_record(text: str, stats: ReadStats, max_line: int, max_doc: int) -> I
     yield from _cap_document(lines, max_doc, stats)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _repair_surrogates(text: str, stats: ReadStats) -> str:
+    """Lone surrogates (only JSON's \\u escapes make them) -> U+FFFD, counted."""
+    fixed, n = _SURROGATE.subn("\ufffd", text)
+    stats.lone_surrogates += n
+    return fixed
+
+
 def _record_text(record: object, text_field: str, stats: ReadStats) -> str | None:
     value = record.get(text_field) if isinstance(record, dict) else None
     if not isinstance(value, str):
@@ -241,11 +270,14 @@ def _read_jsonl(path: str, text_field: str, stats: ReadStats, max_line: int, max
                 continue
             try:
                 record = json.loads(decode(raw, final=True))
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
+                # Not JSON, a number too long for int(), or nested past the recursion limit.
                 stats.bad_json_lines += 1
                 continue
             text = _record_text(record, text_field, stats)
             if text is not None:
+                if b"\\u" in raw:
+                    text = _repair_surrogates(text, stats)
                 yield from _split_record(text, stats, max_line, max_doc)
     stats.checksums[path] = digest.hexdigest()
 

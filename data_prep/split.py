@@ -18,6 +18,8 @@ import importlib
 import re
 from typing import Callable
 
+from data_prep.config import PrepError
+
 Splitter = Callable[[str], list[str]]
 
 _REGISTRY: dict[str, Splitter] = {}
@@ -53,12 +55,12 @@ def get_splitter(name: str) -> Splitter:
         try:
             fn = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as exc:
-            raise ValueError(f"--splitter {name}: cannot import it ({exc}); pass a registered "
+            raise PrepError(f"--splitter {name}: cannot import it ({exc}); pass a registered "
                              f"name ({', '.join(available_splitters())}) or module:function")
         if not callable(fn):
-            raise ValueError(f"--splitter {name} is not callable; pass module:function")
+            raise PrepError(f"--splitter {name} is not callable; pass module:function")
         return fn
-    raise ValueError(f"--splitter {name} is unknown; choose one of "
+    raise PrepError(f"--splitter {name} is unknown; choose one of "
                      f"{', '.join(available_splitters())} or pass module:function")
 
 

@@ -6,6 +6,9 @@ continuations, and the special tokens [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4. 
 corpus is too small to fill `--vocab-size`, the vocabulary is padded with `[unusedN]` entries
 (as Google's BERT vocabularies are) so the size the model is configured with is the size asked
 for; those entries never occur in text and are never drawn as random replacement tokens.
+The vocabulary never exceeds the size asked for: `tokenizers` adds every character of the corpus
+(and its `##` continuation) on top of the requested size, so the alphabet is capped at the most
+frequent (size - 5) / 2 characters; rarer ones (binary junk, a few stray scripts) become [UNK].
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from typing import Iterable, Iterator
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from data_prep.format import SPECIAL_KEYS, SPECIAL_TOKENS, UNK
+from mbert_train.errors import UserError
 
 MAX_CHARS_PER_WORD = 100
 """Longer words become [UNK], as in BERT; bounds WordPiece's per-word cost."""
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer file that cannot serve a BERT corpus; the message names the file and fix."""
 
 
@@ -38,16 +42,21 @@ def _bert_pipeline(model: models.Model, *, lowercase: bool) -> Tokenizer:
 def train_wordpiece(batches: Iterable[list[str]], *, vocab_size: int, lowercase: bool,
                     min_frequency: int, length: int | None = None,
                     show_progress: bool = True) -> Tokenizer:
-    """Train BERT's WordPiece on batches of documents; pad the vocabulary to `vocab_size`."""
+    """Train BERT's WordPiece on batches of documents; exactly `vocab_size` entries (padded)."""
     tok = _bert_pipeline(models.WordPiece(unk_token=UNK,
                                           max_input_chars_per_word=MAX_CHARS_PER_WORD),
                          lowercase=lowercase)
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                         special_tokens=list(SPECIAL_TOKENS),
                                         continuing_subword_prefix="##",
+                                        # Each character may come as "c" and "##c".
+                                        limit_alphabet=(vocab_size - len(SPECIAL_TOKENS)) // 2,
                                         show_progress=show_progress)
     tok.train_from_iterator(batches, trainer=trainer, length=length)
     vocab = tok.get_vocab(with_added_tokens=False)
+    if len(vocab) > vocab_size:
+        raise TokenizerError(f"the trained vocabulary has {len(vocab)} entries, more than "
+                             f"--vocab-size={vocab_size}; raise --vocab-size")
     if len(vocab) < vocab_size:
         for i in range(vocab_size - len(vocab)):
             vocab[f"[unused{i}]"] = len(vocab)
@@ -112,7 +121,9 @@ def for_corpus(tok: Tokenizer) -> Tokenizer:
 
 def save_tokenizer(tok: Tokenizer, directory: str, tokenizer_file: str, vocab_file: str) -> None:
     """Write `tokenizer.json` and a `vocab.txt` ordered by id."""
-    tok.save(os.path.join(directory, tokenizer_file))
+    # Written by Python, not `tok.save`, so a full disk raises OSError (ENOSPC) like elsewhere.
+    with open(os.path.join(directory, tokenizer_file), "w", encoding="utf-8") as f:
+        f.write(tok.to_str(pretty=True))
     vocab = tok.get_vocab(with_added_tokens=True)
     by_id = sorted(vocab.items(), key=lambda item: item[1])
     with open(os.path.join(directory, vocab_file), "w", encoding="utf-8") as f:

@@ -9,6 +9,7 @@ the per-document sentence counts (one int32 a document) used to pick the held-ou
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from dataclasses import dataclass
@@ -146,27 +147,57 @@ def choose_heldout(sentences_per_kept_doc: np.ndarray, fraction: float, seed: in
     return np.sort(rng.choice(multi, size=k, replace=False)).astype(np.int64)
 
 
+def _allocated_memmap(path: str, dtype: np.dtype, length: int) -> np.memmap:
+    """A new .npy of `length` items, its blocks reserved on disk now: a full disk then fails
+    here with ENOSPC instead of killing the process with SIGBUS while writing the mapping."""
+    array = open_memmap(path, mode="w+", dtype=dtype, shape=(length,))
+    size = os.path.getsize(path)
+    if hasattr(os, "posix_fallocate") and size > 0:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+        finally:
+            os.close(fd)
+    return array
+
+
+def _save(path: str, values: np.ndarray) -> None:
+    """`np.save` through a reserved file: a full disk then raises ENOSPC, not a short write."""
+    array = _allocated_memmap(path, values.dtype, values.size)
+    array[:] = values
+    array.flush()
+    del array
+
+
 def write_arrays(tokenized, counts: CorpusCounts, heldout: np.ndarray, out_dir: str,
                  dtype: np.dtype, progress: Callable[[int], None],
-                 batch_size: int = 8192) -> None:
-    """Stream tokens, sentence and document offsets, and the split lists into `out_dir`."""
+                 batch_size: int = 8192) -> int:
+    """Stream tokens, sentence and document offsets, and the split lists into `out_dir`.
+
+    Returns the largest token id written (-1 when there are none), for metadata.json.
+    """
     kept = counts.kept
     n_docs = int(kept.sum())
     n_sentences = int(counts.sentences_per_doc.sum())
-    tokens = open_memmap(os.path.join(out_dir, fmt.TOKENS_FILE), mode="w+", dtype=dtype,
-                         shape=(counts.tokens,))
-    sent_off = open_memmap(os.path.join(out_dir, fmt.SENTENCE_OFFSETS_FILE), mode="w+",
-                           dtype=np.int64, shape=(n_sentences + 1,))
+    tokens = _allocated_memmap(os.path.join(out_dir, fmt.TOKENS_FILE), dtype, counts.tokens)
+    sent_off = _allocated_memmap(os.path.join(out_dir, fmt.SENTENCE_OFFSETS_FILE), np.int64,
+                                 n_sentences + 1)
     doc_off = np.zeros(n_docs + 1, dtype=np.int64)
     doc_off[1:] = np.cumsum(counts.sentences_per_doc[kept])
-    np.save(os.path.join(out_dir, fmt.DOC_OFFSETS_FILE), doc_off)
+    _save(os.path.join(out_dir, fmt.DOC_OFFSETS_FILE), doc_off)
     sent_off[0] = 0
     tok_pos = 0
     sent_pos = 0
+    max_id = -1
     for table in tokenized.with_format("arrow").iter(batch_size=batch_size):
         flat = pc.list_flatten(table.column("ids")).to_numpy(zero_copy_only=False)
         lens = pc.list_flatten(table.column("sent_lens")).to_numpy(zero_copy_only=False)
         tokens[tok_pos:tok_pos + flat.size] = flat
+        if flat.size:
+            max_id = max(max_id, int(flat.max()))
         sent_off[sent_pos + 1:sent_pos + 1 + lens.size] = tok_pos + np.cumsum(lens, dtype=np.int64)
         tok_pos += flat.size
         sent_pos += lens.size
@@ -175,5 +206,6 @@ def write_arrays(tokenized, counts: CorpusCounts, heldout: np.ndarray, out_dir: 
     sent_off.flush()
     del tokens, sent_off
     train = np.setdiff1d(np.arange(n_docs, dtype=np.int64), heldout, assume_unique=True)
-    np.save(os.path.join(out_dir, fmt.SPLIT_FILES["train"]), train)
-    np.save(os.path.join(out_dir, fmt.SPLIT_FILES["heldout"]), heldout.astype(np.int64))
+    _save(os.path.join(out_dir, fmt.SPLIT_FILES["train"]), train)
+    _save(os.path.join(out_dir, fmt.SPLIT_FILES["heldout"]), heldout.astype(np.int64))
+    return max_id

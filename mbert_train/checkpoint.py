@@ -2,7 +2,7 @@
 
 Layout under a run directory::
 
-    RUN_DIR/checkpoints/step_00000100/meta.json   # written before the rename
+    RUN_DIR/checkpoints/step_00000100/meta.json   # written last, before the rename
     RUN_DIR/checkpoints/step_00000100/...         # model/optimizer/sampler/RNG files
     RUN_DIR/checkpoints/latest                    # text file: "step_00000100"
 
@@ -19,11 +19,30 @@ an older one. The save protocol, for all ranks::
     ckpt.commit(step, layout=...)  # rank 0 renames and updates `latest`; others no-op
     barrier()
 
+`commit` on rank 0, step by step (a kill between any two leaves a state the next start's
+`collect_garbage` turns back into complete checkpoints, losing none that was committed):
+
+    1. chmod the files to the umask, fsync them, then write `meta.json` atomically: a
+       `.tmp-step_N` holding `meta.json` is complete. `meta.json` records `commit`, one more
+       than the largest of the directory, so checkpoints order by when they were written
+    2. saving a step that exists: rename `step_N` -> `.tmp-replaced-step_N-PID`
+    3. rename `.tmp-step_N` -> `step_N`, fsync the directory, delete the replaced copy
+    4. replace `latest`
+    5. rotation: rename each checkpoint beyond `keep_last` to `.tmp-deleting-step_M-PID`, fsync
+       the directory, then delete it, so a half-deleted checkpoint never carries a final name
+
+A kill between 2 and 3 leaves no `step_N` but two complete copies: garbage collection renames
+the newer one back to `step_N` and deletes the other. Every other `.tmp-*` is deleted.
+"Newest" means the largest `commit` (the run's own history), not the largest step: a run
+restarted from an older checkpoint writes steps below those of its abandoned future, and those
+are what rotation keeps and what a missing `latest` falls back to.
+
 Multi-node runs need RUN_DIR on a file system every node sees (NFS, Lustre, GPFS).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -31,13 +50,16 @@ import pickle
 import re
 import shutil
 import socket
-import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from mbert_train.errors import UserError, describe_os_error
+from mbert_train.staging import apply_umask, fsync_path, fsync_tree, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +68,11 @@ LATEST_FILE = "latest"
 META_FILE = "meta.json"
 TMP_PREFIX = ".tmp-"
 _TAG_RE = re.compile(r"^step_(\d{8,})$")
+_REPLACED_RE = re.compile(rf"^{re.escape(TMP_PREFIX)}replaced-(step_\d{{8,}})-\d+$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated or unreadable; the message is one actionable line."""
+class CheckpointError(UserError):
+    """A checkpoint is missing, truncated, unreadable or cannot be written; one actionable line."""
 
 
 def step_tag(step: int) -> str:
@@ -67,46 +90,104 @@ def step_of(path: Path | str) -> int:
     return int(match.group(1))
 
 
-def _fsync_path(path: Path) -> None:
-    # Directories must be opened read-only to fsync them; that persists their entries
-    # (the names created or renamed inside), which a file fsync alone does not.
-    fd = os.open(path, os.O_RDONLY)
+def _as_os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind a failed write; torch and safetensors report one only as text
+    (torch: `[enforce fail at inline_container.cc:672] . unexpected pos` when the disk fills)."""
+    if isinstance(exc, OSError):
+        return exc
+    text = str(exc)
+    found = re.search(r"os error (\d+)", text)
+    if found:
+        return OSError(int(found.group(1)), text)
+    for code in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+        if os.strerror(code) in text:
+            return OSError(code, text)
+    if "unexpected pos" in text or "file write failed" in text:
+        return OSError(errno.ENOSPC, text)
+    if "inline_container.cc" in text:
+        return OSError(errno.EIO, text)
+    return None
+
+
+@contextmanager
+def write_errors(path: Path | str) -> Iterator[None]:
+    """Turn a failed write under `path` (disk full, read-only, permissions) into a one-line
+    CheckpointError naming the file; anything else propagates unchanged."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            _fsync_path(Path(dirpath) / name)
-        _fsync_path(Path(dirpath))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        yield
+    except CheckpointError:
         raise
-    _fsync_path(path.parent)
+    except Exception as exc:
+        os_error = _as_os_error(exc)
+        if os_error is None:
+            raise
+        where = getattr(exc, "filename", None) or path
+        raise CheckpointError(describe_os_error(os_error, where, "writing checkpoint")) from exc
+
+
+def read_json(path: Path | str) -> dict[str, Any]:
+    """A checkpoint's JSON object file (`meta.json`, `run.json`), with one-line errors naming it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} is missing; {_ADVICE}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint file {path} cannot be read ({exc}); {_ADVICE}") from None
+    if not text.strip():
+        raise CheckpointError(f"checkpoint file {path} is empty; {_ADVICE}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt; {_ADVICE}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"checkpoint file {path} holds a JSON {type(value).__name__}, not an object; "
+                              f"{_ADVICE}")
+    return value
 
 
 def read_meta(checkpoint: Path) -> dict[str, Any]:
-    """The `meta.json` of a complete checkpoint (step, time, world layout)."""
-    meta_path = Path(checkpoint) / META_FILE
+    """The `meta.json` of a complete checkpoint (step, commit number, time, world layout)."""
+    return read_json(Path(checkpoint) / META_FILE)
+
+
+def commit_number(checkpoint: Path) -> int:
+    """Position of `checkpoint` in the order checkpoints were written (0: unknown or unreadable)."""
     try:
-        return json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {meta_path} is missing; {_ADVICE}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"checkpoint file {meta_path} is truncated or corrupt; {_ADVICE}") from None
+        number = read_meta(checkpoint).get("commit", 0)
+    except CheckpointError:
+        return 0
+    return number if type(number) is int else 0
+
+
+def _write_order(checkpoint: Path) -> tuple[int, int]:
+    # Checkpoints written before commit numbers existed (0) sort by step, before all others.
+    return commit_number(checkpoint), step_of(checkpoint)
+
+
+def find_latest(run_dir: Path | str) -> tuple[Path | None, str | None]:
+    """(checkpoint `latest` names, or None; a warning why it could not be used, or None).
+
+    Read-only: never deletes or repairs anything, so `mbert-convert` can call it on a run it
+    does not own. `latest` must name a `step_XXXXXXXX` directory inside `checkpoints/` holding
+    a `meta.json`; anything else (a path such as `../../x`, a missing directory) is not followed,
+    and the most recently written complete checkpoint is returned instead, with a warning.
+    """
+    root = Path(run_dir) / CHECKPOINTS_SUBDIR
+    pointer = root / LATEST_FILE
+    try:
+        tag = pointer.read_text().strip() if pointer.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        tag = "<unreadable>"
+    if tag is not None and _TAG_RE.match(tag) and (root / tag / META_FILE).is_file():
+        return root / tag, None
+    complete = CheckpointDir(run_dir).list()
+    if not complete:
+        if tag is None:
+            return None, None
+        return None, f"{pointer} names {tag!r} but no complete checkpoint exists"
+    reason = f"names {tag!r}, which is not a complete checkpoint of this run" if tag else "is missing"
+    return complete[-1], f"{pointer} {reason}; falling back to the newest complete checkpoint {complete[-1]}"
 
 
 class CheckpointDir:
@@ -135,10 +216,11 @@ class CheckpointDir:
         """Start saving `step`; rank 0 creates a fresh temp dir. Barrier before writing into it."""
         tmp = self.tmp_path(step)
         if self.rank == 0:
-            # A leftover of a save of this same step that crashed: its files are unusable.
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
+            with write_errors(tmp):
+                # A leftover of a save of this same step that crashed: its files are unusable.
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
         return tmp
 
     def commit(self, step: int, *, layout: Mapping[str, Any] | None = None) -> Path:
@@ -153,84 +235,114 @@ class CheckpointDir:
         tmp = self.tmp_path(step)
         if not tmp.is_dir():
             raise CheckpointError(f"commit({step}) found no {tmp}; call begin({step}) first on rank 0")
-        meta = {"step": step, "time": time.time(),
-                "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "host": socket.gethostname(), "layout": dict(layout or {})}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        _fsync_tree(tmp)
-        if final.exists():
-            # Saving the same step twice (e.g. a preemption checkpoint right after a periodic
-            # one): move the old copy aside under a temp name, which garbage collection
-            # removes if we crash before deleting it ourselves.
-            aside = self.root / f"{TMP_PREFIX}replaced-{final.name}-{os.getpid()}"
-            os.rename(final, aside)
-            os.rename(tmp, final)
-            shutil.rmtree(aside)
-        else:
-            os.rename(tmp, final)
-        _fsync_path(self.root)
-        _write_text_atomic(self.root / LATEST_FILE, final.name + "\n")
-        self._rotate(keep=final)
+        with write_errors(tmp):
+            self._finish(tmp, step, layout)
+            if final.exists():
+                # Saving the same step twice (e.g. after resuming from an older checkpoint): move
+                # the old copy aside; if we are killed before the next rename, garbage collection
+                # renames the newer complete copy back (see the module docstring).
+                aside = self.root / f"{TMP_PREFIX}replaced-{final.name}-{os.getpid()}"
+                os.rename(final, aside)
+                os.rename(tmp, final)
+                fsync_path(self.root)
+                shutil.rmtree(aside)
+            else:
+                os.rename(tmp, final)
+                fsync_path(self.root)
+            write_text_atomic(self.root / LATEST_FILE, final.name + "\n")
+            self._rotate(keep=final)
         return final
 
+    def _finish(self, tmp: Path, step: int, layout: Mapping[str, Any] | None) -> None:
+        apply_umask(tmp)
+        fsync_tree(tmp)
+        complete = self.list()
+        meta = {"step": step, "commit": max(map(commit_number, complete), default=0) + 1,
+                "time": time.time(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "host": socket.gethostname(), "layout": dict(layout or {})}
+        # Last, and atomically: a temp dir holding meta.json is complete (collect_garbage relies on it).
+        write_text_atomic(tmp / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
     def list(self) -> list[Path]:
-        """Complete checkpoints, oldest first (temp dirs and foreign names are skipped)."""
+        """Complete checkpoints, oldest first in the order they were written (temp dirs and foreign
+        names are skipped); checkpoints without a commit number come first, by step."""
         if not self.root.is_dir():
             return []
         found = [p for p in self.root.iterdir()
                  if p.is_dir() and _TAG_RE.match(p.name) and (p / META_FILE).is_file()]
-        return sorted(found, key=step_of)
+        return sorted(found, key=_write_order)
 
     def latest(self) -> Path | None:
         """The checkpoint to resume from, or None when there is none.
 
         Follows `latest`; if it is missing or names a directory that is gone, falls back to
-        the newest complete checkpoint and logs a warning. On rank 0 this also deletes
-        `.tmp-*` leftovers of crashed saves, so call it before any new save begins.
+        the newest complete checkpoint and logs a warning. On rank 0 this first repairs an
+        interrupted re-commit and deletes `.tmp-*` leftovers of crashed saves, so call it
+        before any new save begins.
         """
         if self.rank == 0:
             self.collect_garbage()
-        complete = self.list()
-        pointer = self.root / LATEST_FILE
-        tag = pointer.read_text().strip() if pointer.is_file() else None
-        if tag is not None:
-            candidate = self.root / tag
-            if _TAG_RE.match(tag) and (candidate / META_FILE).is_file():
-                return candidate
-        if not complete:
-            if tag is not None:
-                log.warning("%s names %r but no complete checkpoint exists; starting fresh",
-                            pointer, tag)
-            return None
-        newest = complete[-1]
-        reason = f"names {tag!r}, which is missing or incomplete" if tag else "is missing"
-        log.warning("%s %s; falling back to the newest complete checkpoint %s",
-                    pointer, reason, newest)
-        return newest
+        found, warning = find_latest(self.root.parent)
+        if warning:
+            log.warning("%s", warning + ("; starting fresh" if found is None else ""))
+        return found
 
     def collect_garbage(self) -> list[Path]:
-        """Delete `.tmp-*` leftovers of crashed saves (rank 0); returns what was removed."""
+        """Restore an interrupted re-commit, then delete leftovers of crashed saves (rank 0);
+        returns what was removed."""
         if self.rank != 0 or not self.root.is_dir():
             return []
-        removed = []
-        for leftover in self.root.glob(TMP_PREFIX + "*"):
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                leftover.unlink(missing_ok=True)
-            removed.append(leftover)
+        with write_errors(self.root):
+            self._restore_replaced()
+            removed = []
+            for leftover in sorted(self.root.iterdir()):
+                if not (leftover.name.startswith(TMP_PREFIX) or leftover.name.startswith(f".{LATEST_FILE}.tmp-")):
+                    continue
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+                removed.append(leftover)
         if removed:
             log.warning("removed %d incomplete checkpoint leftover(s) from a crashed save: %s",
                         len(removed), ", ".join(p.name for p in removed))
         return removed
 
+    def _restore_replaced(self) -> None:
+        """A save of an existing step killed between its two renames left no `step_N` but the
+        old copy (`.tmp-replaced-step_N-PID`) and perhaps a complete new one (`.tmp-step_N`
+        with meta.json): rename the newer complete one back to `step_N`."""
+        copies: dict[str, list[Path]] = {}
+        for entry in self.root.iterdir():
+            match = _REPLACED_RE.match(entry.name)
+            if match and (entry / META_FILE).is_file():
+                copies.setdefault(match.group(1), []).append(entry)
+        for tag, asides in sorted(copies.items()):
+            final = self.root / tag
+            if final.exists():
+                continue  # the re-commit got through both renames: the asides are garbage
+            fresh = self.root / (TMP_PREFIX + tag)
+            candidates = [*asides, *([fresh] if (fresh / META_FILE).is_file() else [])]
+            newest = max(candidates, key=lambda p: (commit_number(p), p == fresh))
+            os.rename(newest, final)
+            fsync_path(self.root)
+            log.warning("restored %s from %s, left by a save killed while replacing it", final, newest.name)
+
     def _rotate(self, *, keep: Path) -> None:
         if self.keep_last is None:
             return
         complete = self.list()
+        doomed = []
         for old in complete[: max(0, len(complete) - self.keep_last)]:
-            if old != keep:
-                shutil.rmtree(old)
+            if old != keep:  # what `latest` names, and the newest: never rotated out
+                # Renamed first (atomic), so a kill while deleting never leaves a partial
+                # directory under a final name; garbage collection removes the rest.
+                doomed.append(self.root / f"{TMP_PREFIX}deleting-{old.name}-{os.getpid()}")
+                os.rename(old, doomed[-1])
+        if doomed:
+            fsync_path(self.root)
+        for path in doomed:
+            shutil.rmtree(path)
 
 
 _ADVICE = "delete the checkpoint dir or point run.dir elsewhere"

@@ -3,7 +3,7 @@ turn the composed DictConfig into these dataclasses once (library code never see
 
 from __future__ import annotations
 
-import os
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +12,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from mbert_train.data.config import DataConfig
+from mbert_train.errors import UserError
 from mbert_train.model.config import ModelConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -37,6 +38,10 @@ class ParallelConfig:
                              "re-partitions the TP shards); use parallel.zero_stage=2")
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(f"parallel.zero_stage={self.zero_stage} must be 0, 1 or 2")
+        if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
+            # 0 would fail every collective at once; torch cannot represent an infinite timeout.
+            raise UserError(f"parallel.timeout_s={self.timeout_s} must be a positive number of seconds "
+                            f"(default 600): how long a collective may wait for a stalled rank")
 
 
 @dataclass
@@ -148,7 +153,8 @@ class RunConfig:
     """Where this run lives; rerunning with the same dir resumes from its latest checkpoint."""
 
     dir: str | None = None
-    """Run directory; default Hydra's output dir (runs/DATE_TIME), fixed by rank 0 for all ranks."""
+    """Run directory; default Hydra's output dir (runs/DATE_TIME), fixed by rank 0 for all ranks.
+    A new or empty folder, or one of our runs (resumed); any other non-empty folder is refused."""
 
 
 @dataclass
@@ -178,16 +184,32 @@ class TrainConfig:
 
 
 def register_schema() -> None:
-    """The schema node `conf/config.yaml` lists, and the resolvers its `hydra:` block uses."""
-    ConfigStore.instance().store(name="schema", node=TrainConfig)
-    if not OmegaConf.has_resolver("first_set"):
-        OmegaConf.register_new_resolver("first_set", lambda value, fallback: fallback if value is None else value)
-        OmegaConf.register_new_resolver(
-            "rank_zero_only", lambda value: value if os.environ.get("RANK", "0") == "0" else None)
+    """The schema node `conf/config.yaml` lists, and the resolver its `hydra:` block uses."""
+    node = OmegaConf.structured(TrainConfig)
+    # Hydra makes the whole config struct (unknown keys are typos); `trainer.deepspeed` is a
+    # free-form passthrough, so it alone takes new keys: `trainer.deepspeed='{zero_optimization: ...}'`.
+    OmegaConf.set_struct(node.trainer.deepspeed, False)
+    ConfigStore.instance().store(name="schema", node=node)
+    if not OmegaConf.has_resolver("unless_run_dir"):
+        OmegaConf.register_new_resolver("unless_run_dir", lambda run_dir, default: default if run_dir is None else ".")
+
+
+def _check_finite(value: Any, key: str) -> None:
+    # nan passes every `x <= 0` check and inf turns into nan downstream: refuse both here,
+    # for every float of the config (typed settings and the deepspeed passthrough alike).
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{key}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{key}={value} is not a finite number; set {key} to a finite value")
 
 
 def to_train_config(cfg) -> TrainConfig:
     """The one conversion from Hydra's DictConfig to dataclasses (runs every __post_init__)."""
+    _check_finite(OmegaConf.to_container(cfg, resolve=True), "")
     return OmegaConf.to_object(cfg)
 
 

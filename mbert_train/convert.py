@@ -6,8 +6,11 @@
 Both go through the *full* form of `mbert_train.model.weights`, which is the same at every TP
 degree. Every input is checked (files, JSON, tensor names and shapes against the config, TP
 divisibility) before anything is written; errors are one line naming the file or setting and
-the fix. Output is built in a hidden temporary directory beside OUT_DIR and renamed into
-place at the end, so an interrupted conversion never leaves a half-written OUT_DIR.
+the fix. Output is built in a hidden temporary directory beside OUT_DIR, fsynced and renamed
+into place at the end (`mbert_train.staging`), so an interrupted conversion never leaves a
+half-written OUT_DIR. Every output carries a `.mbert-convert.json` marker: `--overwrite`
+replaces only such a directory (or an older output with exactly our file set), never an
+unrelated folder, and OUT_DIR may not be, contain or lie inside the input.
 """
 
 from __future__ import annotations
@@ -16,21 +19,24 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
+import re
 import sys
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from mbert_train.checkpoint import CHECKPOINTS_SUBDIR, LATEST_FILE
+from mbert_train import __version__
+from mbert_train.checkpoint import CHECKPOINTS_SUBDIR, find_latest
+from mbert_train.errors import UserError, describe_os_error, first_line
 from mbert_train.model.config import ModelConfig
 from mbert_train.model.weights import (MODEL_CONFIG, VOCAB_PARAMS, full_to_hf, hf_to_full, load_full_from_dir,
-                                       process_umask, save_shard_tensors, shard_full, template)
+                                       save_shard_tensors, shard_file, shard_full, template)
 from mbert_train.parallel.layout import ParallelDims
+from mbert_train.staging import clean_leftovers, staged_dir
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
@@ -44,15 +50,19 @@ HF_TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.we
 # A buffer that transformers 4.x saved; it holds no weights.
 HF_BUFFERS = ("bert.embeddings.position_ids",)
 HF_MLM_ONLY = "MegatronBertForMaskedLM"
+# Weights are read as these dtypes only; integer or boolean tensors are not a model's weights,
+# and casting them to float would hide that.
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Written into every output, naming its kind; `--overwrite` replaces only directories carrying it.
+MARKER = ".mbert-convert.json"
+_OUTPUT_FILES = {"hf": re.compile(rf"^({re.escape(HF_CONFIG)}|{re.escape(HF_WEIGHTS)})$"),
+                 "model": re.compile(rf"^({re.escape(MODEL_CONFIG)}|model_tp\d+-of-\d+\.safetensors)$")}
+_HF_LAYER = re.compile(r"^bert\.encoder\.layer\.(\d+)\.")
+_FULL_LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError):
     """A bad input or output path; the message is one line naming the file or setting and the fix."""
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def full_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
@@ -86,7 +96,7 @@ def _check_tp(cfg: ModelConfig, tp: int, config: Path) -> None:
     try:
         ParallelDims(world_size=tp, tensor_parallel=tp).check_model(cfg)
     except ValueError as exc:
-        raise ConvertError(f"--tp {tp} does not fit {config}: {_first_line(exc)}") from None
+        raise ConvertError(f"--tp {tp} does not fit {config}: {first_line(exc)}") from None
 
 
 def read_hf_config(hf_dir: Path) -> ModelConfig:
@@ -100,7 +110,7 @@ def read_hf_config(hf_dir: Path) -> ModelConfig:
     try:
         hf = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConvertError(f"{path} is not valid JSON ({_first_line(exc)}); re-save it with save_pretrained") from None
+        raise ConvertError(f"{path} is not valid JSON ({first_line(exc)}); re-save it with save_pretrained") from None
     if not isinstance(hf, dict):
         raise ConvertError(f"{path} does not hold a JSON object; re-save it with save_pretrained")
     if hf.get("position_embedding_type", "absolute") != "absolute":
@@ -114,7 +124,7 @@ def read_hf_config(hf_dir: Path) -> ModelConfig:
     except KeyError as exc:
         raise ConvertError(f"{path} lacks {exc}; it is not a MegatronBERT config.json") from None
     except (ValueError, TypeError) as exc:
-        raise ConvertError(f"{path}: {_first_line(exc)}") from None
+        raise ConvertError(f"{path}: {first_line(exc)}") from None
     if HF_MLM_ONLY in hf.get("architectures", []):
         cfg = dataclasses.replace(cfg, binary_head=False)
     return cfg
@@ -128,11 +138,32 @@ def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ConvertError(f"{path} is truncated or corrupt ({_first_line(exc)}); download or save it "
+        raise ConvertError(f"{path} is truncated or corrupt ({first_line(exc)}); download or save it "
                            f"again") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
         raise ConvertError(f"{path} does not hold a state dict of tensors; save it with torch.save(model.state_dict())")
     return state
+
+
+def _read_weight_index(path: Path) -> list[str]:
+    """The shard file names an HF `*.index.json` lists, each a plain name inside its directory."""
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConvertError(f"{path} is not a valid weight index ({first_line(exc)}); save the model "
+                           f"again") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not (isinstance(weight_map, dict) and weight_map
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
+        raise ConvertError(f"{path} is not a valid weight index (its weight_map must map tensor names to shard "
+                           f"file names); save the model again")
+    shards = sorted(set(weight_map.values()))
+    for name in shards:
+        if name in ("", ".", "..") or Path(name).name != name:
+            raise ConvertError(f"{path} names shard {name!r}, which is not a file in {path.parent}; save the model "
+                               f"again")
+    return shards
 
 
 def read_hf_weights(hf_dir: Path) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -144,15 +175,28 @@ def read_hf_weights(hf_dir: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     path = found[0]
     if not path.name.endswith(".index.json"):
         return path, _load_weight_file(path)
-    try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise ConvertError(f"{path} is not a valid weight index ({_first_line(exc)}); save the model "
-                           f"again") from None
     tensors: dict[str, torch.Tensor] = {}
-    for shard_name in sorted(set(weight_map.values())):
+    for shard_name in _read_weight_index(path):
         tensors.update(_load_weight_file(hf_dir / shard_name))
     return path, tensors
+
+
+def _check_dtypes(tensors: dict[str, torch.Tensor], source: Path) -> None:
+    for name, tensor in tensors.items():
+        if tensor.dtype not in WEIGHT_DTYPES:
+            raise ConvertError(f"{source}: {name} has dtype {str(tensor.dtype).removeprefix('torch.')}, not a "
+                               f"weight dtype (float16, bfloat16, float32); the file is not a model's weights")
+
+
+def _check_layer_count(names, pattern: re.Pattern, cfg: ModelConfig, source: Path, config: Path,
+                       key: str) -> None:
+    """The config's layer count against the layers the weights hold, before anything is built
+    from the config (a model of 100000 layers takes minutes to even describe)."""
+    indices = [int(m.group(1)) for m in map(pattern.match, names) if m]
+    present = max(indices) + 1 if indices else 0
+    if present != cfg.num_layers:
+        raise ConvertError(f"{source} holds {present} layers but {config} says {key}={cfg.num_layers}; the "
+                           f"weights belong to another model or config")
 
 
 def import_hf(hf_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelConfig]:
@@ -166,13 +210,16 @@ def import_hf(hf_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Model
             raise ConvertError(f"{source}: {name} differs from {origin}; untied MLM decoders are not supported")
     for name in HF_BUFFERS:
         tensors.pop(name, None)
+    _check_dtypes(tensors, source)
+    _check_layer_count(tensors, _HF_LAYER, cfg, source, hf_dir / HF_CONFIG, "num_hidden_layers")
     expected = full_to_hf({n: torch.empty(s, device="meta") for n, s in full_shapes(cfg).items()}, cfg)
     _check_tensors(tensors, {n: t.shape for n, t in expected.items()}, source, hf_dir / HF_CONFIG, cfg)
     return hf_to_full(tensors, cfg), cfg
 
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:
-    """A model directory from itself, a checkpoint step directory, or a run directory (via `latest`)."""
+    """A model directory from itself, a checkpoint step directory, or a run directory (via
+    `checkpoints/latest`, validated and never followed outside the run by `find_latest`)."""
     path = Path(path)
     if not path.is_dir():
         raise ConvertError(f"{path} does not exist or is not a directory; pass a model, checkpoint step or run "
@@ -180,69 +227,131 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     if (path / MODEL_CONFIG).is_file():
         return path
     checkpoints = path / CHECKPOINTS_SUBDIR
-    pointer = checkpoints / LATEST_FILE
-    if pointer.is_file():
-        step_dir = checkpoints / pointer.read_text().strip()
-        if not (step_dir / MODEL_CONFIG).is_file():
-            raise ConvertError(f"{pointer} names {step_dir.name!r} but {step_dir / MODEL_CONFIG} is missing; pass "
-                               f"a complete step directory under {checkpoints} instead")
-        return step_dir
-    if checkpoints.is_dir():
-        raise ConvertError(f"{pointer} not found; pass one of the step directories under {checkpoints}")
-    raise ConvertError(f"{path / MODEL_CONFIG} not found: {path} is not an mbert-train model, checkpoint step "
-                       f"or run directory")
+    if not checkpoints.is_dir():
+        raise ConvertError(f"{path / MODEL_CONFIG} not found: {path} is not an mbert-train model, checkpoint step "
+                           f"or run directory")
+    step_dir, warning = find_latest(path)
+    if step_dir is None:
+        raise ConvertError(f"{warning or f'{checkpoints} holds no complete checkpoint'}; pass a model or "
+                           f"checkpoint step directory instead")
+    if warning:
+        print(f"mbert-convert: warning: {warning}", file=sys.stderr)
+    if not (step_dir / MODEL_CONFIG).is_file():
+        raise ConvertError(f"{step_dir / MODEL_CONFIG} is missing: the checkpoint is incomplete; pass another "
+                           f"step directory under {checkpoints}")
+    return step_dir
+
+
+def _check_saved_layout(model_dir: Path) -> None:
+    """`tensor_parallel` and the layer count of model_config.json against the shard files,
+    before `load_full_from_dir` builds anything from them."""
+    config = model_dir / MODEL_CONFIG
+    try:
+        meta = json.loads(config.read_text())
+        cfg, tp = ModelConfig(**meta["model"]), meta["tensor_parallel"]
+    except (ValueError, KeyError, TypeError):
+        return  # load_full_from_dir names the problem
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ConvertError(f"{config}: tensor_parallel={tp!r} must be an integer >= 1; the file is corrupt, use "
+                           f"another checkpoint")
+    shard = model_dir / shard_file(tp, 0)
+    try:
+        with safe_open(str(shard), "pt") as f:
+            names = list(f.keys())
+    except Exception:
+        return  # missing or corrupt: load_full_from_dir names the problem
+    _check_layer_count(names, _FULL_LAYER, cfg, shard, config, "model.num_layers")
 
 
 def load_model_dir(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """(full form, config) of any of our model directories, checked against its model_config.json."""
     model_dir = resolve_model_dir(path)
     config = model_dir / MODEL_CONFIG
+    _check_saved_layout(model_dir)
     try:
         full, cfg = load_full_from_dir(model_dir)
     except (OSError, ValueError) as exc:
-        message = _first_line(exc)  # weights.py names the file; ModelConfig names only the setting
+        message = first_line(exc)  # weights.py names the file; ModelConfig names only the setting
         raise ConvertError(message if str(model_dir) in message else f"{config}: {message}") from None
+    _check_dtypes(full, model_dir)
     _check_tensors(full, full_shapes(cfg), model_dir, config, cfg)
     return full, cfg
 
 
-def _check_out_dir(out_dir: Path, *, overwrite: bool, source: Path | None = None) -> None:
-    if source is not None and out_dir.resolve() == source.resolve():
-        raise ConvertError(f"OUT_DIR {out_dir} is the input directory; write the conversion somewhere else")
-    if (out_dir.exists() or out_dir.is_symlink()) and not overwrite:
-        raise ConvertError(f"{out_dir} already exists; choose another OUT_DIR or pass --overwrite")
+def _legacy_output(out_dir: Path, names: set[str]) -> bool:
+    """An output written before the marker existed: exactly our files, and a config.json
+    without the `transformers_version` that every `save_pretrained` writes."""
+    try:
+        if names == {HF_CONFIG, HF_WEIGHTS}:
+            return set(json.loads((out_dir / HF_CONFIG).read_text())) == set(ModelConfig().to_hf_dict())
+        if MODEL_CONFIG in names:
+            tp = json.loads((out_dir / MODEL_CONFIG).read_text())["tensor_parallel"]
+            return (type(tp) is int and 1 <= tp < len(names)
+                    and names == {MODEL_CONFIG, *(shard_file(tp, r) for r in range(tp))})
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
+    return False
+
+
+def _not_ours(out_dir: Path) -> str | None:
+    """None if `out_dir` is an mbert-convert output holding only what we wrote; else why not."""
+    if out_dir.is_symlink() or not out_dir.is_dir():
+        return "it is a symbolic link" if out_dir.is_symlink() else "it is not a directory"
+    names = {p.name for p in out_dir.iterdir()}
+    if MARKER not in names:
+        return None if _legacy_output(out_dir, names) else f"it has no {MARKER}"
+    try:
+        kind = json.loads((out_dir / MARKER).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind not in _OUTPUT_FILES:
+        return f"its {MARKER} is unreadable"
+    foreign = sorted(n for n in names - {MARKER} if not _OUTPUT_FILES[kind].match(n))
+    return f"it also holds {foreign[0]!r}, which mbert-convert did not write" if foreign else None
+
+
+def check_out_dir(out_dir: str | os.PathLike, *, overwrite: bool, inputs: tuple[Path, ...] = ()) -> bool:
+    """Refuse an OUT_DIR that is, contains or lies inside an input, or that exists and is not
+    ours to replace; True when it exists and `--overwrite` may replace it."""
+    out_dir = Path(out_dir)
+    out = out_dir.resolve()
+    for source in inputs:
+        src = source.resolve()
+        where = ("is" if out == src else "contains" if out in src.parents else
+                 "is inside" if src in out.parents else None)
+        if where:
+            raise ConvertError(f"OUT_DIR {out_dir} {where} the input directory {source}; write the conversion "
+                               f"somewhere else")
+    clean_leftovers(out_dir)  # restores OUT from a `.OUT.old-*` left by a kill mid-swap, before judging OUT
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        return False
+    if out_dir.is_dir() and not out_dir.is_symlink() and not any(out_dir.iterdir()):
+        return False  # an empty directory is filled in place
+    why = _not_ours(out_dir)
+    if why:
+        raise ConvertError(f"{out_dir} exists and is not an mbert-convert output ({why}); it will not be "
+                           f"deleted: choose another OUT_DIR")
+    if not overwrite:
+        raise ConvertError(f"{out_dir} already exists (an earlier mbert-convert output); choose another OUT_DIR "
+                           f"or pass --overwrite to replace it")
+    return True
 
 
 @contextmanager
-def _staged_dir(out_dir: Path, *, overwrite: bool) -> Iterator[Path]:
-    """Yield a fresh directory beside `out_dir`; on success it replaces `out_dir`, on error it is removed."""
-    _check_out_dir(out_dir, overwrite=overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging = out_dir.parent / f".{out_dir.name}.tmp-{tag}"
-    staging.mkdir()
+def _staged_output(out_dir: Path, *, overwrite: bool) -> Iterator[Path]:
+    """`staged_dir` for an OUT_DIR that `check_out_dir` allows; safetensors reports a full disk
+    as a `SafetensorError` (not an OSError), which becomes one line here."""
+    replace = check_out_dir(out_dir, overwrite=overwrite)
     try:
-        yield staging
-        # safetensors >= 0.8 creates files 0600; give them the permissions the user's umask asks for.
-        for path in staging.iterdir():
-            os.chmod(path, 0o666 & ~process_umask())
-        if out_dir.exists() or out_dir.is_symlink():
-            old = out_dir.parent / f".{out_dir.name}.old-{tag}"
-            os.rename(out_dir, old)
-            try:
-                os.rename(staging, out_dir)
-            except OSError:
-                os.rename(old, out_dir)
-                raise
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-        else:
-            os.rename(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        with staged_dir(out_dir, replace=replace) as staging:
+            yield staging
+    except SafetensorError as exc:
+        raise ConvertError(describe_os_error(OSError(first_line(exc)), out_dir, "writing")) from None
+
+
+def _write_marker(directory: Path, kind: str) -> None:
+    (directory / MARKER).write_text(json.dumps({"written_by": "mbert-convert", "kind": kind,
+                                                "version": __version__}) + "\n")
 
 
 def hf_config_dict(cfg: ModelConfig) -> dict:
@@ -255,12 +364,15 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
 
 def export_hf(full_state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | os.PathLike, *,
               overwrite: bool = False) -> Path:
-    """Write `config.json` + `model.safetensors` that `MegatronBertForPreTraining.from_pretrained` loads."""
+    """Write `config.json` + `model.safetensors` that `MegatronBertForPreTraining.from_pretrained` loads.
+
+    `overwrite` replaces only an earlier mbert-convert output (see `check_out_dir`)."""
     out_dir = Path(out_dir)
     hf = full_to_hf(full_state, cfg)
-    with _staged_dir(out_dir, overwrite=overwrite) as staging:
+    with _staged_output(out_dir, overwrite=overwrite) as staging:
         save_file(hf, str(staging / HF_WEIGHTS), metadata={"format": "pt"})
         (staging / HF_CONFIG).write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
+        _write_marker(staging, "hf")
     return out_dir
 
 
@@ -268,15 +380,18 @@ def write_model_dir(full_state: dict[str, torch.Tensor], cfg: ModelConfig, out_d
                     *, overwrite: bool = False) -> Path:
     """Write the full form as a TP=`tp` model directory (what `trainer.init_from` reads)."""
     out_dir = Path(out_dir)
-    with _staged_dir(out_dir, overwrite=overwrite) as staging:
+    with _staged_output(out_dir, overwrite=overwrite) as staging:
         for rank in range(tp):
             save_shard_tensors(staging, shard_full(full_state, cfg, tp, rank), cfg, rank, tp)
+        _write_marker(staging, "model")
     return out_dir
 
 
 def from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int, *, overwrite: bool = False) -> Path:
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    _check_out_dir(out_dir, overwrite=overwrite, source=hf_dir)
+    if tp < 1:
+        raise ConvertError(f"--tp {tp} must be >= 1 (the tensor-parallel degree to shard for)")
+    check_out_dir(out_dir, overwrite=overwrite, inputs=(hf_dir,))
     cfg = read_hf_config(hf_dir)
     _check_tp(cfg, tp, hf_dir / HF_CONFIG)
     full, cfg = import_hf(hf_dir)
@@ -285,8 +400,9 @@ def from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int, *, o
 
 def to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
-    _check_out_dir(out_dir, overwrite=overwrite, source=ckpt_dir)
-    full, cfg = load_model_dir(ckpt_dir)
+    inputs = (ckpt_dir,) if not ckpt_dir.is_dir() else (ckpt_dir, resolve_model_dir(ckpt_dir))
+    check_out_dir(out_dir, overwrite=overwrite, inputs=inputs)
+    full, cfg = load_model_dir(inputs[-1])
     return export_hf(full, cfg, out_dir, overwrite=overwrite)
 
 
@@ -329,10 +445,22 @@ def main(argv: list[str] | None = None) -> int:
         else:
             out = to_hf(args.ckpt_dir, args.out_dir, overwrite=args.overwrite)
             print(f"wrote {out}; load it with MegatronBertForPreTraining.from_pretrained({str(out)!r})")
-    except ConvertError as exc:
-        print(f"mbert-convert: error: {exc}", file=sys.stderr)
+    except UserError as exc:
+        print(f"mbert-convert: error: {first_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, read-only or unwritable OUT_DIR, unreadable input
+        path = exc.filename or args.out_dir
+        action = "writing" if _is_output_path(Path(path), Path(args.out_dir)) else "reading"
+        print(f"mbert-convert: error: {describe_os_error(exc, path, action)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _is_output_path(path: Path, out_dir: Path) -> bool:
+    """`path` is OUT_DIR, its parent, or inside OUT_DIR or the `.OUT_DIR.*` built beside it."""
+    path, out = path.absolute(), out_dir.absolute()
+    return path == out.parent or any(p == out or (p.parent == out.parent and p.name.startswith(f".{out.name}."))
+                                     for p in (path, *path.parents))
 
 
 if __name__ == "__main__":

@@ -126,8 +126,34 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, state: ParallelSta
     return torch.optim.AdamW(groups, **kwargs)
 
 
+def no_cpu_extension_builds() -> None:
+    """Keep DeepSpeed from compiling C++ on the CPU path.
+
+    `deepspeed.initialize` creates DeepSpeed's communication backend, which on the CPU
+    accelerator JIT-builds the `deepspeed_shm_comm` extension (comm/torch.py `build_shm_op`)
+    for `inference_all_reduce`, an AutoTP-inference kernel that training never calls. The
+    build takes ~25 s with gcc (again at every switch between two venvs), and it waits without
+    a bound or a message on `~/.cache/torch_extensions/.../deepspeed_shm_comm/lock`, which a run
+    killed mid-build leaves behind. `build_shm_op` builds only an op that
+    `deepspeed.ops.__compatible_ops__` lists, and filling that list compiles a probe for every
+    op: declaring none compatible skips the probes and the build. On GPUs nothing is built here.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    compatible = vars(deepspeed.ops).get("__compatible_ops__")
+    if compatible is None:
+        deepspeed.ops.__compatible_ops__ = {}
+    else:
+        compatible[ShareMemCommBuilder.NAME] = False
+
+
 def build_engine(model: torch.nn.Module, cfg: TrainConfig, state: ParallelState):
     """deepspeed.initialize with our layout as `mpu`; returns (engine, optimizer, scheduler)."""
+    no_cpu_extension_builds()
     optimizer = build_optimizer(model, cfg, state)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.trainer.max_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(

@@ -19,19 +19,21 @@ import secrets
 import string
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mbert_train.model.config import ModelConfig
-from mbert_train.plan import count_parameters
+# FLOPs per token and device peaks live in mbert_train.arithmetic; the trainer imports them from here.
+from mbert_train.arithmetic import model_flops_per_token, peak_tflops
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 REDACTED = "***"
+MIN_SECRET_LEN = 4
+"""Shorter values of secret keys are not scrubbed from other strings (they would match anywhere)."""
 SECRET_ENV_VARS = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_SECRET_ACCESS_KEY")
 """Environment variables whose values are scrubbed wherever they appear in logged config."""
 
@@ -48,22 +50,44 @@ def _key_words(key: str) -> list[str]:
 
 
 def is_secret_key(key: str) -> bool:
-    """Whether a config key (or override name) names a credential."""
+    """Whether a config key (or override name) names a credential; identifiers (`pad_token_id`,
+    `access_key_id`) do not."""
     words = _key_words(key)
+    if words and words[-1] in ("id", "ids"):
+        return False
     return bool(_SECRET_WORDS.intersection(words)) or any(pair in _SECRET_PAIRS for pair in zip(words, words[1:]))
 
 
-def _secret_values() -> list[str]:
-    return [v for name in SECRET_ENV_VARS if len(v := os.environ.get(name, "")) >= 4]
+def secret_values(config: Any = None) -> set[str]:
+    """Values no file may hold: those of the secret environment variables, and every value
+    under a secret-named key of `config` (so a key given as `+x.api_key=V` is also scrubbed
+    from wherever else V turns up, such as Hydra's record of the command line)."""
+    found = {v for name in SECRET_ENV_VARS if len(v := os.environ.get(name, "")) >= MIN_SECRET_LEN}
+
+    def walk(value: Any, secret: bool) -> None:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(v, secret or is_secret_key(str(k)))
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v, secret)
+        elif secret and value is not None and not isinstance(value, bool) and len(str(value)) >= MIN_SECRET_LEN:
+            found.add(str(value))
+
+    walk(config, False)
+    return found
 
 
-def redact(config: Any) -> Any:
+def redact(config: Any, *, values: Iterable[str] = ()) -> Any:
     """A copy of `config` with secret-named keys and known secret values replaced by `***`.
 
-    Recurses through mappings, lists, tuples and dataclasses; a string that contains the
-    value of a secret environment variable (say, a key pasted into a URL) is redacted too.
+    Recurses through mappings, lists, tuples and dataclasses; a string that contains a secret
+    value (of a secret environment variable, of a secret-named key anywhere in `config`, or
+    one of `values`), say a key pasted into a URL or an override string, is redacted too.
     """
-    secrets = _secret_values()
+    secrets = secret_values(config) | set(values)
 
     def walk(value: Any) -> Any:
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -80,10 +104,11 @@ def redact(config: Any) -> Any:
     return walk(config)
 
 
-def redact_argv(argv: list[str]) -> list[str]:
-    """Command-line overrides with secret values hidden: `logging.api_key=x` -> `...=***`."""
+def redact_argv(argv: list[str], *, values: Iterable[str] = ()) -> list[str]:
+    """Command-line overrides with secret values hidden: `logging.api_key=x` -> `...=***`; an
+    argument holding a secret value (of `values` or the environment's) becomes `***`."""
     out = []
-    secrets = _secret_values()
+    secrets = secret_values() | set(values)
     for arg in argv:
         key, sep, _value = arg.partition("=")
         if sep and is_secret_key(key.lstrip("-+~").rsplit(".", 1)[-1]):
@@ -96,11 +121,11 @@ def redact_argv(argv: list[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def _redacted_sys_argv() -> Iterator[None]:
+def _redacted_sys_argv(values: Iterable[str]) -> Iterator[None]:
     # wandb copies sys.argv[1:] into the run's metadata file at init; give it a redacted copy
     # for that moment only.
     saved = sys.argv
-    sys.argv = [saved[0], *redact_argv(saved[1:])] if saved else saved
+    sys.argv = [saved[0], *redact_argv(saved[1:], values=values)] if saved else saved
     try:
         yield
     finally:
@@ -126,7 +151,7 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path | str, *, rank: int, wandb_mode: str, project: str,
                  run_name: str | None, config: Mapping[str, Any], wandb_run_id: str | None,
-                 resume_step: int | None = None) -> None:
+                 resume_step: int | None = None, secrets: Iterable[str] = ()) -> None:
         if wandb_mode not in ("offline", "online", "disabled"):
             raise ValueError(f"wandb_mode={wandb_mode!r} must be offline, online or disabled")
         self.run_dir = Path(run_dir)
@@ -143,7 +168,7 @@ class MetricsLogger:
         self._file = self.path.open("a", encoding="utf-8")
         if wandb_mode != "disabled":
             try:
-                self._start_wandb(wandb_mode, project, run_name, config)
+                self._start_wandb(wandb_mode, project, run_name, config, set(secrets))
             except Exception as exc:  # W&B trouble (service start, network) must not stop training
                 self._run = None
                 print(f"[mbert-train] warning: W&B did not start ({type(exc).__name__}: "
@@ -151,16 +176,17 @@ class MetricsLogger:
                       file=sys.stderr, flush=True)
 
     def _start_wandb(self, mode: str, project: str, run_name: str | None,
-                     config: Mapping[str, Any]) -> None:
+                     config: Mapping[str, Any], secrets: set[str]) -> None:
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
         # A fresh id chosen here (not by wandb) is known before init returns, so it can go
         # into the first checkpoint; resuming passes it back and W&B continues the same run.
         run_id = self.wandb_run_id or _new_run_id()
-        with _redacted_sys_argv():
+        secrets = secrets | secret_values(config)
+        with _redacted_sys_argv(secrets):
             self._run = wandb.init(mode=mode, dir=str(self.run_dir), project=project, name=run_name,
-                                   id=run_id, resume="allow", config=redact(dict(config)),
+                                   id=run_id, resume="allow", config=redact(dict(config), values=secrets),
                                    settings=wandb.Settings(silent=True, console="off"))
         self.wandb_run_id = self._run.id
         # Plot everything against the trainer's step instead of wandb's internal counter: a
@@ -251,83 +277,27 @@ def peak_memory_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
-# Dense (no 2:4 sparsity) bf16/fp16 tensor-core peak TFLOP/s per device, from NVIDIA's and
-# AMD's datasheets. Keys are the tokens of `torch.cuda.get_device_name()` that identify the
-# part; the first entry whose tokens are all present wins, so variants come first.
-PEAK_TFLOPS: list[tuple[frozenset[str], float]] = [
-    (frozenset({"H100", "PCIE"}), 756.0),
-    (frozenset({"H100", "NVL"}), 835.0),
-    (frozenset({"GH200"}), 989.0),
-    (frozenset({"H100"}), 989.0),
-    (frozenset({"H200"}), 989.0),
-    (frozenset({"H800"}), 989.0),
-    (frozenset({"B200"}), 2250.0),
-    (frozenset({"A100"}), 312.0),
-    (frozenset({"A800"}), 312.0),
-    (frozenset({"A10G"}), 125.0),
-    (frozenset({"A10"}), 125.0),
-    (frozenset({"L40S"}), 362.0),
-    (frozenset({"L40"}), 181.0),
-    (frozenset({"L4"}), 121.0),
-    (frozenset({"A40"}), 150.0),
-    (frozenset({"A6000"}), 155.0),
-    (frozenset({"V100"}), 125.0),
-    (frozenset({"T4"}), 65.0),
-    (frozenset({"MI300X"}), 1307.0),
-    (frozenset({"MI250X"}), 383.0),
-]
-
-
 _UNKNOWN_DEVICES_WARNED: set[str] = set()
 
 
-def peak_tflops(device_name: str) -> float | None:
-    """Peak dense 16-bit TFLOP/s of a GPU from its name, or None when it is not in the table."""
-    tokens = set(re.findall(r"[A-Z0-9]+", device_name.upper()))
-    for needed, tflops in PEAK_TFLOPS:
-        if needed <= tokens:
-            return tflops
-    return None
-
-
 def mfu(flops_per_step: float, step_time_s: float, n_devices: int, device: torch.device, *,
-        peak_tflops_per_device: float | None = None) -> float | None:
+        peak_tflops_per_device: float | None = None, precision: str = "bf16") -> float | None:
     """Model FLOPs utilisation: achieved model FLOP/s over the devices' peak (None on CPU).
 
     `flops_per_step` counts model FLOPs of all devices together (see
     `model_flops_per_token`); recomputation is deliberately not counted (Chowdhery et al.
-    2022, PaLM, Appendix B). Pass `peak_tflops_per_device` for GPUs missing from the table.
+    2022, PaLM, Appendix B). The peak is the device's for `precision` (bf16/fp16, tf32 or
+    fp32, see `mbert_train.arithmetic.PEAK_TFLOPS`); pass `peak_tflops_per_device` for GPUs
+    missing from the table.
     """
     if device.type != "cuda" or step_time_s <= 0:
         return None
     name = torch.cuda.get_device_name(device)
-    peak = peak_tflops_per_device or peak_tflops(name)
+    peak = peak_tflops_per_device or peak_tflops(name, precision)
     if peak is None:
         if name not in _UNKNOWN_DEVICES_WARNED:
             _UNKNOWN_DEVICES_WARNED.add(name)
             log.warning("no peak TFLOP/s known for %r, so MFU is not reported; add it to "
-                        "mbert_train.metrics.PEAK_TFLOPS", name)
+                        "mbert_train.arithmetic.PEAK_TFLOPS", name)
         return None
     return flops_per_step / (step_time_s * n_devices * peak * 1e12)
-
-
-def model_flops_per_token(model_cfg: ModelConfig, seq_len: int) -> float:
-    """Training (forward + backward) model FLOPs per token of MegatronBERT pretraining.
-
-    Following PaLM's MFU definition (Chowdhery et al. 2022, App. B) and Megatron-LM's
-    (Narayanan et al. 2021, Sec. 5.1), with a multiply-add as 2 FLOPs and backward = 2 x
-    forward:
-
-        6 N_tok + 6 N_seq / s + 12 L h s + 6 h V
-
-    N_tok: non-embedding parameters applied to every token (layers, final LN, MLM head);
-    N_seq: pooler and NSP head, applied once per sequence; 12 L h s: the attention score and
-    context matmuls (QK^T and AV, 2 s h FLOPs each per token forward, bidirectional so no
-    causal halving); 6 h V: the MLM decoder, whose weight is the tied word embedding and so
-    is not in N_tok. V is the real vocabulary: padding is overhead, not model FLOPs.
-    """
-    p = count_parameters(model_cfg, vocab_multiple=1)
-    h, layers, v = model_cfg.hidden_size, model_cfg.num_layers, model_cfg.vocab_size
-    per_token = p.layers + p.final_layernorm + p.mlm_head
-    per_sequence = p.pooler + p.nsp_head
-    return 6 * per_token + 6 * per_sequence / seq_len + 12 * layers * h * seq_len + 6 * h * v

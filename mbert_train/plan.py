@@ -7,10 +7,17 @@ Accounting, all per GPU:
   of 128 x TP; QKV and MLP-in are column-parallel, attention-out and MLP-out row-parallel
   (their biases replicated); LayerNorms, position/type embeddings, pooler, MLM transform and
   NSP head are replicated on every TP rank.
-- Mixed precision keeps 16-bit params and grads and fp32 master weights plus both AdamW
-  moments (2 + 2 + 12 bytes per parameter, Rajbhandari et al. 2020, "ZeRO", Sec. 3.1);
-  fp32 keeps 4 + 4 + 8. ZeRO-1 shards the optimizer states over data parallel, ZeRO-2 also
-  the gradients, ZeRO-3 also the parameters.
+- Model states count what DeepSpeed allocates (runtime/zero/stage_1_and_2.py). Mixed
+  precision keeps 16-bit params and grads and fp32 master weights plus both AdamW moments
+  (2 + 2 + 12 bytes per parameter, Rajbhandari et al. 2020, "ZeRO", Sec. 3.1); fp32 keeps
+  4 + 4 + 8, plus under ZeRO a 4-byte master copy of the rank's partition (DeepSpeed clones it
+  whatever the dtype). ZeRO-1 shards the optimizer states over data parallel, ZeRO-2 also the
+  gradients, ZeRO-3 also the parameters. In the optimizer step DeepSpeed frees the gradients
+  outside the rank's partition and builds an fp32 copy of the partition's gradients (`flat_grad
+  _partition.to(fp32)`, 4 bytes per partitioned parameter) that lives until that group's step
+  is done: ZeRO-2 in bf16 peaks at 2 + 18/N bytes per parameter over N data-parallel ranks, what
+  DeepSpeed's `estimate_zero2_model_states_mem_needs` says. The activations are freed by then,
+  so the total is the larger of the two phases (forward/backward, optimizer step).
 - Activations follow Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
   Transformer Models", Sec. 4: sbh(10 + 24/t + 5as/(ht)) bytes per layer with 16-bit
   activations and TP without sequence parallelism (sbh(34 + 5as/h) at t=1), generalised
@@ -27,11 +34,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mbert_train.arithmetic import VOCAB_MULTIPLE, count_parameters, padded_vocab_size
 from mbert_train.model.config import ModelConfig
 
 GIB = 1024**3
-VOCAB_MULTIPLE = 128
-"""Megatron's `make_vocab_size_divisible_by`: the padded vocab is a multiple of this x TP."""
 TP_MIN_SHARD_WIDTH = 1024
 """Narrowest per-rank hidden slice (h/t) at which TP GEMMs still keep tensor cores busy."""
 TP_HIDDEN_THRESHOLD = 2048
@@ -48,72 +54,6 @@ def normalize_precision(precision: str) -> str:
         return _PRECISIONS[str(precision).lower()]
     except KeyError:
         raise ValueError(f"precision={precision!r} is not one of fp32, bf16, fp16") from None
-
-
-def pad_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = VOCAB_MULTIPLE) -> int:
-    """Vocabulary rounded up to a multiple of `multiple * tensor_parallel` (Megatron-LM)."""
-    step = multiple * tensor_parallel
-    return math.ceil(vocab_size / step) * step
-
-
-@dataclass(frozen=True)
-class ParamBreakdown:
-    """Parameter counts held by one tensor-parallel rank (the whole model at TP=1)."""
-
-    word_embeddings: int
-    """Vocab-parallel word embedding, padded vocab x h / t (tied with the MLM decoder)."""
-    position_embeddings: int
-    """Learned position table, max_position_embeddings x h, replicated."""
-    token_type_embeddings: int
-    """Segment embedding, type_vocab_size x h, replicated."""
-    layers: int
-    """All transformer layers: two LayerNorms, QKV, attention-out and the two MLP linears."""
-    final_layernorm: int
-    """LayerNorm after the last layer (pre-LN models need one before the heads)."""
-    pooler: int
-    """[CLS] pooler dense layer, replicated; zero without the binary head."""
-    mlm_head: int
-    """MLM transform dense + LayerNorm (replicated) and the vocab-parallel decoder bias."""
-    nsp_head: int
-    """Next-sentence classifier h -> 2; zero without the binary head."""
-
-    @property
-    def embeddings(self) -> int:
-        return self.word_embeddings + self.position_embeddings + self.token_type_embeddings
-
-    @property
-    def total(self) -> int:
-        return (self.embeddings + self.layers + self.final_layernorm + self.pooler
-                + self.mlm_head + self.nsp_head)
-
-    @property
-    def non_embedding(self) -> int:
-        return self.total - self.embeddings
-
-
-def count_parameters(model: ModelConfig, *, tensor_parallel: int = 1,
-                     vocab_multiple: int = VOCAB_MULTIPLE) -> ParamBreakdown:
-    """Parameters on one TP rank; `vocab_multiple=1` with TP=1 gives the unpadded HF model."""
-    t, h, i = tensor_parallel, model.hidden_size, model.intermediate_size
-    if model.num_heads % t or i % t:
-        raise ValueError(f"tensor_parallel={t} must divide model.num_heads={model.num_heads} and "
-                         f"model.intermediate_size={i}")
-    vocab = pad_vocab_size(model.vocab_size, t, vocab_multiple)
-    per_layer = (2 * 2 * h                      # two LayerNorms (weight + bias)
-                 + (3 * h * h + 3 * h) // t     # column-parallel QKV
-                 + h * h // t + h               # row-parallel out-proj, replicated bias
-                 + (h * i + i) // t             # column-parallel MLP in
-                 + i * h // t + h)              # row-parallel MLP out, replicated bias
-    return ParamBreakdown(
-        word_embeddings=vocab * h // t,
-        position_embeddings=model.max_position_embeddings * h,
-        token_type_embeddings=model.type_vocab_size * h,
-        layers=model.num_layers * per_layer,
-        final_layernorm=2 * h,
-        pooler=(h * h + h) if model.binary_head else 0,
-        mlm_head=h * h + h + 2 * h + vocab // t,
-        nsp_head=(2 * h + 2) if model.binary_head else 0,
-    )
 
 
 @dataclass(frozen=True)
@@ -143,9 +83,12 @@ class MemoryPlan:
     param_bytes: int
     """Model weights held (16-bit copy under mixed precision)."""
     grad_bytes: int
-    """Gradient buffers held."""
+    """Gradient buffers held through backward (16-bit under mixed precision)."""
     optimizer_bytes: int
-    """AdamW states held: fp32 master copy (mixed precision only) and two moments."""
+    """AdamW states held: fp32 master copy (mixed precision, or any ZeRO stage) and two moments."""
+    step_grad_bytes: int
+    """Gradients held during the optimizer step: the rank's partition of `grad_bytes` plus the
+    fp32 copy of it DeepSpeed builds for the step (ZeRO >= 1, or mixed precision)."""
     activation_bytes_no_ckpt: int
     """Activations saved for backward of one micro-batch without recomputation."""
     activation_bytes_ckpt: int
@@ -160,8 +103,20 @@ class MemoryPlan:
         return self.activation_bytes_ckpt if self.activation_checkpointing else self.activation_bytes_no_ckpt
 
     @property
+    def step_bytes(self) -> int:
+        """Model states during the optimizer step (no activations are alive then)."""
+        return self.param_bytes + self.step_grad_bytes + self.optimizer_bytes
+
+    @property
+    def model_state_bytes(self) -> int:
+        """Peak of weights, gradients and optimizer states, over both phases; what DeepSpeed's
+        `estimate_zero2_model_states_mem_needs` estimates (without offload)."""
+        return max(self.param_bytes + self.grad_bytes + self.optimizer_bytes, self.step_bytes)
+
+    @property
     def total_bytes(self) -> int:
-        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+        return max(self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes,
+                   self.step_bytes)
 
 
 def _activation_bytes(model: ModelConfig, *, t: int, b: int, s: int, vocab: int, e: int,
@@ -209,13 +164,22 @@ def plan_memory(model: ModelConfig, *, tensor_parallel: int, data_parallel: int,
     params = count_parameters(model, tensor_parallel=t)
     n = params.total
     mixed = prec != "fp32"
-    weight_b, grad_b, optim_b = (2, 2, 12) if mixed else (4, 4, 8)
+    weight_b, grad_b = (2, 2) if mixed else (4, 4)
+    # fp32 master weights: the mixed-precision copy, and DeepSpeed's ZeRO partition clone
+    # (`.detach().clone()` even in fp32); fp32 at ZeRO-0 steps the parameters themselves.
+    master_b = 4 if mixed or zero_stage > 0 else 0
+    optim_b = master_b + 8
 
     def shard(count: int, stage_needed: int) -> int:
         return math.ceil(count / dp) if zero_stage >= stage_needed else count
 
+    # Optimizer step: the rank's gradient partition (the rest is freed first) and its fp32
+    # copy, `single_grad_partition = flat_grad_partition.to(fp32)` in DeepSpeed's ZeRO-1/2 step
+    # (ZeRO-3: `_prepare_fp32_grad_for_sub_group`; mixed ZeRO-0: the fp32 gradient buffers).
+    step_grads = shard(n, 1) * (grad_b + 4) if master_b else n * grad_b
+
     e = 2 if mixed else 4
-    vocab = pad_vocab_size(model.vocab_size, t)
+    vocab = padded_vocab_size(model.vocab_size, t)
     acts = {ckpt: _activation_bytes(model, t=t, b=micro_batch_size, s=seq_len, vocab=vocab, e=e,
                                     checkpointing=ckpt) for ckpt in (False, True)}
     # Megatron TP, per layer: forward all-reduces after attention-out and MLP-out, backward
@@ -234,7 +198,7 @@ def plan_memory(model: ModelConfig, *, tensor_parallel: int, data_parallel: int,
         total_params=count_parameters(model, tensor_parallel=1, vocab_multiple=VOCAB_MULTIPLE * t).total,
         params_per_tp_rank=n, padded_vocab_size=vocab,
         param_bytes=shard(n, 3) * weight_b, grad_bytes=shard(n, 2) * grad_b,
-        optimizer_bytes=shard(n, 1) * optim_b,
+        optimizer_bytes=shard(n, 1) * optim_b, step_grad_bytes=step_grads,
         activation_bytes_no_ckpt=acts[False], activation_bytes_ckpt=acts[True],
         tp_comm_bytes_per_step=comm, tp_wire_bytes_per_step=comm * 2 * (t - 1) // t)
 
@@ -326,6 +290,8 @@ def format_plan(plan: MemoryPlan) -> str:
     """A readable per-GPU table of a memory plan."""
     rows = [("parameters", plan.param_bytes), ("gradients", plan.grad_bytes),
             ("optimizer states", plan.optimizer_bytes),
+            ("gradients in the optimizer step", plan.step_grad_bytes),
+            ("model states (peak of both phases)", plan.model_state_bytes),
             ("activations, no checkpointing", plan.activation_bytes_no_ckpt),
             ("activations, full checkpointing", plan.activation_bytes_ckpt),
             (f"total (checkpointing {'on' if plan.activation_checkpointing else 'off'})",
@@ -403,13 +369,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     from mbert_train.config import compose_config
+    from mbert_train.errors import UserError, first_line
 
     try:
         print(run_cli(argv, compose_config))
-    except (ValueError, HydraException, OmegaConfBaseException) as exc:
+    except (UserError, ValueError, HydraException, OmegaConfBaseException) as exc:
         # Hydra's messages run over several lines (search path, hints); the first says it.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"mbert-plan: error: {first}", file=sys.stderr)
+        print(f"mbert-plan: error: {first_line(exc)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

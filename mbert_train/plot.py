@@ -14,6 +14,8 @@ import math
 import sys
 from pathlib import Path
 
+from mbert_train.errors import UserError, describe_os_error, first_line
+
 # Same name as `mbert_train.metrics.METRICS_FILE`; not imported from there so that plotting
 # does not pay for importing torch.
 METRICS_FILE = "metrics.jsonl"
@@ -28,7 +30,7 @@ PANELS: list[tuple[str, list[str], bool]] = [
 """(title, series keys, log-scale y) per panel; eval_* keys join the panel of their base key."""
 
 
-class PlotError(RuntimeError):
+class PlotError(UserError):
     """Metrics are missing or unusable; the message is one line for the command line."""
 
 
@@ -37,7 +39,10 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         raise PlotError(f"{path} not found; pass the run directory the trainer wrote (run.dir)")
     records = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise PlotError(f"{path} is not UTF-8 text; pass the run directory the trainer wrote (run.dir)") from None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -121,8 +126,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         records = read_metrics(args.run_dir / METRICS_FILE)
         plot_curves(records, out, title=str(args.run_dir))
-    except PlotError as exc:
-        print(f"mbert-plot: error: {exc}", file=sys.stderr)
+    except (UserError, OSError) as exc:  # bad metrics, or a path that cannot be read or written
+        if isinstance(exc, OSError):
+            message = describe_os_error(exc, exc.filename or out, "accessing")
+        else:
+            message = first_line(exc)
+        print(f"mbert-plot: error: {message}", file=sys.stderr)
         raise SystemExit(1) from None
     print(f"wrote {out} ({len(records)} logged steps)")
 

@@ -7,9 +7,12 @@ the layout, data, model and DeepSpeed engine, then trains (resuming from RUN_DIR
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import logging
 import os
 import random
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -21,8 +24,20 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from mbert_train.config import CONF_DIR, TrainConfig, register_schema, to_train_config
+from mbert_train.errors import UserError, describe_os_error, first_line
 
 log = logging.getLogger("mbert_train")
+
+RUN_MARKER = ".mbert-train-run"
+"""Written into a run dir at its first start. Only a folder holding it (or a run of an older
+version: `checkpoints/step_*`) is resumed into; any other non-empty folder is refused, so a
+mistyped `run.dir` never overwrites a user's `config.yaml` or `hf/`."""
+HYDRA_SUBDIR = ".hydra"
+"""Hydra's record of the run, written here (redacted) by rank 0: `conf/` sets
+`hydra.output_subdir: null` so that Hydra itself never writes the secrets of a command line."""
+_STEP_DIR = re.compile(r"step_\d{8}")
+# Errors of the file system that the user fixes (space, permissions, read-only mounts).
+_USER_OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def strip_launcher_args(argv: list[str]) -> list[str]:
@@ -47,22 +62,69 @@ def _quiet_libraries(rank: int) -> None:
     warnings.filterwarnings("ignore", message=".*torch.utils.checkpoint.*")
 
 
-def _shared_run_dir(candidate: str) -> Path:
-    """Rank 0's run dir for every rank (ranks may start a second apart and name dirs by time)."""
-    box = [candidate]
+def run_dir_problem(run_dir: Path) -> str | None:
+    """Why `run_dir` cannot hold this run, or None: it may be missing, empty (Hydra and the
+    launchers create it before we run), hold only Hydra's `.hydra/`, or be one of our runs."""
+    if not run_dir.exists():
+        return None
+    if not run_dir.is_dir():
+        return f"run.dir={run_dir} is a file; point run.dir at a new folder, or at an existing run to resume it"
+    if (run_dir / RUN_MARKER).exists():
+        return None
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir() and any(_STEP_DIR.fullmatch(p.name) for p in checkpoints.iterdir()):
+        return None  # a run of a version before RUN_MARKER
+    others = sorted(p.name for p in run_dir.iterdir() if p.name != HYDRA_SUBDIR)
+    if not others:
+        return None
+    shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+    return (f"run.dir={run_dir} is not empty ({shown}) and is not an mbert-train run dir (no {RUN_MARKER}); "
+            f"point run.dir at a new or empty folder, or at an existing run to resume it")
+
+
+def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, record: dict[str, object], secrets: frozenset[str]) -> None:
+    """Mark `run_dir` as ours, then write Hydra's record and the config (both redacted)."""
+    from mbert_train.metrics import redact
+    from mbert_train.staging import write_text_atomic
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker = run_dir / RUN_MARKER
+    if not marker.exists():  # first, and in place: a run killed right here is still recognised
+        marker.write_text("mbert-train run directory; rerun mbert-train with this run.dir to resume it\n")
+    if record:
+        (run_dir / HYDRA_SUBDIR).mkdir(exist_ok=True)
+        for name, content in record.items():
+            write_text_atomic(run_dir / HYDRA_SUBDIR / name, OmegaConf.to_yaml(OmegaConf.create(content)))
+    config = redact(dataclasses.asdict(cfg), values=secrets)
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+
+
+def _shared_run_dir(candidate: str, cfg: TrainConfig, record: dict[str, object], secrets: frozenset[str]) -> Path:
+    """Rank 0's run dir for every rank (ranks may start a second apart and name dirs by time),
+    checked and prepared by rank 0; a refusal there stops every rank with the same line."""
+    box: list[str | None] = [None, None]
+    if dist.get_rank() == 0:
+        run_dir = Path(candidate).resolve()
+        problem = run_dir_problem(run_dir)
+        if problem is None:
+            try:
+                _prepare_run_dir(run_dir, cfg, record, secrets)
+            except OSError as exc:
+                problem = f"run.dir={run_dir}: {describe_os_error(exc, exc.filename or run_dir)}"
+        box = [str(run_dir), problem]
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(box, src=0)
-    return Path(box[0]).resolve()
+    if box[1] is not None:
+        raise UserError(box[1])
+    return Path(box[0])
 
 
 def _dataset_dir(cfg: TrainConfig, rank: int) -> str:
     from mbert_train.data import prepare_default_corpus
+    from mbert_train.data.corpus import require_dataset
 
     if cfg.data.path is not None:
-        if not Path(cfg.data.path, "metadata.json").is_file():
-            raise FileNotFoundError(f"data.path={cfg.data.path} is not a dataset written by mbert-prep "
-                                    f"(no metadata.json); run `mbert-prep` on your text first")
-        return cfg.data.path
+        return require_dataset(cfg.data.path, "data.path")  # by its format marker, one line
     if rank == 0:  # build the embedded corpus once; the others then find it cached
         path = prepare_default_corpus(cfg.data)
     dist.barrier()
@@ -79,10 +141,11 @@ def _check_same_tokenizer(digest: str | None, dataset_dir: str) -> None:
                          f"for the embedded corpus) on a file system all nodes share, or use data.path")
 
 
-def run(cfg: TrainConfig, run_dir_candidate: str) -> Path:
+def run(cfg: TrainConfig, run_dir_candidate: str, record: dict[str, object] | None = None,
+        secrets: frozenset[str] = frozenset()) -> Path:
     from mbert_train.data import build_loaders, check_vocab, open_dataset
     from mbert_train.engine import build_engine
-    from mbert_train.metrics import MetricsLogger, redact
+    from mbert_train.metrics import MetricsLogger
     from mbert_train.model import MegatronBert
     from mbert_train.parallel.layout import init_parallel
     from mbert_train.parallel.random import seed_for_training, training_seed
@@ -96,11 +159,7 @@ def run(cfg: TrainConfig, run_dir_candidate: str) -> Path:
         raise ValueError("trainer.precision=fp16 needs a GPU; on CPU use fp32 or bf16")
     if cfg.optim.name == "lamb" and device.type != "cuda":
         raise ValueError("optim=lamb needs a GPU (DeepSpeed's FusedLamb); on CPU use optim=adamw")
-    run_dir = _shared_run_dir(run_dir_candidate)
-    if state.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(redact(OmegaConf.to_container(OmegaConf.structured(cfg)))),
-                       run_dir / "config.yaml")
+    run_dir = _shared_run_dir(run_dir_candidate, cfg, record or {}, secrets)
 
     dataset_dir = _dataset_dir(cfg, state.rank)
     metadata = open_dataset(dataset_dir).metadata
@@ -129,7 +188,8 @@ def run(cfg: TrainConfig, run_dir_candidate: str) -> Path:
     trainer.log = MetricsLogger(run_dir, rank=state.rank, wandb_mode=cfg.logging.wandb_mode,
                                 project=cfg.logging.project, run_name=cfg.logging.run_name or run_dir.name,
                                 config=OmegaConf.to_container(OmegaConf.structured(cfg)),
-                                wandb_run_id=trainer.wandb_run_id, resume_step=trainer.step if resumed else 0)
+                                wandb_run_id=trainer.wandb_run_id, resume_step=trainer.step if resumed else 0,
+                                secrets=secrets)
     trainer.wandb_run_id = trainer.log.wandb_run_id
     trainer.install_signal_handlers()
     try:
@@ -161,17 +221,93 @@ def finish(trainer, run_dir: Path) -> None:
     dist.barrier()
 
 
+def _redact_hydra(config: dict, secrets: frozenset[str]) -> dict:
+    """A Hydra config ({hydra: ..., ...}) with its record of the command line redacted."""
+    from mbert_train.metrics import redact, redact_argv
+
+    overrides = config.get("hydra", {}).get("overrides", {})
+    for name in ("task", "hydra"):
+        if isinstance(overrides.get(name), list):
+            overrides[name] = redact_argv([str(arg) for arg in overrides[name]], values=secrets)
+    return redact(config, values=secrets)
+
+
+def _override_secrets(overrides: list[str]) -> set[str]:
+    """Secret values on the command line, also ones a later override replaced or one inside a
+    dict (`trainer.deepspeed='{comet: {api_key: ...}}'`): Hydra's record keeps every override."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from mbert_train.metrics import secret_values
+
+    found: set[str] = set()
+    for override in OverridesParser.create().parse_overrides(overrides):
+        value = override.value()
+        found |= secret_values({override.key_or_group: getattr(value, "list", value)})  # a sweep's choices
+    return found
+
+
+def run_secrets(cfg: TrainConfig) -> frozenset[str]:
+    """Every secret value of this run: the environment's, the config's and the command line's."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from mbert_train.metrics import secret_values
+
+    return frozenset(secret_values(dataclasses.asdict(cfg)) | _override_secrets(list(HydraConfig.get().overrides.task)))
+
+
+def hydra_record(dcfg: DictConfig, secrets: frozenset[str]) -> dict[str, object]:
+    """What Hydra would write to `.hydra/`, with `secrets` and secret-named keys redacted. A
+    sweep's `multirun.yaml` (beside the job dirs) is redacted in place, on rank 0."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from mbert_train.metrics import redact, redact_argv
+
+    hydra_cfg = HydraConfig.get()
+    record = {"config.yaml": redact(OmegaConf.to_container(dcfg), values=secrets),
+              "hydra.yaml": _redact_hydra({"hydra": OmegaConf.to_container(hydra_cfg)}, secrets),
+              "overrides.yaml": redact_argv([str(a) for a in hydra_cfg.overrides.task], values=secrets)}
+    sweep_record = Path(hydra_cfg.runtime.output_dir).parent / "multirun.yaml"
+    if hydra_cfg.mode == RunMode.MULTIRUN and int(os.environ.get("RANK", "0")) == 0 and sweep_record.is_file():
+        text = sweep_record.read_text(encoding="utf-8")
+        if any(s in text for s in secrets):
+            from mbert_train.staging import write_text_atomic
+
+            clean = _redact_hydra(OmegaConf.to_container(OmegaConf.create(text)), secrets)
+            write_text_atomic(sweep_record, OmegaConf.to_yaml(OmegaConf.create(clean)))
+    return record
+
+
+def _fail(message: str) -> None:
+    print(f"mbert-train: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_main(dcfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    # Every error the user can fix (UserError: bad settings, files, a diverged run; a full or
+    # read-only disk) ends here as one line naming the setting or file and the fix. Anything
+    # else is a bug and keeps its traceback.
     try:
         cfg = to_train_config(dcfg)
-        run(cfg, cfg.run.dir or HydraConfig.get().runtime.output_dir)
-    except (ValueError, FileNotFoundError) as exc:
-        # Bad settings or files: one line naming the setting and the fix, not a traceback.
-        print(f"mbert-train: error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        raise SystemExit(2) from None
+        secrets = run_secrets(cfg)
+        run(cfg, cfg.run.dir or HydraConfig.get().runtime.output_dir, hydra_record(dcfg, secrets), secrets)
+    except (UserError, ValueError, FileNotFoundError) as exc:
+        _fail(first_line(exc))
+    except OSError as exc:
+        if exc.errno not in _USER_OS_ERRNOS:
+            raise
+        _fail(describe_os_error(exc, exc.filename or "a file", "accessing"))
+    except RuntimeError as exc:
+        # A collective that outlived parallel.timeout_s, or lost a rank that died first.
+        from mbert_train.parallel.layout import collective_failure
+
+        failure = collective_failure(exc, dcfg.parallel.timeout_s)
+        if failure is None:
+            raise
+        _fail(str(failure))
 
 
 def main() -> None:

@@ -14,21 +14,25 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mbert_train.checkpoint import CheckpointDir, load_torch
+from mbert_train.arithmetic import masked_fraction
+from mbert_train.checkpoint import CheckpointDir, CheckpointError, load_torch, read_json, read_meta, write_errors
 from mbert_train.config import TrainConfig
-from mbert_train.metrics import MetricsLogger, ProgressBar, mfu, model_flops_per_token, peak_memory_gib
+from mbert_train.data.loader import STOP_SIGNALS
+from mbert_train.errors import UserError
+from mbert_train.metrics import MetricsLogger, ProgressBar, mfu, model_flops_per_token, peak_memory_gib, redact
 from mbert_train.model.weights import load_full_from_dir, save_model_shard, shard_state_dict
 from mbert_train.parallel.layout import ParallelState
 from mbert_train.rng import capture_rng_state, restore_rng_state
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-
 
 LOSS_SCALER_KEY = "loss_scaler"
+# What a trainer_rank*.pt holds, and the only engine attributes a resume sets from it.
+TRAINER_STATE_KEYS = ("step", "bad_in_a_row", "skipped", "optimizer", "scheduler", "loader", "rng", "engine")
+ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
 
 
-class TrainingDiverged(RuntimeError):
-    pass
+class TrainingDiverged(UserError):
+    """Non-finite loss, gradients or weights that the run cannot recover from by itself."""
 
 
 def _plain(value):
@@ -58,6 +62,23 @@ def _trainer_file(rank: int) -> str:
     return f"trainer_rank{rank:05d}.pt"
 
 
+def checked_trainer_state(state, path: Path) -> dict:
+    """A loaded trainer_rank*.pt, refused unless it has our keys and exactly the integer engine
+    counters (a resume sets only those on the engine, never attributes named by a file)."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint file {path} holds a {type(state).__name__}, not a trainer state dict; "
+                              "it was not written by mbert-train")
+    missing = [key for key in TRAINER_STATE_KEYS if key not in state]
+    engine = state.get("engine")
+    if missing or not isinstance(engine, dict):
+        raise CheckpointError(f"checkpoint file {path} lacks {missing or ['engine']}; it was not written by "
+                              "mbert-train or is from an incompatible version")
+    if set(engine) != set(ENGINE_COUNTERS) or any(type(value) is not int for value in engine.values()):
+        raise CheckpointError(f"checkpoint file {path} has engine state {sorted(map(str, engine))}; only the integer "
+                              f"counters {list(ENGINE_COUNTERS)} are accepted, refusing to resume from it")
+    return state
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, state: ParallelState, engine, scheduler, train_loader, eval_loader,
                  run_dir: Path, device: torch.device, log: MetricsLogger | None = None):
@@ -71,7 +92,11 @@ class Trainer:
         self.wandb_run_id: str | None = None
         self._stop_requested = False
         self._pending_rng: dict | None = None
-        self._flops_per_token = model_flops_per_token(cfg.model, cfg.data.max_seq_length)
+        # MFU counts what runs: with mlm_masked_only the MLM head (and the last layer's
+        # attention output and MLP) only on the masked positions and [CLS].
+        self._flops_per_token = model_flops_per_token(
+            cfg.model, cfg.data.max_seq_length,
+            masked_fraction=masked_fraction(cfg.data) if cfg.trainer.mlm_masked_only else 1.0)
 
     # ---- signals -------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -113,14 +138,21 @@ class Trainer:
         t = self.cfg.trainer
         bar = ProgressBar(t.max_steps, rank=self.state.rank, initial_step=self.step) if self.cfg.logging.progress_bar \
             else None
-        batches = iter(self.train_loader)
         if self._pending_rng is not None:
             # Restored last, right before the first step, so nothing in between draws from it.
             restore_rng_state(self._pending_rng)
             self._pending_rng = None
         tokens_since, time_since = 0.0, time.perf_counter()
+        saved_at = self.step  # the checkpoint resumed from, or a fresh start: nothing to save yet
         while self.step < t.max_steps:
-            m = self.train_step(batches)
+            # The ranks agree on a stop before each step, once its batches are in hand: a DataLoader
+            # worker that died with the stop signal then fails the fetch, never a half-done step.
+            mark = self.train_loader.mark()
+            micro = self._fetch(t.grad_accum)
+            if self._any_rank(self._stop_requested or micro is None):
+                self.train_loader.rewind(mark)  # the checkpoint resumes with this step's batches
+                self._stop(bar, write=saved_at != self.step)
+            m = self.train_step(iter(micro))
             self.step += 1
             tokens_since += m["tokens"]
             self._count_bad(m)
@@ -139,18 +171,33 @@ class Trainer:
                 tokens_since, time_since = 0.0, time.perf_counter()
             if t.eval_every and self.step % t.eval_every == 0:
                 self.evaluate()
-            stop = self._any_rank(self._stop_requested)
-            if stop or self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
+            if self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
                 self.save()
-            if stop:
-                if bar:
-                    bar.close()
-                if self.state.rank == 0:
-                    print(f"[mbert-train] stop signal: checkpoint written at step {self.step}; rerun the same "
-                          f"command to resume", flush=True)
-                raise SystemExit(0)
+                saved_at = self.step
         if bar:
             bar.close()
+
+    def _fetch(self, n: int) -> list | None:
+        """This step's micro-batches; None if a DataLoader worker died after a stop was requested
+        (SIGKILL, or a stop signal caught before it could ignore it): the stop then goes ahead."""
+        try:
+            return self.train_loader.take(n)
+        except RuntimeError as exc:
+            if self._stop_requested and "DataLoader worker" in str(exc):
+                return None
+            raise
+
+    def _stop(self, bar, *, write: bool) -> None:
+        """Checkpoint the last completed step (unless that checkpoint exists) and exit 0."""
+        if write:
+            self.save()
+        if bar:
+            bar.close()
+        if self.state.rank == 0:
+            done = "checkpoint written" if write else "nothing new since the checkpoint"
+            print(f"[mbert-train] stop signal: {done} at step {self.step}; rerun the same command to resume",
+                  flush=True)
+        raise SystemExit(0)
 
     def _count_bad(self, m: dict) -> None:
         if m["applied"] and math.isfinite(m["loss"]):
@@ -196,27 +243,47 @@ class Trainer:
         return {"tensor_parallel": self.state.dims.tensor_parallel, "data_parallel": self.state.dims.data_parallel,
                 "zero_stage": self.cfg.parallel.zero_stage}
 
+    def _raise_together(self, error: UserError | None, what: str) -> None:
+        """An all-reduce, so also a barrier: if `error` happened on any rank, every rank raises
+        (the failing rank its own message), and no rank is left waiting for a peer that died."""
+        if self._any_rank(error is not None):
+            raise error or CheckpointError(f"{what} failed on another rank; see that rank's error")
+
     def save(self) -> None:
+        """Write the checkpoint of this step. The ranks agree after each stage (begin, write,
+        commit), so a failure on any rank (disk full, non-finite weights) stops them all."""
         model = self.engine.module
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise TrainingDiverged(f"parameters are not finite at step {self.step}; not writing a checkpoint")
-        tmp = self.ckpt.begin(self.step)
-        dist.barrier()
+        finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+        if self._any_rank(not finite):  # each TP rank checks its own shards
+            raise TrainingDiverged(f"parameters are not finite at step {self.step}; not writing a checkpoint: "
+                                   f"lower optim.lr or raise trainer.grad_clip and resume from the last one")
+        tmp = self.ckpt.tmp_path(self.step)
+        stages = (lambda: self.ckpt.begin(self.step), lambda: self._write_files(tmp),
+                  lambda: self.ckpt.commit(self.step, layout=self._layout()))
+        for stage in stages:
+            error = None
+            try:
+                stage()
+            except CheckpointError as exc:
+                error = exc
+            self._raise_together(error, f"writing the checkpoint of step {self.step}")
+
+    def _write_files(self, tmp: Path) -> None:
+        model = self.engine.module
         if self.state.dp_rank == 0:
-            save_model_shard(tmp, model, self.state.tp_rank, self.state.dims.tensor_parallel)
-        torch.save({
-            "step": self.step, "bad_in_a_row": self.bad_in_a_row, "skipped": self.skipped,
-            "optimizer": _plain_optimizer_state(self.engine.optimizer), "scheduler": self.scheduler.state_dict(),
-            "loader": self.train_loader.state_dict(), "rng": capture_rng_state(),
-            "engine": {"global_steps": self.engine.global_steps, "global_samples": self.engine.global_samples,
-                       "skipped_steps": self.engine.skipped_steps, "micro_steps": self.engine.micro_steps},
-        }, tmp / _trainer_file(self.state.rank))
+            with write_errors(tmp):
+                save_model_shard(tmp, model, self.state.tp_rank, self.state.dims.tensor_parallel)
+        with write_errors(tmp / _trainer_file(self.state.rank)):
+            torch.save({
+                "step": self.step, "bad_in_a_row": self.bad_in_a_row, "skipped": self.skipped,
+                "optimizer": _plain_optimizer_state(self.engine.optimizer), "scheduler": self.scheduler.state_dict(),
+                "loader": self.train_loader.state_dict(), "rng": capture_rng_state(),
+                "engine": {key: getattr(self.engine, key) for key in ENGINE_COUNTERS},
+            }, tmp / _trainer_file(self.state.rank))
         if self.state.rank == 0:
-            (tmp / "run.json").write_text(json.dumps({"wandb_run_id": self.wandb_run_id,
-                                                      "config": asdict(self.cfg)}, indent=2, default=str))
-        dist.barrier()
-        self.ckpt.commit(self.step, layout=self._layout())
-        dist.barrier()
+            with write_errors(tmp / "run.json"):
+                (tmp / "run.json").write_text(json.dumps({"wandb_run_id": self.wandb_run_id,
+                                                          "config": redact(asdict(self.cfg))}, indent=2, default=str))
 
     def load_weights(self, directory: str | Path) -> None:
         """Weights only, from any of our model dirs at any TP degree (resharded here)."""
@@ -226,25 +293,29 @@ class Trainer:
         diff = [f"model.{k}={getattr(self.cfg.model, k)} (checkpoint: {getattr(saved_cfg, k)})"
                 for k in shape_keys if getattr(saved_cfg, k) != getattr(self.cfg.model, k)]
         if diff:
-            raise ValueError(f"checkpoint {directory} does not fit this model: {', '.join(diff)}; "
-                             f"set model.* to match it or use another run.dir")
+            raise CheckpointError(f"checkpoint {directory} does not fit this model: {', '.join(diff)}; "
+                                  f"set model.* to match it or use another run.dir")
         model = self.engine.module
         sd = shard_state_dict(full, model)
         model.load_state_dict({k: v.to(self.device) for k, v in sd.items()})
 
     def resume(self) -> bool:
         """Continue from RUN_DIR's latest checkpoint, if any; refuses a different layout."""
-        latest = self.ckpt.latest()
+        error, latest, state = None, None, None
+        try:
+            self.ckpt.collect_garbage()  # rank 0 repairs first; the others read after the barrier
+        except CheckpointError as exc:
+            error = exc
+        self._raise_together(error, "cleaning up the checkpoint directory")
+        try:
+            latest = self.ckpt.latest()
+            state = None if latest is None else self._read_trainer_state(latest)
+        except CheckpointError as exc:
+            error = exc
+        self._raise_together(error, "reading the checkpoint")
         if latest is None:
             return False
-        meta = json.loads((latest / "meta.json").read_text())
-        saved = meta.get("layout", {})
-        if saved and saved != self._layout():
-            raise ValueError(
-                f"checkpoint {latest} was written with {saved}, this run has {self._layout()}; resume with the "
-                f"same parallel.* and world size, or start a new run.dir with trainer.init_from={latest}")
         self.load_weights(latest)
-        state = load_torch(latest / _trainer_file(self.state.rank))
         opt = self.engine.optimizer
         if self.cfg.parallel.zero_stage > 0:
             scaler = state["optimizer"].pop(LOSS_SCALER_KEY, None)
@@ -257,11 +328,20 @@ class Trainer:
             opt.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_loader.load_state_dict(state["loader"])
-        for key, value in state["engine"].items():
-            setattr(self.engine, key, value)
+        for key in ENGINE_COUNTERS:
+            setattr(self.engine, key, state["engine"][key])
         self.step, self.bad_in_a_row, self.skipped = state["step"], state["bad_in_a_row"], state["skipped"]
         run_file = latest / "run.json"
         if run_file.is_file():
-            self.wandb_run_id = json.loads(run_file.read_text()).get("wandb_run_id")
+            self.wandb_run_id = read_json(run_file).get("wandb_run_id")
         self._pending_rng = state["rng"]
         return True
+
+    def _read_trainer_state(self, latest: Path) -> dict:
+        saved = read_meta(latest).get("layout", {})
+        if saved and saved != self._layout():
+            raise CheckpointError(
+                f"checkpoint {latest} was written with {saved}, this run has {self._layout()}; resume with the "
+                f"same parallel.* and world size, or start a new run.dir with trainer.init_from={latest}")
+        path = latest / _trainer_file(self.state.rank)
+        return checked_trainer_state(load_torch(path), path)

@@ -1,8 +1,10 @@
-"""Checkpoint directory protocol: atomic commit, `latest`, rotation, crash recovery, loaders,
-and the RNG state the trainer stores in checkpoints."""
+"""Checkpoint directory protocol: atomic commit, `latest`, rotation, crash recovery (a kill at
+every step of a save), one-line errors, ranks that fail together, loaders, and the RNG state the
+trainer stores in checkpoints."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,8 +23,13 @@ import torch
 from safetensors.torch import save_file
 
 from mbert_train.checkpoint import (CheckpointDir, CheckpointError, load_tensors, load_torch,
-                                    read_meta, step_of, step_tag)
+                                    read_meta, step_of, step_tag, write_errors)
+from mbert_train.config import TrainConfig
+from mbert_train.errors import UserError
 from mbert_train.rng import capture_rng_state, restore_rng_state, seed_everything
+from mbert_train.trainer import Trainer, TrainingDiverged, checked_trainer_state
+from tests.dist import spawn
+from tests.train_util import train
 
 
 def _save(ckpt: CheckpointDir, step: int, value: float | None = None) -> Path:
@@ -233,3 +241,302 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     assert draw() == first
     with pytest.raises(ValueError, match="seed=-1"):
         seed_everything(-1)
+
+
+# ---- kills injected at each step of commit, rotation and same-step re-commit ---------------
+class _Killed(BaseException):
+    """Stands for a SIGKILL: nothing after it runs, no `except Exception` handler catches it."""
+
+
+def _kill_at(m: pytest.MonkeyPatch, n: int) -> None:
+    """Die at the n-th rename / replace / rmtree (counted together); a dying rmtree first
+    deletes one file that is not meta.json, as a kill in the middle of it would."""
+    real = {"rename": os.rename, "replace": os.replace, "rmtree": shutil.rmtree}
+    count = [0]
+
+    def wrap(name):
+        def op(path, *args, **kwargs):
+            count[0] += 1
+            if count[0] == n:
+                if name == "rmtree":
+                    next(p for p in sorted(Path(path).iterdir()) if p.name != "meta.json").unlink()
+                raise _Killed
+            return real[name](path, *args, **kwargs)
+        return op
+
+    m.setattr(os, "rename", wrap("rename"))
+    m.setattr(os, "replace", wrap("replace"))
+    m.setattr(shutil, "rmtree", wrap("rmtree"))
+
+
+def _assert_whole(ckpt: CheckpointDir) -> None:
+    for path in ckpt.list():
+        assert load_torch(path / "model.pt")["w"][0].item() in (step_of(path), 1.0, 2.0), path
+        assert read_meta(path)["step"] == step_of(path)
+
+
+def _each_kill(monkeypatch, run_dir: Path, save) -> int:
+    """Call `save` with a kill injected at the 1st, 2nd, ... file operation, each time on a fresh
+    copy of `run_dir`; yield each killed copy, until a save runs to its end."""
+    for n in range(1, 20):
+        copy = run_dir.parent / f"killed_at_{n}"
+        shutil.copytree(run_dir, copy)
+        with monkeypatch.context() as m:
+            _kill_at(m, n)
+            try:
+                save(copy)
+            except _Killed:
+                yield copy
+                continue
+        return
+
+
+def test_kill_during_commit_and_rotation_never_loses_the_newest(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    ckpt = CheckpointDir(run, keep_last=2)
+    for step in (100, 200):
+        _save(ckpt, step)
+    points = 0
+    for copy in _each_kill(monkeypatch, run, lambda d: _save(CheckpointDir(d, keep_last=2), 300)):
+        points += 1
+        renamed = CheckpointDir(copy).path(300).exists()
+        fresh = CheckpointDir(copy, keep_last=2)
+        got = fresh.latest()
+        assert step_of(got) in ((200, 300) if renamed else (200,))
+        _assert_whole(fresh)
+        steps = [step_of(p) for p in fresh.list()]
+        assert 200 in steps and (300 in steps) == renamed
+        assert not [p for p in fresh.root.iterdir() if p.name.startswith(".")]
+        _save(fresh, 400)
+        assert [step_of(p) for p in fresh.list()][-1] == 400 and len(fresh.list()) == 2
+    assert points >= 5  # meta.json, the rename, latest, the rotation's rename and its delete
+
+
+def test_kill_during_same_step_recommit_keeps_a_complete_copy(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    ckpt = CheckpointDir(run, keep_last=2)
+    _save(ckpt, 100)
+    _save(ckpt, 200, value=1.0)
+    points = 0
+    for copy in _each_kill(monkeypatch, run, lambda d: _save(CheckpointDir(d, keep_last=2), 200, value=2.0)):
+        points += 1
+        root = copy / "checkpoints"
+        final = root / "step_00000200"
+        if final.is_dir():  # a copy of step 200 is committed: it stays
+            expected = load_torch(final / "model.pt")["w"][0].item()
+        else:  # killed between the two renames: the newer complete copy comes back
+            expected = 2.0 if (root / ".tmp-step_00000200" / "meta.json").is_file() else 1.0
+        fresh = CheckpointDir(copy, keep_last=2)
+        got = fresh.latest()
+        assert got == final
+        assert load_torch(got / "model.pt")["w"][0].item() == expected
+        _assert_whole(fresh)
+        assert [step_of(p) for p in fresh.list()] == [100, 200]
+        assert not [p for p in root.iterdir() if p.name.startswith(".")]
+    assert points >= 4  # meta.json, old copy aside, new copy in place, delete the old copy
+
+
+def test_interrupted_recommit_restores_the_only_complete_copy(tmp_path):
+    ckpt = CheckpointDir(tmp_path)
+    _save(ckpt, 100)
+    _save(ckpt, 200, value=1.0)
+    root = tmp_path / "checkpoints"
+    # Killed between the renames, before the new copy had its meta.json: only the old is complete.
+    os.rename(root / "step_00000200", root / ".tmp-replaced-step_00000200-12345")
+    (root / ".tmp-step_00000200").mkdir()
+    (root / ".tmp-step_00000200" / "model.pt").write_bytes(b"half")
+    assert load_torch(ckpt.latest() / "model.pt")["w"][0].item() == 1.0
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000100", "step_00000200"]
+
+
+def test_rotation_and_fallback_follow_the_order_checkpoints_were_written(tmp_path, caplog):
+    keep_all = CheckpointDir(tmp_path, keep_last=None)
+    for step in (100, 200, 300):
+        _save(keep_all, step)
+    # The user goes back to step 100 (e.g. to retry with another lr): the run's new history
+    # continues from there, and steps 200 and 300 belong to the abandoned one.
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000100\n")
+    ckpt = CheckpointDir(tmp_path, keep_last=2)
+    assert step_of(ckpt.latest()) == 100
+    _save(ckpt, 150)
+    assert [step_of(p) for p in ckpt.list()] == [300, 150]
+    assert [read_meta(p)["commit"] for p in ckpt.list()] == [3, 4]
+    (tmp_path / "checkpoints" / "latest").unlink()
+    with caplog.at_level(logging.WARNING, logger="mbert_train.checkpoint"):
+        assert step_of(ckpt.latest()) == 150
+
+
+def test_files_and_latest_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        ckpt = CheckpointDir(tmp_path)
+        tmp = ckpt.begin(100)
+        # safetensors (and mkstemp) create their files 0600, whatever the umask
+        os.close(os.open(tmp / "model_tp00-of-01.safetensors", os.O_CREAT | os.O_WRONLY, 0o600))
+        final = ckpt.commit(100)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [tmp_path / "checkpoints" / "latest", *final.iterdir()]}
+    assert modes == {"latest": 0o644, "meta.json": 0o644, "model_tp00-of-01.safetensors": 0o644}
+
+
+@pytest.mark.parametrize("error, expected", [
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"), "no space left"),
+    (RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"), "no space left"),
+    (OSError(errno.ENOSPC, "No space left on device"), "no space left"),
+    (RuntimeError("[enforce fail at inline_container.cc:747] . open file failed with strerror: Read-only file "
+                  "system"), "read-only file system"),
+    (OSError(errno.EACCES, "Permission denied"), "permission denied"),
+])
+def test_failed_writes_are_one_line_errors_naming_the_file(tmp_path, error, expected):
+    target = tmp_path / "checkpoints" / ".tmp-step_00000100" / "trainer_rank00000.pt"
+    with pytest.raises(CheckpointError) as info:
+        with write_errors(target):
+            raise error
+    message = str(info.value)
+    assert expected in message and str(target) in message and "\n" not in message
+    with pytest.raises(KeyError):  # not an I/O failure: a bug, raised unchanged
+        with write_errors(target):
+            raise KeyError("x")
+
+
+def test_read_only_checkpoint_dir_is_a_one_line_error(tmp_path, monkeypatch):
+    ckpt = CheckpointDir(tmp_path)
+    _save(ckpt, 100)
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(args[0]))
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "mkdir", read_only)
+        with pytest.raises(CheckpointError, match=r"\.tmp-step_00000200 is on a read-only file system"):
+            ckpt.begin(200)
+    tmp = ckpt.begin(200)
+    with monkeypatch.context() as m:
+        m.setattr(os, "rename", read_only)
+        with pytest.raises(CheckpointError, match="read-only file system"):
+            ckpt.commit(200)
+    assert ckpt.latest() == ckpt.path(100) and not tmp.exists()
+
+
+def test_empty_or_corrupt_json_names_the_file(tmp_path):
+    ckpt = CheckpointDir(tmp_path)
+    final = _save(ckpt, 100)
+    for text, problem in [("", "is empty"), ("  \n", "is empty"), ('{"step": 1', "is truncated or corrupt"),
+                          ("[1, 2]", "holds a JSON list")]:
+        (final / "meta.json").write_text(text)
+        with pytest.raises(CheckpointError) as info:
+            read_meta(final)
+        assert str(info.value).startswith(f"checkpoint file {final / 'meta.json'} {problem}")
+    assert issubclass(CheckpointError, UserError) and issubclass(TrainingDiverged, UserError)
+
+
+def test_trainer_state_accepts_only_the_engine_counters(tmp_path):
+    counters = {"global_steps": 4, "global_samples": 32, "skipped_steps": 0, "micro_steps": 4}
+    good = {"step": 4, "bad_in_a_row": 0, "skipped": 0, "optimizer": {}, "scheduler": {}, "loader": {},
+            "rng": {}, "engine": counters}
+    path = tmp_path / "trainer_rank00000.pt"
+    assert checked_trainer_state(good, path) is good
+    for engine in [{**counters, "optimizer": None}, {**counters, "__class__": "x"},
+                   {**counters, "global_steps": "4"}, {k: v for k, v in counters.items() if k != "micro_steps"}]:
+        with pytest.raises(CheckpointError, match="only the integer counters"):
+            checked_trainer_state({**good, "engine": engine}, path)
+    with pytest.raises(CheckpointError, match=r"lacks \['rng'\]"):
+        checked_trainer_state({k: v for k, v in good.items() if k != "rng"}, path)
+    with pytest.raises(CheckpointError, match="holds a list"):
+        checked_trainer_state([good], path)
+
+
+def _fake_trainer(run_dir: str, rank: int) -> Trainer:
+    """A Trainer around a tiny stand-in engine, DP=2: enough for save() and resume()'s checks."""
+    trainer = Trainer.__new__(Trainer)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer.cfg, trainer.step, trainer.bad_in_a_row, trainer.skipped = TrainConfig(), 3, 0, 0
+    trainer.state = SimpleNamespace(rank=rank, dp_rank=rank, tp_rank=0,
+                                    dims=SimpleNamespace(tensor_parallel=1, data_parallel=2))
+    trainer.engine = SimpleNamespace(module=model, optimizer=optimizer, global_steps=3, global_samples=6,
+                                     skipped_steps=0, micro_steps=3)
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    trainer.train_loader = SimpleNamespace(state_dict=lambda: {"batches": 3})
+    trainer.device, trainer.wandb_run_id = torch.device("cpu"), None
+    trainer.ckpt = CheckpointDir(run_dir, rank=rank)
+    return trainer
+
+
+def _two_ranks_fail_together(run_dir: str) -> None:
+    import torch.distributed as dist
+
+    from mbert_train import trainer as trainer_module
+
+    rank = dist.get_rank()
+    trainer_module.save_model_shard = lambda tmp, model, tp_rank, tp: torch.save(model.state_dict(),
+                                                                                 tmp / "model.pt")
+    trainer = _fake_trainer(run_dir, rank)
+    trainer.save()
+    first = Path(run_dir) / "checkpoints" / "step_00000003"
+    assert sorted(p.name for p in first.iterdir())[-2:] == ["trainer_rank00000.pt", "trainer_rank00001.pt"]
+    # Non-finite weights on one rank only (one TP shard): every rank refuses, none waits.
+    trainer.step = 4
+    weight = trainer.engine.module.weight
+    saved = weight.detach().clone()
+    if rank == 1:
+        with torch.no_grad():
+            weight[0, 0] = float("nan")
+    with pytest.raises(TrainingDiverged, match="not finite at step 4"):
+        trainer.save()
+    assert not (Path(run_dir) / "checkpoints" / ".tmp-step_00000004").exists()
+    with torch.no_grad():
+        weight.copy_(saved)
+    # The disk fills while rank 1 writes its file: both ranks raise, the first checkpoint stays.
+    trainer.step = 5
+    real_save = torch.save
+    if rank == 1:
+        def full_disk(obj, path, *args, **kwargs):
+            if "trainer_rank" in str(path):
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+            return real_save(obj, path, *args, **kwargs)
+        torch.save = full_disk
+    expected = "no space left on the device while writing checkpoint .*trainer_rank00001.pt" if rank == 1 \
+        else "writing the checkpoint of step 5 failed on another rank"
+    with pytest.raises(CheckpointError, match=expected):
+        trainer.save()
+    torch.save = real_save
+    assert (Path(run_dir) / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    # An empty meta.json: resume names it, on every rank.
+    dist.barrier()
+    meta = (first / "meta.json").read_text()
+    if rank == 0:
+        (first / "meta.json").write_text("")
+    dist.barrier()
+    with pytest.raises(CheckpointError, match=f"checkpoint file {first / 'meta.json'} is empty"):
+        trainer.resume()
+    # Rank 1's file of the committed checkpoint is truncated: resume fails on both ranks.
+    dist.barrier()
+    if rank == 0:
+        (first / "meta.json").write_text(meta)
+        data = (first / "trainer_rank00001.pt").read_bytes()
+        (first / "trainer_rank00001.pt").write_bytes(data[: len(data) // 2])
+    dist.barrier()
+    expected = "trainer_rank00001.pt is truncated or corrupt" if rank == 1 \
+        else "reading the checkpoint failed on another rank"
+    with pytest.raises(CheckpointError, match=expected):
+        trainer.resume()
+
+
+def test_checkpoint_failures_on_one_rank_stop_every_rank(tmp_path):
+    spawn(_two_ranks_fail_together, 2, str(tmp_path))
+
+
+def test_truncated_trainer_file_stops_mbert_train_with_one_line(tmp_path, corpus_cache):
+    run_dir = tmp_path / "run"
+    tiny = ["trainer.checkpoint_every=1", "trainer.eval_every=0", "trainer.export_hf=false", "data.num_workers=0"]
+    train(run_dir, corpus_cache, ["trainer.max_steps=1", *tiny], timeout=300)
+    state = run_dir / "checkpoints" / "step_00000001" / "trainer_rank00000.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    proc = train(run_dir, corpus_cache, ["trainer.max_steps=2", *tiny], check=False, timeout=300)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"mbert-train: error: checkpoint file {state} is truncated or corrupt; "
+        "delete the checkpoint dir or point run.dir elsewhere")

@@ -2,15 +2,23 @@
 
 import dataclasses
 import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from mbert_train.config import compose_config
 from mbert_train.convert import write_model_dir
+from mbert_train.engine import deepspeed_config
 from mbert_train.model import MegatronBert, ModelConfig
 from mbert_train.model.weights import (full_state_dict, load_full_from_dir, read_model_meta, shard_file,
                                        shard_state_dict)
 from mbert_train.parallel.layout import ParallelDims
+from mbert_train.train import HYDRA_SUBDIR, RUN_MARKER, run_dir_problem
 from tests.test_model_reference import small_config
+from tests.train_util import train
 
 
 def message(exc_info) -> str:
@@ -124,3 +132,100 @@ def test_model_config_from_other_tp(model_dir):
     with pytest.raises(FileNotFoundError) as exc:
         load_full_from_dir(model_dir)
     assert shard_file(4, 0) in message(exc)
+
+
+# --- Settings and run dirs through the real CLIs: exit != 0, one line, no traceback. ----------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, prog: str) -> str:
+    """The error line of a failed CLI, checked to be its only error output."""
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith(f"{prog}: error: "), proc.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize("override", ["optim.lr=nan", "optim.lr=inf", "trainer.grad_clip=-inf",
+                                      "data.masked_lm_prob=nan", "model.layer_norm_eps=inf",
+                                      "trainer.deepspeed.zero_optimization.reduce_bucket_size=nan"])
+def test_non_finite_setting_names_the_key(override):
+    key = override.split("=")[0]
+    with pytest.raises(ValueError) as exc:
+        compose_config([override])
+    assert message(exc).startswith(f"{override} is not a finite number") and f"set {key} to" in message(exc)
+
+
+def test_non_finite_lr_through_the_cli(tmp_path, corpus_cache):
+    proc = train(tmp_path / "run", corpus_cache, ["optim.lr=nan"], check=False, timeout=120)
+    assert proc.returncode == 2
+    assert "optim.lr=nan is not a finite number" in _one_error_line(proc, "mbert-train")
+
+
+def test_readme_deepspeed_passthrough_composes():
+    """The README's `trainer.deepspeed='{...}'` line, as the shell hands it over (Hydra used to
+    refuse it with "not in struct"); tests/test_secrets.py trains with the same form."""
+    (line,) = [line for line in README.read_text().splitlines() if line.startswith("mbert-train trainer.deepspeed=")]
+    argv = shlex.split(line.split("#")[0])
+    cfg = compose_config(argv[1:])
+    assert cfg.trainer.deepspeed == {"zero_optimization": {"reduce_bucket_size": 2e8}}
+    merged = deepspeed_config(cfg, data_parallel=1)["zero_optimization"]
+    assert merged["reduce_bucket_size"] == 2e8 and merged["stage"] == 0
+    # Still a typo elsewhere fails, and later overrides merge into the dict.
+    with pytest.raises(Exception, match="trainer.deepspeedz"):
+        compose_config(["trainer.deepspeedz={a: 1}"])
+    more = compose_config([*argv[1:], "trainer.deepspeed.zero_optimization.allgather_bucket_size=1000"])
+    assert more.trainer.deepspeed["zero_optimization"] == {"reduce_bucket_size": 2e8, "allgather_bucket_size": 1000}
+
+
+def test_run_dir_kinds(tmp_path):
+    assert run_dir_problem(tmp_path / "new") is None
+    (tmp_path / "empty").mkdir()
+    assert run_dir_problem(tmp_path / "empty") is None
+    (tmp_path / "hydra_made" / HYDRA_SUBDIR).mkdir(parents=True)  # Hydra's own output dir
+    assert run_dir_problem(tmp_path / "hydra_made") is None
+    (tmp_path / "ours" / "hf").mkdir(parents=True)
+    (tmp_path / "ours" / RUN_MARKER).write_text("")
+    assert run_dir_problem(tmp_path / "ours") is None
+    (tmp_path / "older" / "checkpoints" / "step_00000010").mkdir(parents=True)  # a run before the marker
+    assert run_dir_problem(tmp_path / "older") is None
+    (tmp_path / "theirs" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "theirs" / "checkpoints" / "latest").write_text("global_step10")  # not our layout
+    assert "run.dir=" in run_dir_problem(tmp_path / "theirs")
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in run_dir_problem(tmp_path / "file")
+
+
+@pytest.mark.parametrize("case", ["user_files", "under_a_file"])
+def test_run_dir_that_is_not_a_run_is_refused(tmp_path, corpus_cache, case):
+    project = tmp_path / "project"
+    (project / "hf").mkdir(parents=True)
+    files = {"config.yaml": b"my: own config\n", "hf/model.bin": b"\x00weights", "notes.txt": b"keep me"}
+    for name, data in files.items():
+        (project / name).write_bytes(data)
+    run_dir = project if case == "user_files" else project / "notes.txt" / "run"
+    proc = train(run_dir, corpus_cache, ["trainer.max_steps=1"], check=False, timeout=120)
+    line = _one_error_line(proc, "mbert-train")
+    assert proc.returncode == 2 and f"run.dir={run_dir}" in line
+    assert ("is not an mbert-train run dir" in line) if case == "user_files" else ("Not a directory" in line)
+    # Nothing was written or removed: no .hydra/, no marker, the user's files as they were.
+    listing = sorted(p.relative_to(project).as_posix() for p in project.rglob("*"))
+    assert listing == ["config.yaml", "hf", "hf/model.bin", "notes.txt"]
+    assert all((project / name).read_bytes() == data for name, data in files.items())
+
+
+def test_diverged_run_is_one_line(tmp_path, corpus_cache):
+    overrides = ["trainer.max_steps=4", "trainer.eval_every=0", "trainer.max_bad_steps=2", "trainer.inject_nan_at=[1,2]",
+                 "trainer.export_hf=false", "logging.wandb_mode=disabled"]
+    proc = train(tmp_path / "run", corpus_cache, overrides, check=False, timeout=300)
+    assert proc.returncode == 2
+    assert "consecutive non-finite steps" in _one_error_line(proc, "mbert-train")
+
+
+def test_plot_of_a_binary_metrics_file_is_one_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_bytes(bytes(range(256)))
+    proc = subprocess.run([sys.executable, "-m", "mbert_train.plot", str(tmp_path)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1 and "metrics.jsonl is not UTF-8 text" in _one_error_line(proc, "mbert-plot")

@@ -6,14 +6,16 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from transformers import MegatronBertForMaskedLM, MegatronBertForPreTraining
 
-from mbert_train.convert import export_hf, import_hf, main
+from mbert_train.convert import MARKER, export_hf, import_hf, main
 from mbert_train.model import MegatronBert
 from mbert_train.model.weights import load_full_from_dir, shard_file, shard_state_dict
 from tests.dist import spawn
@@ -63,7 +65,7 @@ def test_round_trip_is_bit_exact_and_loads_into_the_reference(tp, reference, hf_
     meta = json.loads((tmp_path / "ours" / "model_config.json").read_text())
     assert meta["tensor_parallel"] == tp and meta["padded_vocab"] == 128 * tp * -(-301 // (128 * tp))
     assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == sorted(
-        ["model_config.json"] + [shard_file(tp, r) for r in range(tp)])
+        [MARKER, "model_config.json"] + [shard_file(tp, r) for r in range(tp)])
     convert("to-hf", tmp_path / "ours", tmp_path / "back")
     assert_same_hf_weights(hf_dir / "model.safetensors", tmp_path / "back" / "model.safetensors")
     model, info = MegatronBertForPreTraining.from_pretrained(tmp_path / "back", output_loading_info=True)
@@ -107,23 +109,171 @@ def test_mlm_only_model_round_trips_as_masked_lm(tmp_path):
 
 def test_to_hf_follows_run_dir_latest_and_step_dirs(hf_dir, tmp_path):
     run = tmp_path / "run"
-    convert("from-hf", hf_dir, run / "checkpoints" / "step_00000010", "--tp", 2)
-    (run / "checkpoints" / "latest").write_text("step_00000010\n")
+    make_checkpoint(hf_dir, run, 10)
     convert("to-hf", run, tmp_path / "from_run")
     assert_same_hf_weights(hf_dir / "model.safetensors", tmp_path / "from_run" / "model.safetensors")
     convert("to-hf", run / "checkpoints" / "step_00000010", tmp_path / "from_step")
     assert_same_hf_weights(hf_dir / "model.safetensors", tmp_path / "from_step" / "model.safetensors")
 
 
-def test_overwrite_replaces_out_dir(hf_dir, tmp_path, capsys):
+def make_checkpoint(hf_dir, run, step: int) -> None:
+    """A complete checkpoint (model files + meta.json) of `run` at `step`, named by `latest`."""
+    tag = f"step_{step:08d}"
+    convert("from-hf", hf_dir, run / "checkpoints" / tag, "--tp", 2)
+    (run / "checkpoints" / tag / "meta.json").write_text(json.dumps({"step": step}))
+    (run / "checkpoints" / "latest").write_text(tag + "\n")
+
+
+def snapshot(root) -> dict:
+    """Every file under `root` (relative path -> bytes), to prove a refusal touched nothing."""
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_replaces_only_an_earlier_conversion_output(hf_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
-    assert "already exists" in error_of(capsys, "from-hf", hf_dir, out, "--tp", 2)
-    assert (out / "stale.txt").is_file()
-    convert("from-hf", hf_dir, out, "--tp", 2, "--overwrite")
-    assert not (out / "stale.txt").exists() and (out / shard_file(2, 1)).is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    convert("from-hf", hf_dir, out, "--tp", 2)
+    err = error_of(capsys, "from-hf", hf_dir, out)
+    assert "already exists (an earlier mbert-convert output)" in err and "--overwrite" in err
+    convert("to-hf", out, tmp_path / "hf_out")
+    convert("from-hf", hf_dir, out, "--overwrite")  # replaces our own model dir, TP 2 -> 1
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "model_config.json", shard_file(1, 0)]
+    convert("to-hf", out, tmp_path / "hf_out", "--overwrite")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_out", "out"]  # no staging leftovers
+    # Written before the marker existed: exactly our file set is still recognised.
+    (tmp_path / "hf_out" / MARKER).unlink()
+    (out / MARKER).unlink()
+    convert("to-hf", out, tmp_path / "hf_out", "--overwrite")
+    convert("from-hf", hf_dir, out, "--overwrite")
+    assert (tmp_path / "hf_out" / MARKER).is_file() and (out / MARKER).is_file()
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_ours(hf_dir, reference, tmp_path, capsys):
+    unrelated = tmp_path / "unrelated"
+    (unrelated / "sub").mkdir(parents=True)
+    (unrelated / "notes.txt").write_text("mine")
+    (unrelated / "sub" / "data.bin").write_bytes(b"\x00\x01")
+    saved = tmp_path / "saved"  # a user's own save_pretrained: config.json + model.safetensors too
+    reference.save_pretrained(saved)
+    ours_plus = tmp_path / "ours_plus"  # an export the user added a tokenizer to
+    convert("to-hf", _model_dir(hf_dir, tmp_path), ours_plus)
+    (ours_plus / "vocab.txt").write_text("[PAD]\n")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep")
+    link = tmp_path / "link"
+    link.symlink_to(unrelated)
+    before = snapshot(tmp_path)
+    capsys.readouterr()  # save_pretrained's progress bar
+    for out, why in [(unrelated, f"it has no {MARKER}"), (saved, f"it has no {MARKER}"),
+                     (ours_plus, "it also holds 'vocab.txt'"), (a_file, "it is not a directory"),
+                     (link, "it is a symbolic link")]:
+        for flag in ([], ["--overwrite"]):
+            for argv in (["from-hf", hf_dir, out], ["to-hf", tmp_path / "model", out]):
+                err = error_of(capsys, *argv, *flag)
+                assert f"{out} exists and is not an mbert-convert output ({why}" in err, err
+                assert "will not be deleted" in err and "--overwrite" not in err
+        with pytest.raises(ValueError, match="not an mbert-convert output"):
+            export_hf(*import_hf(hf_dir), out, overwrite=True)
+    assert snapshot(tmp_path) == before and link.is_symlink()
+
+
+def _model_dir(hf_dir, tmp_path):
+    convert("from-hf", hf_dir, tmp_path / "model")
+    return tmp_path / "model"
+
+
+@pytest.mark.parametrize("case", ["out_contains_input", "run_dir_as_out", "out_inside_input", "out_is_input_link",
+                                  "out_is_step_of_run"])
+def test_out_dir_overlapping_the_input_is_refused(case, hf_dir, tmp_path, capsys):
+    proj = tmp_path / "proj"
+    shutil.copytree(hf_dir, proj / "hf")
+    (proj / "notes.txt").write_text("mine")
+    run = tmp_path / "run"
+    make_checkpoint(hf_dir, run, 10)
+    (run / "config.yaml").write_text("model: {}\n")
+    (tmp_path / "hf_link").symlink_to(proj / "hf")
+    argv, where = {
+        "out_contains_input": (["from-hf", proj / "hf", proj], "contains"),
+        "run_dir_as_out": (["to-hf", run / "checkpoints" / "step_00000010", run], "contains"),
+        "out_inside_input": (["from-hf", proj / "hf", proj / "hf" / "tp1"], "is inside"),
+        "out_is_input_link": (["from-hf", proj / "hf", tmp_path / "hf_link"], "is"),
+        "out_is_step_of_run": (["to-hf", run, run / "checkpoints" / "step_00000010"], "is inside"),
+    }[case]
+    before = snapshot(tmp_path)
+    for flag in ([], ["--overwrite"]):
+        err = error_of(capsys, *argv, *flag)
+        assert f"OUT_DIR {argv[2]} {where} the input directory" in err, err
+    assert snapshot(tmp_path) == before
+
+
+def test_a_kill_mid_swap_is_repaired_by_the_next_convert(hf_dir, tmp_path, capsys):
+    """A writer killed between moving OUT aside and renaming its new OUT in leaves only
+    `.OUT.old-PID-HEX`: the next convert puts it back before judging OUT, and deletes the dead
+    writer's `.OUT.tmp-*`."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    out = tmp_path / "out"
+    convert("from-hf", hf_dir, out, "--tp", 2)
+    before = snapshot(out)
+    out.rename(tmp_path / f".out.old-{dead.pid}-0123abcd")
+    (tmp_path / f".out.tmp-{dead.pid}-4567cdef").mkdir()
+    (tmp_path / f".out.tmp-{dead.pid}-4567cdef" / "model_config.json").write_text("{")
+    assert "already exists (an earlier mbert-convert output)" in error_of(capsys, "from-hf", hf_dir, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and snapshot(out) == before
+    out.rename(tmp_path / f".out.old-{dead.pid}-89abcdef")
+    convert("from-hf", hf_dir, out, "--overwrite")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / shard_file(1, 0)).is_file()
+    # The run-end export (`train.finish`) goes through the same helper.
+    run_hf = tmp_path / "run" / "hf"
+    full, cfg = import_hf(hf_dir)
+    export_hf(full, cfg, run_hf, overwrite=True)
+    (tmp_path / "run" / f".hf.tmp-{dead.pid}-0badcafe").mkdir()
+    export_hf(full, cfg, run_hf, overwrite=True)  # replaces its own previous export
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["hf"]
+    assert_same_hf_weights(hf_dir / "model.safetensors", run_hf / "model.safetensors")
+
+
+def test_to_hf_never_follows_latest_outside_the_run(hf_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    make_checkpoint(hf_dir, run, 10)
+    outside = tmp_path / "x"  # another model, where `latest = ../../x` points from checkpoints/
+    full, cfg = import_hf(hf_dir)
+    from mbert_train.convert import write_model_dir
+    write_model_dir({k: torch.zeros_like(v) for k, v in full.items()}, cfg, outside, 1)
+    (outside / "meta.json").write_text("{}")
+    (run / "checkpoints" / "latest").write_text("../../x\n")
+    assert (run / "checkpoints" / "../../x" / "model_config.json").is_file()
+    assert main(["to-hf", str(run), str(tmp_path / "out")]) == 0
+    assert "names '../../x', which is not a complete checkpoint" in capsys.readouterr().err
+    assert_same_hf_weights(hf_dir / "model.safetensors", tmp_path / "out" / "model.safetensors")
+    shutil.rmtree(run / "checkpoints" / "step_00000010")
+    err = error_of(capsys, "to-hf", run, tmp_path / "out2")
+    assert "names '../../x' but no complete checkpoint exists" in err
+    assert not (tmp_path / "out2").exists()
+
+
+def test_os_errors_are_one_line(hf_dir, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("keep")
+    err = error_of(capsys, "from-hf", hf_dir, tmp_path / "a_file" / "out")
+    assert f"writing {tmp_path / 'a_file'}" in err and (tmp_path / "a_file").read_text() == "keep"
+
+
+@pytest.mark.parametrize("direction", ["from-hf", "to-hf"])
+def test_disk_full_is_one_line_and_keeps_the_previous_output(direction, hf_dir, tmp_path, capsys, monkeypatch):
+    """safetensors reports ENOSPC as a SafetensorError, not an OSError (seen on a full tmpfs)."""
+    ours = _model_dir(hf_dir, tmp_path)
+    out = tmp_path / "out"
+    argv = ["from-hf", hf_dir, out] if direction == "from-hf" else ["to-hf", ours, out]
+    convert(*argv)
+    before = snapshot(tmp_path)
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("mbert_train.convert.save_file", full_disk)
+    monkeypatch.setattr("mbert_train.model.weights.save_file", full_disk)
+    err = error_of(capsys, *argv, "--overwrite")
+    assert f"no space left on the device while writing {out}" in err
+    assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]
 
 
 def test_cli_runs_as_a_module(hf_dir, tmp_path):
@@ -131,9 +281,12 @@ def test_cli_runs_as_a_module(hf_dir, tmp_path):
                            "--tp", "2"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "trainer.init_from=" in proc.stdout
-    bad = subprocess.run([sys.executable, "-m", "mbert_train.convert", "to-hf", str(tmp_path / "nope"),
-                          str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nope" in bad.stderr
+    absurd = _copy(hf_dir, tmp_path / "absurd")
+    _edit_json(absurd / "config.json", num_hidden_layers=100000)  # once ran past 60 s building the model
+    bad = subprocess.run([sys.executable, "-m", "mbert_train.convert", "from-hf", str(absurd), str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+    assert "num_hidden_layers=100000" in bad.stderr
 
 
 def _rank_check(model_dir: str, hf_dir: str) -> None:
@@ -202,11 +355,10 @@ def test_from_hf_refuses_bad_inputs(hf_dir, tmp_path, capsys):
 @pytest.mark.parametrize("changes, tp, needle", [
     (dict(vocab_size=300), 1, "bert.embeddings.word_embeddings.weight has shape (301, 32)"),
     (dict(intermediate_size=128), 1, "intermediate.dense.weight has shape (64, 32)"),
-    (dict(num_hidden_layers=3), 1, "lacks 16 tensors"),
-    (dict(num_hidden_layers=1), 1, "does not describe (first: bert.encoder.layer.1."),
+    (dict(num_hidden_layers=3), 1, "holds 2 layers but"),
+    (dict(num_hidden_layers=1), 1, "says num_hidden_layers=1"),
     (dict(), 3, "--tp 3 does not fit"),
     (dict(intermediate_size=66), 4, "model.intermediate_size=66 is not divisible by parallel.tensor_parallel=4"),
-    (dict(), 0, "parallel.tensor_parallel=0 must be >= 1"),
     (dict(hidden_act="relu"), 1, "hidden_act='relu' is not supported"),
     (dict(num_attention_heads=5), 1, "model.hidden_size=32 is not divisible by model.num_heads=5"),
     (dict(tie_word_embeddings=False), 1, "tie_word_embeddings=false"),
@@ -247,8 +399,92 @@ def test_to_hf_refuses_bad_inputs(hf_dir, tmp_path, capsys):
         capsys, "to-hf", garbled, out)
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    assert "checkpoints/latest not found" in error_of(capsys, "to-hf", run, out)
+    assert "checkpoints holds no complete checkpoint" in error_of(capsys, "to-hf", run, out)
     (run / "checkpoints" / "latest").write_text("step_00000100\n")
     assert "names 'step_00000100'" in error_of(capsys, "to-hf", run, out)
     assert "is the input directory" in error_of(capsys, "to-hf", ours, ours, "--overwrite")
     assert not out.exists()
+
+
+def _with_index(hf_dir, path, weight_map) -> None:
+    shutil.copytree(hf_dir, path)
+    (path / "model.safetensors").rename(path / "model-00001-of-00001.safetensors")
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def _with_dtype(hf_dir, path, dtype, name="bert.encoder.layer.0.output.dense.weight") -> None:
+    shutil.copytree(hf_dir, path)
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors[name] = tensors[name].to(dtype) if dtype is not torch.int64 else torch.ones_like(tensors[name],
+                                                                                           dtype=dtype)
+    save_file(tensors, str(path / "model.safetensors"))
+
+
+@pytest.mark.parametrize("case, needle", [
+    (dict(vocab_size=300.5), "vocab_size=300.5 must be an integer"),
+    (dict(num_hidden_layers=2.5), "num_hidden_layers=2.5 must be an integer"),
+    (dict(hidden_size=True), "hidden_size=True must be an integer"),
+    (dict(initializer_range="abc"), "initializer_range='abc' must be a finite number"),
+    (dict(layer_norm_eps="x"), "layer_norm_eps='x' must be a finite number"),
+    (dict(hidden_dropout_prob=None, attention_probs_dropout_prob=[0.1]), "must be a finite number"),
+    (dict(num_hidden_layers=100000), "holds 2 layers but"),
+    ("tp0", "--tp 0 must be >= 1"),
+    ("tp-1", "--tp -1 must be >= 1"),
+    ("index_values", "its weight_map must map tensor names to shard file names"),
+    ("index_list", "its weight_map must map tensor names to shard file names"),
+    ("index_escape", "names shard '../model.safetensors', which is not a file in"),
+    ("int64", "output.dense.weight has dtype int64, not a weight dtype"),
+    ("bool", "output.dense.weight has dtype bool, not a weight dtype"),
+])
+def test_from_hf_refuses_malformed_inputs_in_one_line(case, needle, hf_dir, tmp_path, capsys):
+    bad, tp = tmp_path / "bad", 1
+    if isinstance(case, dict):
+        _copy(hf_dir, bad)
+        _edit_json(bad / "config.json", **case)
+    elif case.startswith("tp"):
+        _copy(hf_dir, bad)
+        tp = int(case[2:])
+    elif case == "index_values":
+        _with_index(hf_dir, bad, {"bert.pooler.dense.weight": 3, "cls.predictions.bias": None})
+    elif case == "index_list":
+        _with_index(hf_dir, bad, ["model-00001-of-00001.safetensors"])
+    elif case == "index_escape":
+        (tmp_path / "model.safetensors").write_bytes(b"outside the model directory")
+        _with_index(hf_dir, bad, {"cls.predictions.bias": "../model.safetensors"})
+    else:
+        _with_dtype(hf_dir, bad, getattr(torch, case))
+    start = time.monotonic()
+    err = error_of(capsys, "from-hf", bad, tmp_path / "out", "--tp", tp)
+    assert needle in err and time.monotonic() - start < 5
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_are_accepted_and_upcast(dtype, hf_dir, tmp_path):
+    name = "bert.encoder.layer.0.output.dense.weight"
+    _with_dtype(hf_dir, tmp_path / "half", dtype, name)
+    convert("from-hf", tmp_path / "half", tmp_path / "ours")
+    convert("to-hf", tmp_path / "ours", tmp_path / "back")
+    back = load_file(str(tmp_path / "back" / "model.safetensors"))[name]
+    assert back.dtype == torch.float32
+    assert torch.equal(back, load_file(str(tmp_path / "half" / "model.safetensors"))[name].float())
+
+
+@pytest.mark.parametrize("change, needle", [
+    (dict(num_layers=100000), "holds 2 layers but"),
+    (dict(num_layers=2.5), "model.num_layers=2.5 must be an integer"),
+    (dict(layer_norm_eps="x"), "model.layer_norm_eps='x' must be a finite number"),
+    (dict(tensor_parallel=0), "tensor_parallel=0 must be an integer >= 1"),
+    (dict(tensor_parallel="2"), "tensor_parallel='2' must be an integer >= 1"),
+])
+def test_to_hf_refuses_malformed_model_config_in_one_line(change, needle, hf_dir, tmp_path, capsys):
+    ours = _model_dir(hf_dir, tmp_path)
+    meta = json.loads((ours / "model_config.json").read_text())
+    if "tensor_parallel" in change:
+        meta.update(change)
+    else:
+        meta["model"].update(change)
+    (ours / "model_config.json").write_text(json.dumps(meta))
+    start = time.monotonic()
+    assert needle in error_of(capsys, "to-hf", ours, tmp_path / "out")
+    assert time.monotonic() - start < 5 and not (tmp_path / "out").exists()

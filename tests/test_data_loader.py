@@ -123,6 +123,23 @@ def test_dp_ranks_are_disjoint_equal_and_cover_the_epoch(embedded_dir):
         assert torch.equal(batch["input_ids"][row, :len(ids)], torch.from_numpy(ids))
 
 
+def test_each_epoch_is_a_new_permutation_fixed_by_the_seed():
+    def order(seed: int, epoch: int) -> list[int]:
+        sampler = ShardedBatchSampler(lambda e: 64, seed=seed, micro_batch_size=8, dp_rank=0, dp_size=1)
+        return [i for batch in sampler.epoch_batches(epoch) for _, i in batch]
+
+    orders = [order(3, epoch) for epoch in range(3)]
+    for o in orders:
+        assert sorted(o) == list(range(64)) and o != list(range(64))
+    assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2]
+    assert orders == [order(3, epoch) for epoch in range(3)]
+    assert order(4, 0) != orders[0]
+    # The infinite stream crosses into epoch 1 with epoch 1's order.
+    stream = iter(ShardedBatchSampler(lambda e: 64, seed=3, micro_batch_size=8, dp_rank=0, dp_size=1))
+    flat = [key for _ in range(16) for key in next(stream)]
+    assert flat == [(0, i) for i in orders[0]] + [(1, i) for i in orders[1]]
+
+
 def test_eval_loader_is_fixed_and_sharded(embedded_dir):
     cfg = DataConfig(num_workers=0)
     runs = []

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_prep import PrepConfig, PrepError
-from data_prep.prep import prepare
+from data_prep import writer
+from data_prep.prep import main, prepare
 from data_prep.format import is_prepared_dataset
 from data_prep.sources import SourceError
 from data_prep.tokenizer import TokenizerError
@@ -184,7 +187,7 @@ def test_killed_prep_leaves_nothing_finished(tmp_path):
     try:
         line = proc.stdout.readline()
         assert "pausing" in line, line
-        leftovers = [p for p in os.listdir(tmp_path) if p.startswith(".ds.partial-")]
+        leftovers = [p for p in os.listdir(tmp_path) if p.startswith(".ds.tmp-")]
         assert len(leftovers) == 1
         # Everything is written in the temporary directory, metadata.json included...
         assert os.path.isfile(tmp_path / leftovers[0] / "metadata.json")
@@ -211,3 +214,139 @@ def test_cased_and_wide_vocabularies(tmp_path):
     assert "The" in corpus.vocab and corpus.vocab[-1].startswith("[unused")
     # Padding entries are never real text, so never a random replacement token.
     assert len(corpus.replacement_ids) < 1000
+
+
+def tree(root) -> dict[str, bytes]:
+    """Every file under `root` (hidden ones too) with its bytes."""
+    out = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait(timeout=30)
+    return proc.pid
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """`mbert-prep ARGV` in this process: exit 2 and one `error:` line, no traceback."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mbert-prep: error: "), err
+    return err[0]
+
+
+def test_overwrite_replaces_only_a_recognised_dataset(tmp_path):
+    inputs = write_bad_corpus(tmp_path)
+    # A folder of the user's that merely holds a file named metadata.json.
+    proj = tmp_path / "proj"
+    (proj / "sub").mkdir(parents=True)
+    (proj / "metadata.json").write_text('{"name": "my project", "format": "mine"}')
+    (proj / "notes.txt").write_text("mine")
+    (proj / "sub" / "data.bin").write_bytes(b"\x00\x01")
+    before = tree(proj)
+    done = run_cli(*inputs, "--output", str(proj), "--overwrite", "--vocab-size", "200",
+                   "--quiet")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "not a prepared dataset" in done.stderr and "--overwrite" not in done.stderr
+    assert tree(proj) == before
+    # A dataset the user has added files to is not replaced either.
+    ds = tmp_path / "ds"
+    prepare(PrepConfig(inputs=inputs, output=str(ds), vocab_size=200, quiet=True))
+    (ds / "my-notes.txt").write_text("mine")
+    before = tree(ds)
+    with pytest.raises(PrepError, match="my-notes.txt"):
+        prepare(PrepConfig(inputs=inputs, output=str(ds), vocab_size=300, overwrite=True,
+                           quiet=True))
+    assert tree(ds) == before
+    assert not [p for p in os.listdir(tmp_path) if p.startswith((".proj.", ".ds."))]
+
+
+def test_a_kill_mid_swap_loses_no_dataset_and_leaves_nothing(tmp_path):
+    inputs = write_bad_corpus(tmp_path)
+    ds = tmp_path / "ds"
+    prepare(PrepConfig(inputs=inputs, output=str(ds), vocab_size=200, quiet=True))
+    before = tree(ds)
+    # What `--overwrite` leaves when killed between its two renames: the old dataset moved
+    # aside, no dataset at the output, the new one complete in its temporary folder.
+    pid = dead_pid()
+    old, new = tmp_path / f".ds.old-{pid}-0123456789ab", tmp_path / f".ds.tmp-{pid}-ba9876543210"
+    shutil.copytree(ds, new)
+    os.rename(ds, old)
+    done = run_cli(*inputs, "--output", str(ds), "--vocab-size", "200", "--quiet")
+    assert done.returncode == 2 and "already holds a prepared dataset" in done.stderr, done.stderr
+    assert tree(ds) == before
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".ds.")]
+
+
+def test_hostile_inputs_are_counted_and_the_vocabulary_capped(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "prose.txt").write_text("\n\n".join(prose(6, i) for i in range(6)))
+    (folder / "MORE.TXT").write_text(prose(6, 50))
+    lines = ["[" * 100_000 + "]" * 100_000,                   # RecursionError in json.loads
+             json.dumps({"text": prose(5, 1)}),
+             '{"text": "A lone \\ud800 surrogate. ' + prose(3, 2) + '"}']
+    (folder / "records.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "junk.txt").write_bytes(np.random.default_rng(0).bytes(20_000))
+    (folder / "table.csv").write_text("a,b\n1,2\n")
+    (folder / "photo.PNG").write_bytes(b"\x89PNG\r\n")
+    out = tmp_path / "ds"
+    done = run_cli(str(folder), "--output", str(out), "--vocab-size", "100")
+    assert done.returncode == 0, done.stderr
+    meta = json.loads((out / "metadata.json").read_text())
+    s = meta["summary"]
+    assert s["files"] == 4 and s["unknown_files"] == 2
+    assert s["bad_json_lines"] == 1 and s["lone_surrogates"] == 1
+    for needle in ("bad JSON lines 1", "lone surrogates 1", "files of unknown type 2"):
+        assert needle in done.stdout, done.stdout
+    # Binary junk brings hundreds of characters; WordPiece used to add them all on top.
+    assert meta["vocab_size"] == 100
+    assert len((out / "vocab.txt").read_text(encoding="utf-8").splitlines()) == 100
+    assert 0 < meta["max_token_id"] < 100
+    assert int(np.max(open_dataset(str(out)).tokens)) == meta["max_token_id"]
+
+
+def test_hostile_outputs_and_empty_inputs_fail_in_one_line(tmp_path, capsys, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    inputs = write_bad_corpus(src)
+    args = ["--vocab-size", "200", "--quiet"]
+    out = tmp_path / "out"
+    # Empty or whitespace-only input: no dataset at all, not an empty one.
+    (tmp_path / "blank.txt").write_text("  \n\n\t \n")
+    (tmp_path / "blank.jsonl").write_text(json.dumps({"text": "  "}) + "\n")
+    line = one_line_error(capsys, [str(tmp_path / "blank.txt"), str(tmp_path / "blank.jsonl"),
+                                   "--output", str(out), *args])
+    assert "no documents" in line
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".out.")]
+    # An output inside an input folder would be read as input by the next run.
+    line = one_line_error(capsys, [str(src), "--output", str(src / "ds"), *args])
+    assert "inside the input folder" in line and not (src / "ds").exists()
+    # --output a symbolic link to a dataset: refused, link and dataset untouched.
+    ds = tmp_path / "ds"
+    prepare(PrepConfig(inputs=inputs, output=str(ds), vocab_size=200, quiet=True))
+    before = tree(ds)
+    (tmp_path / "link").symlink_to(ds)
+    line = one_line_error(capsys, [*inputs, "--output", str(tmp_path / "link"), "--overwrite",
+                                   *args])
+    assert "symbolic link" in line and "--overwrite" not in line
+    assert os.readlink(tmp_path / "link") == str(ds) and tree(ds) == before
+    # A full disk: one line naming the output, the old dataset kept, nothing left behind.
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(writer, "open_memmap", full)
+    line = one_line_error(capsys, [*inputs, "--output", str(ds), "--overwrite", *args])
+    assert str(ds) in line and "no space left" in line
+    assert tree(ds) == before and not [p for p in os.listdir(tmp_path) if p.startswith(".ds.")]
+    monkeypatch.undo()
+    # A splitter that does not exist (a ValueError with a traceback before).
+    line = one_line_error(capsys, [*inputs, "--output", str(out), "--splitter", "nope", *args])
+    assert "--splitter nope" in line

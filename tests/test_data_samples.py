@@ -7,7 +7,7 @@ import pytest
 
 from data_prep.split import get_splitter, split_paragraph
 from mbert_train.data import DataConfig, PretrainingDataset, open_dataset
-from mbert_train.data.masking import IGNORE_INDEX
+from mbert_train.data.masking import IGNORE_INDEX, Masker
 from mbert_train.data.samples import truncate_pair
 from tests.test_data_corpus import embedded_corpus
 
@@ -148,6 +148,34 @@ def test_samples_are_pure_and_vary_across_epochs(embedded_dir):
     assert not all(np.array_equal(a["input_ids"], o) for o in other)
     with pytest.raises(IndexError):
         ds.sample(0, ds.epoch_size(0))
+
+
+def toy_masker(masked_lm_prob: float, max_predictions: int) -> Masker:
+    """Ids 0-4 special (4 = [MASK]), 5-99 real tokens."""
+    return Masker(special_ids=np.arange(5), mask_id=4, replacement_ids=np.arange(5, 100),
+                  continuation=np.zeros(100, dtype=bool), masked_lm_prob=masked_lm_prob,
+                  max_predictions=max_predictions, whole_word=False)
+
+
+# BERT's rule (Google's create_pretraining_data.py): min(max_predictions_per_seq,
+# max(1, int(round(n * masked_lm_prob)))), here with n the maskable tokens. Written out by
+# hand, away from exact halves: rounding down instead (int(n * p)) differs at 10, 13, 17, ...
+BUDGETS = [  # (masked_lm_prob, max_predictions, n maskable, budget)
+    (0.15, 20, 0, 0), (0.15, 20, 1, 1), (0.15, 20, 3, 1), (0.15, 20, 6, 1), (0.15, 20, 10, 2),
+    (0.15, 20, 13, 2), (0.15, 20, 17, 3), (0.15, 20, 20, 3), (0.15, 20, 46, 7), (0.15, 20, 100, 15),
+    (0.15, 20, 126, 19), (0.15, 20, 133, 20), (0.15, 20, 140, 20), (0.15, 20, 500, 20),
+    (0.5, 3, 3, 2), (0.5, 3, 7, 3), (0.9, 20, 1, 1), (0.9, 20, 2, 2),
+]
+
+
+@pytest.mark.parametrize("prob, cap, n, expected", BUDGETS)
+def test_mask_budget_rounds_to_nearest_as_bert(prob, cap, n, expected):
+    masker = toy_masker(prob, cap)
+    assert masker.budget(n) == expected
+    # And the masker predicts exactly that many positions of a [CLS] ... [SEP] sample.
+    ids = np.concatenate(([2], np.arange(n) % 95 + 5, [3])).astype(np.int64)
+    _, labels = masker(ids, np.random.default_rng(n))
+    assert (labels != IGNORE_INDEX).sum() == expected
 
 
 def reference_truncate(la: int, lb: int, max_tokens: int) -> tuple[int, int]:

@@ -22,10 +22,20 @@ def small_config(dropout: float = 0.0) -> ModelConfig:
                        attention_dropout=dropout)
 
 
+def perturb_(model: torch.nn.Module) -> torch.nn.Module:
+    """Add noise to every parameter. At init every bias is zero and every LayerNorm the identity,
+    which hides a layer that adds its bias on every TP rank or drops a LayerNorm's affine part."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
 def reference_model(cfg: ModelConfig) -> MegatronBertForPreTraining:
     torch.manual_seed(0)
     hf_cfg = MegatronBertConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures",)})
-    return MegatronBertForPreTraining(hf_cfg).float()
+    return perturb_(MegatronBertForPreTraining(hf_cfg).float())
 
 
 def make_batch(cfg: ModelConfig, b: int = 3, s: int = 12) -> dict:
@@ -92,8 +102,8 @@ def check_against_reference(group) -> None:
         torch.testing.assert_close(g, grads[name], **GRAD_TOL, msg=lambda m: f"masked-only {name}: {m}")
 
 
-def dropout_loss(group, *, checkpointing: bool = False):
-    cfg = small_config(dropout=0.1)
+def dropout_loss(group, *, checkpointing: bool = False, tp_invariant: bool = True):
+    cfg = dataclasses.replace(small_config(dropout=0.1), tp_invariant_dropout=tp_invariant)
     torch.manual_seed(5)
     model = MegatronBert(cfg, group, activation_checkpointing=checkpointing).train()
     torch.manual_seed(9)
@@ -103,13 +113,38 @@ def dropout_loss(group, *, checkpointing: bool = False):
 
 
 def check_dropout(group) -> None:
+    # TP-invariant masks: TP=N drops exactly what TP=1 drops.
     loss_tp1, _ = dropout_loss(None)
     loss_tp, grads = dropout_loss(group)
     torch.testing.assert_close(loss_tp, loss_tp1, **TOL)
-    loss_ckpt, grads_ckpt = dropout_loss(group, checkpointing=True)
-    assert torch.equal(loss_ckpt, loss_tp)
-    for name, g in grads.items():
-        torch.testing.assert_close(grads_ckpt[name], g, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    # Both modes: recomputation under activation checkpointing redraws the same masks.
+    for tp_invariant in (True, False):
+        loss, grads = dropout_loss(group, tp_invariant=tp_invariant)
+        loss_ckpt, grads_ckpt = dropout_loss(group, checkpointing=True, tp_invariant=tp_invariant)
+        assert torch.equal(loss_ckpt, loss)
+        for name, g in grads.items():
+            torch.testing.assert_close(grads_ckpt[name], g, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def per_rank_streams_main():
+    """Default dropout: TP ranks draw different attention masks, from streams that do not
+    disturb the replicated one (the default generator advances alike on every rank)."""
+    from mbert_train.parallel.random import local_dropout_keep
+
+    torch.manual_seed(3)
+    keep = local_dropout_keep((2, 3, 16, 16), 0.5, dist.group.WORLD, torch.device("cpu"))
+    after = torch.rand(4)
+    masks = [torch.empty_like(keep) for _ in range(dist.get_world_size())]
+    dist.all_gather(masks, keep)
+    afters = [torch.empty_like(after) for _ in range(dist.get_world_size())]
+    dist.all_gather(afters, after)
+    assert not torch.equal(masks[0], masks[1])
+    assert all(torch.equal(a, afters[0]) for a in afters)
+    assert 0.3 < keep.float().mean().item() < 0.7
+
+
+def test_dropout_streams_differ_per_tp_rank():
+    spawn(per_rank_streams_main, 2)
 
 
 def _ranks_main():
@@ -147,7 +182,7 @@ def test_mlm_only_model_matches_reference_masked_lm():
     cfg = dataclasses.replace(small_config(), binary_head=False)
     torch.manual_seed(0)
     hf_cfg = MegatronBertConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"})
-    ref = MegatronBertForMaskedLM(hf_cfg).float()
+    ref = perturb_(MegatronBertForMaskedLM(hf_cfg).float())
     batch = make_batch(cfg)
     out_ref = ref(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
                   attention_mask=batch["attention_mask"], labels=batch["mlm_labels"])
@@ -161,3 +196,32 @@ def test_mlm_only_model_matches_reference_masked_lm():
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
     for name, g in full_grads_as_hf(ours).items():
         torch.testing.assert_close(g, ref_grads[name], **GRAD_TOL, msg=lambda m: f"{name}: {m}")
+
+
+def test_last_layer_runs_on_read_positions_only():
+    """The masked-only path runs the last layer on [CLS] + masked positions alone: same losses,
+    logits at those positions and gradients as the full path, within 1e-5."""
+    from mbert_train.model.bert import read_positions
+
+    cfg = small_config()
+    ref = reference_model(cfg)
+    batch = make_batch(cfg, b=3, s=16)
+    batch["mlm_labels"][2] = -100  # a row with nothing masked still feeds the NSP head
+    rows = read_positions(batch["mlm_labels"])
+    assert rows.shape[1] < 16 and torch.equal(rows[:, 0], torch.zeros(3, dtype=torch.long))
+    outs, grads = [], []
+    for masked_only in (False, True):
+        model = ours_from_reference(ref, cfg, None, mlm_masked_only=masked_only)
+        out = model(**batch)
+        out.loss.backward()
+        outs.append(out)
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    full, pruned = outs
+    torch.testing.assert_close(pruned.loss, full.loss, **TOL)
+    torch.testing.assert_close(pruned.mlm_loss, full.mlm_loss, **TOL)
+    torch.testing.assert_close(pruned.nsp_logits, full.nsp_logits, **TOL)
+    selected = batch["mlm_labels"] != -100
+    torch.testing.assert_close(pruned.mlm_logits, full.mlm_logits[selected], **TOL)
+    assert pruned.mlm_correct == full.mlm_correct and pruned.mlm_count == full.mlm_count
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, **TOL, msg=lambda m: f"{name}: {m}")

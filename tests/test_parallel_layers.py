@@ -27,8 +27,19 @@ def _pair(make):
     return dense, par
 
 
+def _nonzero_biases(dense, par, weight_dim: int, stride: int) -> None:
+    """Both layers start with zero biases, which would hide a bias added on every rank: give them
+    the same non-zero bias (sharded for column-parallel layers)."""
+    full = torch.randn(dense.bias.shape, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        dense.bias.copy_(full)
+        par.bias.copy_(shard(full, 0, dist.get_world_size(), dist.get_rank(), stride=stride) if weight_dim == 0
+                       else full)
+
+
 def _check_linear(make, x_shape, *, parallel_input: bool, weight_dim: int, stride: int = 1):
     dense, par = _pair(make)
+    _nonzero_biases(dense, par, weight_dim, stride)
     torch.manual_seed(11)
     x = torch.randn(*x_shape)
     x_par = x.chunk(dist.get_world_size(), -1)[dist.get_rank()].clone() if parallel_input else x.clone()
@@ -89,6 +100,32 @@ def _check_cross_entropy(tp: int):
     assert torch.equal(pred, logits[:, :vocab].argmax(-1))
     masked = mask_padded_vocab(shard.detach(), vocab, dist.group.WORLD)
     assert torch.isinf(_gathered(masked, -1)[:, vocab:]).all()
+    for offset, spread in LARGE_LOGITS:
+        _check_large_logits(tp, offset, spread)
+
+
+# Shifted far past exp's float32 range (88) both ways, and spread wide within a row: a
+# log-sum-exp without the max subtraction gives inf or nan on all of these.
+LARGE_LOGITS = [(1000.0, 3.0), (-1000.0, 3.0), (0.0, 100.0), (500.0, 100.0)]
+
+
+def _check_large_logits(tp: int, offset: float, spread: float):
+    vocab, padded, n = 300, 128 * tp * 3, 12
+    gen = torch.Generator().manual_seed(17)
+    logits = torch.randn(n, padded, generator=gen) * spread + offset
+    target = torch.randint(0, vocab, (n,), generator=gen)
+    target[0] = logits[0, :vocab].argmax()  # one near-zero loss, one typical, the rest large
+    ref_logits = logits[:, :vocab].clone().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(ref_logits, target, reduction="none")
+    group, rank = (dist.group.WORLD, dist.get_rank()) if tp > 1 else (None, 0)
+    part = logits.chunk(tp, -1)[rank].clone().requires_grad_(True)
+    loss = vocab_parallel_cross_entropy(part, target, vocab, group)
+    loss.sum().backward()
+    ref.sum().backward()
+    assert torch.isfinite(loss).all(), f"offset {offset}, spread {spread}: loss {loss}"
+    torch.testing.assert_close(loss, ref, **TOL, msg=lambda m: f"offset {offset}, spread {spread}: {m}")
+    full_grad = _gathered(part.grad, -1) if tp > 1 else part.grad
+    torch.testing.assert_close(full_grad[:, :vocab], ref_logits.grad, **TOL)
 
 
 def _check_mappings():
@@ -117,3 +154,8 @@ def _run(tp: int):
 @pytest.mark.parametrize("tp", [2, 4])
 def test_parallel_layers_match_dense(tp):
     spawn(_run, tp, tp)
+
+
+@pytest.mark.parametrize("offset, spread", LARGE_LOGITS)
+def test_cross_entropy_is_stable_for_large_logits_at_tp1(offset, spread):
+    _check_large_logits(1, offset, spread)

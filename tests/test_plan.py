@@ -10,13 +10,15 @@ import pytest
 import torch
 import transformers
 
+from mbert_train.arithmetic import padded_vocab_size
 from mbert_train.model.config import ModelConfig
-from mbert_train.plan import (GIB, count_parameters, main, normalize_precision, pad_vocab_size,
-                              plan_memory, recommend_layout, run_cli, split_planner_args)
+from mbert_train.plan import (GIB, count_parameters, main, normalize_precision, plan_memory, recommend_layout,
+                              run_cli, split_planner_args)
 
 TINY = ModelConfig(vocab_size=1000, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
                    max_position_embeddings=64)
 BERT_BASE = ModelConfig()
+BERT_LARGE = ModelConfig(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096)
 MEGATRON_1_3B = ModelConfig(hidden_size=2048, num_layers=24, num_heads=32, intermediate_size=8192)
 MEGATRON_3_9B = ModelConfig(hidden_size=2560, num_layers=48, num_heads=40, intermediate_size=10240)
 
@@ -64,13 +66,13 @@ def test_optimizer_state_bytes_match_a_real_adamw_step(reference):
 
 
 def test_vocab_padding_and_tp_shards():
-    assert pad_vocab_size(30522, 1) == 30592
-    assert pad_vocab_size(30522, 4) == 30720 and pad_vocab_size(30592, 1) == 30592
+    assert padded_vocab_size(30522, 1) == 30592
+    assert padded_vocab_size(30522, 4) == 30720 and padded_vocab_size(30592, 1) == 30592
     h, layers = BERT_BASE.hidden_size, BERT_BASE.num_layers
     for t in (2, 4):
         shard = count_parameters(BERT_BASE, tensor_parallel=t)
         whole = count_parameters(BERT_BASE, tensor_parallel=1, vocab_multiple=128 * t)
-        assert shard.word_embeddings * t == pad_vocab_size(30522, t) * h
+        assert shard.word_embeddings * t == padded_vocab_size(30522, t) * h
         replicated = (shard.position_embeddings + shard.token_type_embeddings
                       + layers * (4 * h + 2 * h)  # LayerNorms + row-parallel biases
                       + shard.final_layernorm + shard.pooler + (h * h + 3 * h) + shard.nsp_head)
@@ -91,6 +93,48 @@ def test_zero_stages_shard_states_grads_params():
     assert normalize_precision("bf16-mixed") == "bf16" and normalize_precision("32") == "fp32"
     with pytest.raises(ValueError, match="precision='int8'"):
         _plan(precision="int8")
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_model_states_match_deepspeeds_estimator(zero_stage):
+    """DeepSpeed as referee: BERT-large, bf16, 8 GPUs. Its ZeRO-1/2 step builds an fp32 copy of
+    the rank's gradient partition (stage_1_and_2.py: `single_grad_partition =
+    flat_grad_partition.to(fp32)`), so model states peak at 2 + 18/N bytes per parameter."""
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    p = _plan(BERT_LARGE, data_parallel=8, zero_stage=zero_stage, seq_len=128)
+    n = p.total_params
+    assert n == pytest.approx(336.3e6, abs=0.05e6)
+    _, deepspeed_bytes = estimate_zero2_model_states_mem_needs(total_params=n, num_gpus_per_node=8, num_nodes=1,
+                                                               cpu_offload=False)
+    assert deepspeed_bytes / GIB == pytest.approx(1.331, abs=5e-4)
+    # In the optimizer step both stages hold only the rank's gradient partition (DeepSpeed frees
+    # the rest first) plus its fp32 copy: exactly DeepSpeed's estimate, up to rounding of n / 8.
+    assert p.step_bytes == pytest.approx(deepspeed_bytes, abs=32)
+    assert p.step_grad_bytes == pytest.approx((2 + 4) * n / 8, abs=8)
+    if zero_stage == 2:
+        assert p.model_state_bytes == p.step_bytes
+    else:
+        # ZeRO-1 holds every 16-bit gradient through backward, which DeepSpeed's estimate
+        # (written for ZeRO-2) leaves out: 2 + 2 + 12/8 bytes per parameter, more than the step.
+        assert p.model_state_bytes == p.param_bytes + p.grad_bytes + p.optimizer_bytes == \
+            pytest.approx(deepspeed_bytes + 2 * n - 2 * n / 8 - 4 * n / 8, abs=32)
+    # The activations are gone by the step: the total is the larger phase, not the sum.
+    backward = p.param_bytes + p.grad_bytes + p.optimizer_bytes + p.activation_bytes
+    assert p.total_bytes == backward > p.step_bytes
+    if zero_stage == 2:  # activations smaller than the fp32 gradient copy: the step is the peak
+        short = _plan(BERT_LARGE, data_parallel=8, zero_stage=2, seq_len=8, micro_batch_size=1)
+        assert short.total_bytes == short.step_bytes > (short.param_bytes + short.grad_bytes
+                                                        + short.optimizer_bytes + short.activation_bytes)
+
+
+def test_fp32_zero_keeps_a_master_partition_and_steps_on_an_fp32_copy():
+    n = _plan().total_params
+    fp32 = {s: _plan(precision="fp32", data_parallel=4, zero_stage=s) for s in (0, 1, 2)}
+    assert (fp32[0].optimizer_bytes, fp32[0].step_grad_bytes) == (8 * n, 4 * n)  # torch AdamW on the params
+    # DeepSpeed clones the partition as its master copy even in fp32 (`.detach().clone()`).
+    assert fp32[1].optimizer_bytes == pytest.approx(12 * n / 4, abs=12)
+    assert fp32[2].step_grad_bytes == pytest.approx(8 * n / 4, abs=8)
 
 
 def _with_layers(cfg: ModelConfig, n: int) -> ModelConfig:

@@ -42,6 +42,14 @@ def test_tensor_parallel_matches_tp1(runs):
     _close(losses(runs / "tp2_dp2_zero1"), losses(runs / "dp2_zero1"), 1e-4)
 
 
+def test_tensor_parallel_grad_norm_matches_tp1(runs):
+    """Step 1 (same weights, same batch): the reported gradient norm does not depend on TP, through
+    our ZeRO-0 guard and through DeepSpeed's ZeRO-1 optimizer (replicated parameters counted once)."""
+    for tp, base in (("tp2", "tp1"), ("tp2_dp2_zero1", "dp2_zero1")):
+        got, want = losses(runs / tp, "grad_norm")[1], losses(runs / base, "grad_norm")[1]
+        assert math.isclose(got, want, rel_tol=1e-5), (tp, got, want)
+
+
 def test_run_artifacts(runs):
     from transformers import MegatronBertForPreTraining
 

@@ -53,11 +53,15 @@ def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
 STEPS = ["trainer.max_steps=20", "trainer.checkpoint_every=10", "trainer.eval_every=10"]
 SECRET = "sekrit-wandb-key-123"
 
+# The layout runs are compared across TP degrees, so they use TP-invariant attention-dropout
+# masks (TP=2 drops exactly what TP=1 drops); other runs train with the default per-TP-rank
+# streams.
+INVARIANT = "model.tp_invariant_dropout=true"
 LAYOUTS = {  # name: (processes, overrides)
-    "tp1": (1, []),
-    "tp2": (2, ["parallel.tensor_parallel=2"]),
-    "dp2_zero0": (2, ["parallel.zero_stage=0"]),
-    "dp2_zero1": (2, ["parallel.zero_stage=1"]),
-    "dp2_zero2": (2, ["parallel.zero_stage=2"]),
-    "tp2_dp2_zero1": (4, ["parallel.tensor_parallel=2", "parallel.zero_stage=1"]),
+    "tp1": (1, [INVARIANT]),
+    "tp2": (2, ["parallel.tensor_parallel=2", INVARIANT]),
+    "dp2_zero0": (2, ["parallel.zero_stage=0", INVARIANT]),
+    "dp2_zero1": (2, ["parallel.zero_stage=1", INVARIANT]),
+    "dp2_zero2": (2, ["parallel.zero_stage=2", INVARIANT]),
+    "tp2_dp2_zero1": (4, ["parallel.tensor_parallel=2", "parallel.zero_stage=1", INVARIANT]),
 }

@@ -1,4 +1,12 @@
-"""Read-only, memory-mapped access to a corpus written by `mbert-prep`."""
+"""Read-only, memory-mapped access to a corpus written by `mbert-prep`.
+
+Opening a corpus checks it before anything is built on it, each failure one line naming the
+file and the fix (`DatasetError`): the format marker and version, every `.npy` readable and of
+the length metadata.json records (a truncated file fails here, not as an `IndexError` mid-run),
+the offsets agreeing with the token count, the split ids in range, and every token id inside
+the vocabulary. The largest token id comes from metadata.json's `max_token_id` for large
+corpora and from a scan of `tokens.npy` for small ones or when it is absent (older datasets).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +20,34 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from data_prep import format as fmt
+from mbert_train.errors import UserError, first_line
 
 # Tokens like "[unused7]" or "[CLS]": never real text, so never a random MLM replacement.
 _BRACKETED = re.compile(r"^\[[^\]]+\]$")
+SCAN_TOKENS_UP_TO = 1 << 26
+"""Corpora up to this many tokens (~0.1 s) have their largest id scanned, not read from
+metadata.json: a hand-edited small dataset cannot slip past the check."""
+_SCAN_CHUNK = 1 << 24
+
+
+class DatasetError(UserError):
+    """A prepared dataset that cannot be used as it is; the message names the file and the fix."""
+
+
+def require_dataset(path: str, setting: str = "data.path") -> str:
+    """`path` when it holds a prepared corpus (its format marker), else a one-line error."""
+    reason = fmt.not_a_dataset_reason(path)
+    if reason is not None:
+        raise DatasetError(f"{setting}={path} is not a dataset written by mbert-prep ({reason}); "
+                           f"run mbert-prep on your text first, or set {setting}=null for the "
+                           f"embedded corpus")
+    return path
+
+
+def _max_token_id(tokens: np.ndarray) -> int:
+    """Largest id in `tokens` (-1 when empty), scanned in chunks: memory stays flat."""
+    return max((int(tokens[i:i + _SCAN_CHUNK].max()) for i in range(0, len(tokens), _SCAN_CHUNK)),
+               default=-1)
 
 
 @dataclass(frozen=True)
@@ -40,27 +73,87 @@ class PreparedCorpus:
 
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
+        reason = fmt.not_a_dataset_reason(self.path)
+        if reason is not None:
+            raise DatasetError(f"{path} is not a prepared dataset ({reason}); create it with "
+                               f"mbert-prep or set data.path=null for the embedded corpus")
         meta_file = os.path.join(self.path, fmt.METADATA_FILE)
-        if not os.path.isfile(meta_file):
-            raise ValueError(f"{path} is not a prepared dataset (no {fmt.METADATA_FILE}); "
-                             f"create it with mbert-prep or set data.path=null for the default")
         with open(meta_file, encoding="utf-8") as f:
             self.metadata: dict = json.load(f)
         version = self.metadata.get("format_version")
-        if self.metadata.get("format") != fmt.FORMAT_NAME or version != fmt.FORMAT_VERSION:
-            raise ValueError(f"{meta_file}: format {self.metadata.get('format')} v{version} is "
-                             f"not {fmt.FORMAT_NAME} v{fmt.FORMAT_VERSION}; re-run mbert-prep")
+        if version != fmt.FORMAT_VERSION:
+            raise DatasetError(f"{meta_file}: format {fmt.FORMAT_NAME} v{version} is not "
+                               f"v{fmt.FORMAT_VERSION}; re-run mbert-prep")
         self._open()
+        self._check()
+
+    def _file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def _load(self, name: str, mmap_mode: str | None = "r") -> np.ndarray:
+        try:
+            array = np.load(self._file(name), mmap_mode=mmap_mode)
+        except (OSError, ValueError, EOFError) as exc:
+            raise DatasetError(f"{self._file(name)} is missing, truncated or not a .npy array "
+                               f"({first_line(exc)}); re-run mbert-prep to rebuild {self.path}"
+                               ) from None
+        if array.ndim != 1:
+            raise DatasetError(f"{self._file(name)} has shape {array.shape}, not 1-D; re-run "
+                               f"mbert-prep to rebuild {self.path}")
+        return array
 
     def _open(self) -> None:
-        def load(name: str) -> np.ndarray:
-            return np.load(os.path.join(self.path, name), mmap_mode="r")
-
         # All three stay memory-mapped: the page cache shares them between DataLoader workers
         # and ranks, where private copies would multiply by the number of processes.
-        self.tokens = load(fmt.TOKENS_FILE)
-        self.sentence_offsets = load(fmt.SENTENCE_OFFSETS_FILE)
-        self.doc_offsets = load(fmt.DOC_OFFSETS_FILE)
+        self.tokens = self._load(fmt.TOKENS_FILE)
+        self.sentence_offsets = self._load(fmt.SENTENCE_OFFSETS_FILE)
+        self.doc_offsets = self._load(fmt.DOC_OFFSETS_FILE)
+
+    def _meta_int(self, *keys: str) -> int:
+        value = self.metadata
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise DatasetError(f"{self._file(fmt.METADATA_FILE)} has no integer "
+                               f"{'.'.join(keys)} ({value!r}); re-run mbert-prep")
+        return value
+
+    def _expect(self, name: str, what: str, found: int, expected: int) -> None:
+        if found != expected:
+            raise DatasetError(f"{self._file(name)} holds {found:,} {what} where "
+                               f"{fmt.METADATA_FILE} says {expected:,}: truncated or from another "
+                               f"run; re-run mbert-prep to rebuild {self.path}")
+
+    def _check(self) -> None:
+        """Lengths, offsets, split ids and token ids agree with metadata.json (see module doc)."""
+        n_docs = self._meta_int("num_documents")
+        n_sentences = self._meta_int("num_sentences")
+        n_tokens = self._meta_int("num_tokens")
+        self._expect(fmt.TOKENS_FILE, "tokens", len(self.tokens), n_tokens)
+        self._expect(fmt.SENTENCE_OFFSETS_FILE, "offsets", len(self.sentence_offsets),
+                     n_sentences + 1)
+        self._expect(fmt.DOC_OFFSETS_FILE, "offsets", len(self.doc_offsets), n_docs + 1)
+        ends = [(fmt.SENTENCE_OFFSETS_FILE, self.sentence_offsets, n_tokens, "tokens"),
+                (fmt.DOC_OFFSETS_FILE, self.doc_offsets, n_sentences, "sentences")]
+        for name, offsets, total, what in ends:
+            if int(offsets[0]) != 0 or int(offsets[-1]) != total:
+                raise DatasetError(f"{self._file(name)} runs from {int(offsets[0])} to "
+                                   f"{int(offsets[-1])}, not 0 to the {total:,} {what}; re-run "
+                                   f"mbert-prep to rebuild {self.path}")
+        for split, name in fmt.SPLIT_FILES.items():
+            ids = self._load(name, mmap_mode=None)
+            self._expect(name, "document ids", len(ids), self._meta_int("splits", split))
+            if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= n_docs):
+                raise DatasetError(f"{self._file(name)} holds document ids outside [0, {n_docs}); "
+                                   f"re-run mbert-prep to rebuild {self.path}")
+        vocab = self._meta_int("vocab_size")
+        if "max_token_id" not in self.metadata or n_tokens <= SCAN_TOKENS_UP_TO:
+            self.metadata["max_token_id"] = _max_token_id(self.tokens)
+        max_id = self._meta_int("max_token_id")
+        if max_id >= vocab:
+            raise DatasetError(f"{self._file(fmt.TOKENS_FILE)} holds token id {max_id}, outside "
+                               f"its vocabulary of {vocab} ({fmt.METADATA_FILE} vocab_size); the "
+                               f"dataset is corrupt: re-run mbert-prep to rebuild {self.path}")
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "metadata": self.metadata}
@@ -83,7 +176,7 @@ class PreparedCorpus:
 
     def split_docs(self, split: str) -> np.ndarray:
         """Ascending document ids of `split` ('train' or 'heldout')."""
-        return np.load(os.path.join(self.path, fmt.SPLIT_FILES[split]))
+        return self._load(fmt.SPLIT_FILES[split], mmap_mode=None)
 
     def doc_sentences(self, doc: int) -> tuple[int, int]:
         """Global sentence range [start, end) of document `doc`."""
@@ -125,11 +218,18 @@ def open_dataset(path: str) -> PreparedCorpus:
 
 
 def check_vocab(metadata: dict, model_vocab_size: int, path: str) -> None:
-    """Fail fast when the model's embedding does not match the dataset's tokenizer."""
+    """Fail fast, before the model is built, when the model's embedding does not match the
+    dataset's tokenizer or a token id of the dataset falls outside the embedding."""
     vocab = int(metadata["vocab_size"])
     if vocab != model_vocab_size:
         meta_file = os.path.join(path, fmt.METADATA_FILE)
-        raise ValueError(
+        raise DatasetError(
             f"model.vocab_size={model_vocab_size} does not match the dataset's tokenizer "
             f"(vocab_size={vocab} in {meta_file}); set model.vocab_size={vocab}, or re-run "
             f"mbert-prep with --vocab-size {model_vocab_size} (or a matching --tokenizer)")
+    # Set by open_dataset (read or scanned); a mismatch here means a corrupt metadata.json.
+    max_id = metadata.get("max_token_id")
+    if isinstance(max_id, int) and max_id >= model_vocab_size:
+        raise DatasetError(
+            f"{os.path.join(path, fmt.TOKENS_FILE)} holds token id {max_id}, outside "
+            f"model.vocab_size={model_vocab_size}; the dataset is corrupt: re-run mbert-prep")

@@ -28,6 +28,7 @@ from data_prep import format as fmt
 from data_prep.config import PrepConfig
 from data_prep.prep import prepare
 from mbert_train.data.config import DataConfig
+from mbert_train.errors import UserError, describe_os_error
 
 BUILDER_VERSION = 1
 """Bump when the extraction or preparation changes, so stale caches are not reused."""
@@ -58,12 +59,16 @@ def _extract_text(root: str, key: str) -> str:
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stdlib_docs.py")
     # -I isolates the child: no user site-packages, no PYTHON* variables, nothing from the
     # current directory shadowing a standard module.
-    done = subprocess.run([sys.executable, "-I", script, path], capture_output=True, text=True,
-                          timeout=LOCK_TIMEOUT_S, cwd=root)
+    try:
+        done = subprocess.run([sys.executable, "-I", script, path], capture_output=True,
+                              text=True, timeout=LOCK_TIMEOUT_S, cwd=root)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"extracting the default corpus for {key} took over {LOCK_TIMEOUT_S} s; "
+                        f"set data.path to a dataset prepared with mbert-prep") from None
     if done.returncode != 0 or not os.path.isfile(path):
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"extracting the default corpus for {key} failed ({last}); set "
-                           f"data.path to a dataset prepared with mbert-prep")
+        raise UserError(f"extracting the default corpus for {key} failed ({last}); set "
+                        f"data.path to a dataset prepared with mbert-prep")
     return path
 
 
@@ -90,6 +95,14 @@ def _build(root: str, key: str, cfg: DataConfig) -> str:
 
 def prepare_default_corpus(cfg: DataConfig) -> str:
     """Directory of the prepared default corpus, building and caching it on first use."""
+    try:
+        return _prepare_default_corpus(cfg)
+    except OSError as exc:  # a read-only or full cache: one line naming the path
+        raise UserError(describe_os_error(exc, exc.filename or "the embedded-corpus cache "
+                                          "($MBERT_CACHE, data.cache_dir)", "writing")) from None
+
+
+def _prepare_default_corpus(cfg: DataConfig) -> str:
     root = cache_root(cfg)
     key = corpus_key(cfg)
     final = os.path.join(root, key)
@@ -101,5 +114,5 @@ def prepare_default_corpus(cfg: DataConfig) -> str:
                 return final
             return _build(root, key, cfg)
     except Timeout:
-        raise RuntimeError(f"waited {LOCK_TIMEOUT_S} s for another process building {final}; "
-                           f"delete {final}.lock if no such process runs") from None
+        raise UserError(f"waited {LOCK_TIMEOUT_S} s for another process building {final}; "
+                        f"delete {final}.lock if no such process runs") from None

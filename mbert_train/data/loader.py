@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import signal
+import threading
+import weakref
 from typing import Iterator
 
 import torch
@@ -14,6 +18,56 @@ from mbert_train.data.dataset import PretrainingDataset
 from mbert_train.data.sampler import ShardedBatchSampler, eval_batches
 
 Batch = dict[str, torch.Tensor]
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+"""Signals that ask a run to checkpoint and stop: SLURM preemption and time limits, scancel,
+`timeout`, Ctrl-C, torchrun forwarding them. They go to the whole process group, DataLoader
+workers included; only the main process acts on them (`Trainer.install_signal_handlers`)."""
+
+
+def _leave_stop_to_main(worker_id: int) -> None:
+    """worker_init_fn: ignore the stop signals. torch's own SIGTERM handler in a worker exits
+    unless the parent sent the signal, and the main process then dies of "DataLoader worker is
+    killed by signal" before it can checkpoint. The main process shuts the workers down itself."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)  # also discards one that arrived since the fork
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def _worker_failure_at_fetch() -> None:
+    """Report a dead worker at the next fetch, never in the middle of a step.
+
+    torch raises "DataLoader worker ... is killed by signal" from a SIGCHLD handler, that is at
+    any bytecode of the main thread: inside an optimizer step or a checkpoint write. The fetch
+    finds a dead worker by itself (within 5 s, `MP_STATUS_CHECK_INTERVAL`) and raises there,
+    where nothing is half done: `TrainLoader.take` puts the position back, and a stop in
+    progress still checkpoints the last completed step.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    torch_handler = signal.getsignal(signal.SIGCHLD)
+    if not callable(torch_handler) or getattr(torch_handler, "fails_at_fetch", False):
+        return
+
+    def handler(signum, frame) -> None:
+        try:
+            torch_handler(signum, frame)
+        except RuntimeError as exc:
+            if "DataLoader worker" not in str(exc):
+                raise
+
+    handler.fails_at_fetch = True
+    signal.signal(signal.SIGCHLD, handler)
+
+
+_running: weakref.WeakSet = weakref.WeakSet()
+"""TrainLoaders with live workers, closed at exit (see `TrainLoader.close`)."""
+
+
+
+def _close_running() -> None:
+    for loader in list(_running):
+        loader.close()
 
 
 class TrainLoader:
@@ -56,8 +110,19 @@ class TrainLoader:
                             collate_fn=self.collate,
                             generator=torch.Generator().manual_seed(self.seed),
                             prefetch_factor=self.prefetch_factor if workers else None,
-                            persistent_workers=False)
-        return iter(loader)
+                            persistent_workers=False, worker_init_fn=_leave_stop_to_main)
+        if not workers:
+            return iter(loader)
+        # Blocked while the workers are forked: a stop signal in that window stays pending here
+        # (and is handled right after) instead of killing a worker before it ignores it.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            iterator = iter(loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        _worker_failure_at_fetch()
+        _running.add(self)
+        return iterator
 
     def __iter__(self) -> TrainLoader:
         return self
@@ -71,9 +136,39 @@ class TrainLoader:
             self.epoch, self.position = self.epoch + 1, 0
         return batch
 
+    def take(self, n: int) -> list[Batch]:
+        """The next `n` micro-batches (one optimizer step), all or none: if a fetch fails (a
+        worker died), the position is put back and the next call restarts the workers there."""
+        mark = self.mark()
+        try:
+            return [next(self) for _ in range(n)]
+        except BaseException:
+            self.rewind(mark)
+            raise
+
+    def mark(self) -> tuple[int, int]:
+        """The current position, for `rewind`."""
+        return self.epoch, self.position
+
+    def rewind(self, mark: tuple[int, int]) -> None:
+        """Go back to `mark`: batches delivered since then are delivered again."""
+        self.close()
+        self.epoch, self.position = mark
+
     def close(self) -> None:
-        """Stop the worker processes; the next `next()` restarts them at the current state."""
-        self._iterator = None
+        """Stop the worker processes now; the next `next()` restarts them at the current state.
+
+        Now, not whenever the iterator is collected: the workers ignore SIGTERM, and left to
+        Python's exit they would be (multiprocessing terminates daemon children with SIGTERM,
+        then waits for them forever)."""
+        iterator, self._iterator = self._iterator, None
+        _running.discard(self)
+        if hasattr(iterator, "_shutdown_workers"):  # torch's own clean shutdown
+            iterator._shutdown_workers()
+            for worker in iterator._workers:
+                if worker.is_alive():  # stuck: it ignored torch's SIGTERM
+                    worker.kill()
+                    worker.join()
 
     def _signature(self) -> str:
         c = self.dataset.cfg

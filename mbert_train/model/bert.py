@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mbert_train.arithmetic import padded_vocab_size
 from mbert_train.model.config import ModelConfig
 from mbert_train.parallel.cross_entropy import vocab_parallel_argmax, vocab_parallel_cross_entropy
 from mbert_train.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, normal_init
-from mbert_train.parallel.layout import padded_vocab_size
 from mbert_train.parallel.mappings import copy_to_tp, gather_from_tp, group_size
-from mbert_train.parallel.random import sharded_dropout_mask
+from mbert_train.parallel.random import local_dropout_keep, sharded_cuda_rng, sharded_dropout_mask
 
 IGNORE_INDEX = -100
 
@@ -41,31 +41,41 @@ class SelfAttention(nn.Module):
         self.local_heads = cfg.num_heads // tp
         self.head_dim = cfg.head_dim
         self.dropout = cfg.attention_dropout
+        self.tp_invariant_dropout = cfg.tp_invariant_dropout
         init = normal_init(cfg.initializer_range)
         # The master weight is [Q; K; V] stacked (3h, h); stride 3 shards each block by heads.
         self.qkv = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, group, stride=3, init=init)
         self.out = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, group, init=init)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(b, s, h) -> (b, s, h); with `rows` (b, m) only those query positions: (b, m, h)."""
         b, s, _ = x.shape
         qkv = self.qkv(x).view(b, s, 3, self.local_heads, self.head_dim)  # (b, s, 3, n/tp, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (b, n/tp, s, d)
-        if self.training and self.dropout > 0:
-            ctx = self._attention_with_dropout(q, k, v, mask)
-        else:
+        if rows is not None:  # keys and values stay over all s positions
+            q = q.gather(2, rows[:, None, :, None].expand(b, self.local_heads, rows.shape[1], self.head_dim))
+        if not (self.training and self.dropout > 0):
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        ctx = ctx.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim)  # (b, s, h/tp)
+        elif q.is_cuda and not self.tp_invariant_dropout:
+            with sharded_cuda_rng(q.device, self.group):  # flash / memory-efficient kernels
+                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout)
+        else:
+            ctx = self._attention_with_dropout(q, k, v, mask)
+        ctx = ctx.transpose(1, 2).reshape(b, q.shape[2], self.local_heads * self.head_dim)  # (b, s|m, h/tp)
         return self.out(ctx)
 
     def _attention_with_dropout(self, q, k, v, mask):
-        # Explicit softmax so the dropout mask can be TP-invariant (see parallel/random.py);
-        # SDPA's fused dropout draws a mask per call that depends on the local head count.
+        # Explicit softmax: on CPU, SDPA's dropout falls back to a slower math kernel, and the
+        # TP-invariant mode needs a mask drawn for all heads (see parallel/random.py).
         scores = torch.matmul(q, k.transpose(-1, -2)) / self.head_dim ** 0.5  # (b, n/tp, s, s)
         if mask is not None:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         probs = scores.softmax(dim=-1)
-        keep = sharded_dropout_mask(tuple(probs.shape), self.dropout, 1, self.group, probs.device)
-        return torch.matmul(probs * keep.to(probs.dtype), v)
+        if self.tp_invariant_dropout:
+            keep = sharded_dropout_mask(tuple(probs.shape), self.dropout, 1, self.group, probs.device)
+            return torch.matmul(probs * keep.to(probs.dtype), v)
+        keep = local_dropout_keep(tuple(probs.shape), self.dropout, self.group, probs.device)
+        return torch.matmul(probs.masked_fill(~keep, 0.0) * (1.0 / (1.0 - self.dropout)), v)
 
 
 class MLP(nn.Module):
@@ -90,9 +100,23 @@ class Layer(nn.Module):
         self.mlp = MLP(cfg, group)
         self.dropout = cfg.hidden_dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + F.dropout(self.attn(self.attn_norm(x), mask), self.dropout, self.training)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(b, s, h) -> (b, s, h); with `rows` (b, m), the output at those positions only (b, m, h)."""
+        attn = self.attn(self.attn_norm(x), mask, rows)
+        if rows is not None:
+            x = x.gather(1, rows[..., None].expand(*rows.shape, x.shape[-1]))  # (b, m, h)
+        x = x + F.dropout(attn, self.dropout, self.training)
         return x + F.dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training)
+
+
+def read_positions(mlm_labels: torch.Tensor) -> torch.Tensor:
+    """(b, m) positions the heads read, ascending per row: 0 ([CLS], for the pooler) and every
+    masked position; rows with fewer are padded with unread positions (their labels are ignored)."""
+    read = mlm_labels != IGNORE_INDEX
+    read[:, 0] = True
+    m = int(read.sum(1).max())
+    # A stable sort of "not read" puts each row's read positions first, in ascending order.
+    return torch.argsort((~read).to(torch.int8), dim=1, stable=True)[:, :m]
 
 
 @dataclass
@@ -137,8 +161,12 @@ class MegatronBert(nn.Module):
         self.nsp = _dense(h, 2, std) if cfg.binary_head else None
 
     def encode(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Final hidden states (b, s, h)."""
+               attention_mask: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states (b, s, h); with `rows` (b, m), only at those positions (b, m, h).
+
+        Only the heads read the last layer's output, so with `rows` the last layer runs its
+        attention queries, output projection, MLP and LayerNorms on those positions alone (keys
+        and values still cover the whole sequence), as MosaicBERT does: the same values there."""
         b, s = input_ids.shape
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
@@ -149,11 +177,12 @@ class MegatronBert(nn.Module):
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask.bool().view(b, 1, 1, s)  # True = attend
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            last_rows = rows if i == len(self.layers) - 1 else None
             if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, mask, use_reentrant=False)
+                x = checkpoint(layer, x, mask, last_rows, use_reentrant=False)
             else:
-                x = layer(x, mask)
+                x = layer(x, mask, last_rows)
         return self.final_norm(x)
 
     def mlm_head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -168,14 +197,17 @@ class MegatronBert(nn.Module):
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None,
                 nsp_labels: torch.Tensor | None = None) -> PretrainOutput:
-        hidden = self.encode(input_ids, token_type_ids, attention_mask)  # (b, s, h)
         out = PretrainOutput()
         if mlm_labels is not None and self.mlm_masked_only:
-            selected = mlm_labels != IGNORE_INDEX
+            rows = read_positions(mlm_labels)  # (b, m): [CLS] first, then the masked positions
+            hidden = self.encode(input_ids, token_type_ids, attention_mask, rows)  # (b, m, h)
+            labels = mlm_labels.gather(1, rows)
+            selected = labels != IGNORE_INDEX  # the masked positions, in the full path's order
             out.mlm_logits = self.mlm_head(hidden[selected])  # (n_masked, V_pad/tp)
-            targets = mlm_labels[selected]
+            targets = labels[selected]
             logits_flat = out.mlm_logits
         else:
+            hidden = self.encode(input_ids, token_type_ids, attention_mask)  # (b, s, h)
             out.mlm_logits = self.mlm_head(hidden)  # (b, s, V_pad/tp)
             if mlm_labels is not None:
                 selected = (mlm_labels != IGNORE_INDEX).view(-1)

@@ -2,8 +2,32 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+import numbers
+from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+# config.json key of each field (`transformers.MegatronBertConfig` names); the first five are required.
+_HF_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
+            "num_heads": "num_attention_heads", "intermediate_size": "intermediate_size",
+            "max_position_embeddings": "max_position_embeddings", "type_vocab_size": "type_vocab_size",
+            "layer_norm_eps": "layer_norm_eps", "hidden_dropout": "hidden_dropout_prob",
+            "attention_dropout": "attention_probs_dropout_prob", "initializer_range": "initializer_range",
+            "pad_token_id": "pad_token_id"}
+_HF_REQUIRED = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size")
+
+
+def _type_problem(kind: str, value: Any) -> str | None:
+    """Why `value` cannot be a field annotated `kind` (JSON and YAML readers let floats, strings
+    and booleans through where integers belong), or None."""
+    if kind == "int" and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+        return "must be an integer"
+    if kind == "float" and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                            or not math.isfinite(value)):
+        return "must be a finite number"
+    if kind == "bool" and not isinstance(value, bool):
+        return "must be true or false"
+    return None
 
 
 @dataclass
@@ -30,6 +54,10 @@ class ModelConfig:
     """Dropout on embeddings and on each residual branch."""
     attention_dropout: float = 0.1
     """Dropout on attention probabilities."""
+    tp_invariant_dropout: bool = False
+    """Draw attention-dropout masks for all heads on every TP rank, so TP=N drops exactly what
+    TP=1 drops (slower: explicit softmax, full-size masks). Off: each TP rank draws its own
+    heads' masks from its own stream, and CUDA runs the dropout inside fused SDPA."""
     initializer_range: float = 0.02
     """Std of the normal initialisation of weights."""
     pad_token_id: int = 0
@@ -38,6 +66,10 @@ class ModelConfig:
     """Pooler + NSP/SOP head; False gives the MLM-only (RoBERTa-style) model."""
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            problem = _type_problem(f.type, getattr(self, f.name))
+            if problem:
+                raise ValueError(f"model.{f.name}={getattr(self, f.name)!r} {problem}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                      "max_position_embeddings", "type_vocab_size"):
             if getattr(self, name) <= 0:
@@ -50,6 +82,13 @@ class ModelConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be in [0, 1)")
+        if self.layer_norm_eps <= 0:
+            raise ValueError(f"model.layer_norm_eps={self.layer_norm_eps} must be > 0")
+        if self.initializer_range < 0:
+            raise ValueError(f"model.initializer_range={self.initializer_range} must be >= 0")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"model.pad_token_id={self.pad_token_id} must be a token id below model.vocab_size="
+                             f"{self.vocab_size}")
 
     @property
     def head_dim(self) -> int:
@@ -78,23 +117,22 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any]) -> "ModelConfig":
+        """From a `config.json`; a missing required key raises KeyError, a wrong type ValueError
+        naming the config.json key."""
         act = hf.get("hidden_act", "gelu")
         if act != "gelu":
             raise ValueError(f"config.json hidden_act={act!r} is not supported; only 'gelu' (exact erf GELU)")
-        return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=hf["num_attention_heads"],
-            intermediate_size=hf["intermediate_size"],
-            max_position_embeddings=hf.get("max_position_embeddings", 512),
-            type_vocab_size=hf.get("type_vocab_size", 2),
-            layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-            hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
-            attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-            initializer_range=hf.get("initializer_range", 0.02),
-            pad_token_id=hf.get("pad_token_id") or 0,
-        )
+        kinds, kwargs = {f.name: f.type for f in fields(cls)}, {}
+        for name, key in _HF_KEYS.items():
+            if name in _HF_REQUIRED and key not in hf:
+                raise KeyError(key)
+            if hf.get(key) is None:  # absent, or null as HF writes an unset pad_token_id
+                continue
+            problem = _type_problem(kinds[name], hf[key])
+            if problem:
+                raise ValueError(f"{key}={hf[key]!r} {problem}")
+            kwargs[name] = hf[key]
+        return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -19,10 +19,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from mbert_train.arithmetic import padded_vocab_size
 from mbert_train.model.bert import MegatronBert
 from mbert_train.model.config import ModelConfig
 from mbert_train.parallel.layers import shard, unshard
-from mbert_train.parallel.layout import padded_vocab_size
 from mbert_train.parallel.mappings import group_rank, group_size
 from mbert_train.staging import process_umask
 

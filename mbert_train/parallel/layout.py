@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -15,16 +16,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from mbert_train.errors import UserError, first_line
+
 if TYPE_CHECKING:
     from mbert_train.model.config import ModelConfig
-
-VOCAB_PAD_MULTIPLE = 128
-
-
-def padded_vocab_size(vocab_size: int, tensor_parallel: int) -> int:
-    """Megatron pads the vocabulary to a multiple of 128 x TP so every shard is equal."""
-    multiple = VOCAB_PAD_MULTIPLE * tensor_parallel
-    return -(-vocab_size // multiple) * multiple
 
 
 @dataclass(frozen=True)
@@ -116,6 +111,9 @@ def init_parallel(tensor_parallel: int, *, timeout_s: float = 600.0) -> Parallel
     build the TP/DP groups. Without a launcher this starts a one-process group on loopback, so
     DeepSpeed and the layers see real (trivial) groups either way.
     """
+    # Every group gets the timeout: `new_group` without one falls back to torch's default
+    # (30 min gloo, 10 min NCCL), and a rank stalled in a TP or DP collective would hang that long.
+    timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ and "SLURM_NTASKS" in os.environ:
             _env_from_slurm()
@@ -126,7 +124,7 @@ def init_parallel(tensor_parallel: int, *, timeout_s: float = 600.0) -> Parallel
         ParallelDims(world_size=world, tensor_parallel=tensor_parallel)  # fail before any rendezvous
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(default_backend(), timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(default_backend(), timeout=timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
     dims = ParallelDims(world_size=world, tensor_parallel=tensor_parallel)
     tp = dims.tensor_parallel
@@ -134,15 +132,44 @@ def init_parallel(tensor_parallel: int, *, timeout_s: float = 600.0) -> Parallel
     # Every rank must create every group, in the same order.
     for dp in range(dims.data_parallel):
         ranks = list(range(dp * tp, (dp + 1) * tp))
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             tp_group = group
     for t in range(tp):
         ranks = list(range(t, world, tp))
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             dp_group = group
     return ParallelState(dims, rank, tp_group, dp_group)
+
+
+# How gloo, NCCL (blocking wait) and the TCP store word a collective or rendezvous that ran
+# past its timeout ("Timed out waiting 5000ms for recv", "ran for 600015 milliseconds before
+# timing out", "Timed out after 601 seconds waiting for clients").
+_TIMEOUT = re.compile(r"timed out|timing out|timeout", re.IGNORECASE)
+_PEER_GONE = re.compile(r"connection closed by peer|connection reset by peer", re.IGNORECASE)
+
+
+class CollectiveTimeout(UserError):
+    """A collective waited longer than `parallel.timeout_s`, or lost a rank that failed first."""
+
+
+def collective_failure(exc: BaseException, timeout_s: float) -> CollectiveTimeout | None:
+    """The one-line error for a collective that failed because of *another* rank (stalled,
+    stopped, dead), or None if `exc` is something else."""
+    if not isinstance(exc, RuntimeError):
+        return None
+    text = str(exc)
+    rank = f"rank {dist.get_rank()}" if dist.is_initialized() else "this rank"
+    if _TIMEOUT.search(text):
+        return CollectiveTimeout(
+            f"{rank} waited longer than parallel.timeout_s={timeout_s:g} s for the other ranks in a collective: "
+            f"one is stalled, stopped or dead (its log says why); raise parallel.timeout_s only if a step or "
+            f"checkpoint legitimately takes longer ({first_line(exc)})")
+    if _PEER_GONE.search(text):
+        return CollectiveTimeout(f"{rank} lost its connection to another rank, which failed or was killed "
+                                 f"first; that rank's log has the cause ({first_line(exc)})")
+    return None
 
 
 def _env_from_slurm() -> None:

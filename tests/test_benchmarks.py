@@ -1,0 +1,72 @@
+"""The benchmark scripts run: each one dry-runs on CPU with its smallest shape and one step, as a
+subprocess, and prints its ratio line. Nothing here asserts on time (benchmarks are scripts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+TIMEOUT_S = 300
+DRY = ["--steps", "1", "--warmup", "0"]
+
+
+def _run(cmd: list[str], **kw) -> str:
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S, **kw)
+    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """A small mbert-prep dataset (generated text: the shared corpora are not part of the repo)."""
+    root = tmp_path_factory.mktemp("bench-data")
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(300)]
+    docs = ["\n".join(" ".join(rng.choices(words, k=rng.randint(8, 30))) + " ." for _ in range(8))
+            for _ in range(40)]
+    text = root / "corpus.txt"
+    text.write_text("\n\n".join(docs) + "\n")
+    out = root / "prepared"
+    _run([sys.executable, "-m", "data_prep.prep", str(text), "-o", str(out), "--vocab-size", "512", "--quiet"])
+    return out
+
+
+def test_bench_model_dry_run_on_our_pipelines_batches(dataset):
+    out = _run([sys.executable, str(BENCH / "bench_model.py"), "--shapes", "tiny", *DRY, "--threads", "1",
+                "--data", str(dataset)])
+    assert f"batches: our data pipeline on {dataset}" in out and "dropout=0.1" in out
+    assert re.search(r"^ratio tiny: time ref/ours \d+\.\d+x, step memory ref/ours \d+\.\d+x, "
+                     r"ref/floor \d+\.\d+x, ours/floor \d+\.\d+x", out, re.M), out
+    assert "| tiny | floor (GEMMs + AdamW) |" in out and " ok |" in out  # dropout-0 losses agree
+
+
+def test_bench_tp_dry_run():
+    out = _run([sys.executable, str(BENCH / "bench_tp.py"), "--shape", "tiny", *DRY])
+    assert "batches: SYNTHETIC" in out
+    assert re.search(r"^ratio tiny: TP=2/TP=1 step time \d+\.\d+", out, re.M), out
+
+
+def test_gpu_script_dry_run_writes_its_json(tmp_path):
+    target = tmp_path / "gpu.json"
+    out = _run(["bash", str(BENCH / "gpu.sh"), "--dry-run", str(target)],
+               env={**os.environ, "PYTHON": sys.executable})
+    assert "DRY RUN on CPU" in out and re.search(r"^ratio tiny: time ref/ours \d+\.\d+x", out, re.M), out
+    assert re.search(r"^\| tiny \| 4 \| \d+% \| [\d.]+ \| [\d.]+ \| [\d.]+x \| [\d.]+% \| [\d.]+% \|", out, re.M), out
+    result = json.loads(target.read_text())["tiny"]
+    assert result["results"]["tiny"]["ours"]["mfu"] > 0 and result["summaries"]["tiny"]["real_tokens"] > 0
+
+
+def test_gpu_script_refuses_a_machine_without_cuda(tmp_path):
+    proc = subprocess.run(["bash", str(BENCH / "gpu.sh"), str(tmp_path / "x.json")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=TIMEOUT_S, env={**os.environ, "PYTHON": sys.executable,
+                                                             "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr and not (tmp_path / "x.json").exists()
