@@ -45,8 +45,9 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 
 # torchrun forwards these signals to the ranks (and then stops): SIGUSR1 is what SLURM's
 # `--signal=USR1@120` and launch/slurm.sbatch send before the time limit, and the trainer
-# writes a checkpoint on SIGTERM, SIGINT and SIGUSR1. PET_* is read by torch >= 2.8's
-# torchrun, TORCHELASTIC_* by older ones.
+# writes a checkpoint on SIGTERM, SIGINT and SIGUSR1. torchrun signals each rank's whole
+# process group, DataLoader workers included; they ignore these and leave the stop to their
+# rank. PET_* is read by torch >= 2.8's torchrun, TORCHELASTIC_* by older ones.
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-$PET_SIGNALS_TO_HANDLE}
 # Seconds torchrun waits for ranks to finish that checkpoint before SIGKILL (default 30).

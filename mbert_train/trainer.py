@@ -194,9 +194,9 @@ class Trainer:
         if bar:
             bar.close()
         if self.state.rank == 0:
-            done = "checkpoint written" if write else "nothing new since the checkpoint"
-            print(f"[mbert-train] stop signal: {done} at step {self.step}; rerun the same command to resume",
-                  flush=True)
+            done = (f"checkpoint written at step {self.step}" if write else
+                    f"the checkpoint of step {self.step} is current" if self.step else "no step trained yet")
+            print(f"[mbert-train] stop signal: {done}; rerun the same command to resume", flush=True)
         raise SystemExit(0)
 
     def _count_bad(self, m: dict) -> None:

@@ -44,13 +44,11 @@ def _running(pid: int) -> bool:
 class Run:
     """`mbert-train` (or torchrun) in a session of its own, output in files."""
 
-    def __init__(self, tmp_path: Path, run_dir: Path, cache: str, overrides: list[str], nproc: int,
-                 extra_env: dict | None = None):
+    def __init__(self, tmp_path: Path, run_dir: Path, cache: str, overrides: list[str], nproc: int):
         self.run_dir, self.out, self.err = run_dir, tmp_path / f"{run_dir.name}.out", tmp_path / f"{run_dir.name}.err"
         with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.proc = subprocess.Popen(command(nproc, [*FAST, f"run.dir={run_dir}", *overrides]),
-                                         env={**env(cache), **(extra_env or {})}, stdout=out, stderr=err,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(command(nproc, [*FAST, f"run.dir={run_dir}", *overrides]), env=env(cache),
+                                         stdout=out, stderr=err, start_new_session=True)
 
     def wait_for_steps(self, n: int, timeout: float = 240) -> None:
         """Until rank 0 has logged `n` training steps (a metrics line is written after its step)."""
@@ -269,9 +267,12 @@ def test_a_dead_worker_fails_the_next_fetch_not_the_step_in_progress(embedded_di
     mark = loader.mark()
     for pid in workers:
         os.kill(pid, signal.SIGKILL)
-    while any(_running(pid) for pid in workers):  # the step goes on; torch would raise in here
-        time.sleep(0.01)
-    sum(range(10_000))  # bytecodes after SIGCHLD: its Python handler has run
+    for pid in workers:  # until the exit is reported (all its threads gone), not reaping it
+        while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            time.sleep(0.01)
+    # What Python runs on that SIGCHLD at some bytecode of the step in progress, run now:
+    # torch's handler would raise "DataLoader worker ... is killed by signal" right here.
+    signal.getsignal(signal.SIGCHLD)(signal.SIGCHLD, None)
     try:
         with pytest.raises(RuntimeError, match="DataLoader worker"):
             loader.take(6)

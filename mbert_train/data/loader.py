@@ -64,7 +64,7 @@ _running: weakref.WeakSet = weakref.WeakSet()
 """TrainLoaders with live workers, closed at exit (see `TrainLoader.close`)."""
 
 
-
+@atexit.register  # registered after torch's and multiprocessing's exit hooks, so it runs before them
 def _close_running() -> None:
     for loader in list(_running):
         loader.close()
