@@ -53,7 +53,8 @@ class OptimConfig:
     lr: float = 1e-3
     """Peak learning rate, reached at the end of warmup."""
     weight_decay: float = 0.01
-    """Decoupled weight decay; not applied to biases, LayerNorms or embeddings (as Megatron)."""
+    """Decoupled weight decay on every 2-D parameter, embeddings included; not on biases and
+    LayerNorm weights (the 1-D parameters), as Megatron-LM does."""
     beta1: float = 0.9
     """Adam's first-moment decay."""
     beta2: float = 0.999

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from mbert_train.arithmetic import masked_fraction
-from mbert_train.checkpoint import CheckpointDir, CheckpointError, load_torch, read_json, read_meta, write_errors
+from mbert_train.checkpoint import CheckpointDir, CheckpointError, find_latest, load_torch, read_json, read_meta, write_errors
 from mbert_train.config import TrainConfig
 from mbert_train.data.loader import STOP_SIGNALS
 from mbert_train.errors import UserError
@@ -209,10 +209,12 @@ class Trainer:
             print(f"[mbert-train] step {self.step}: non-finite loss or gradients, update skipped "
                   f"({self.bad_in_a_row} in a row, {self.skipped} in total)", flush=True)
         if self.bad_in_a_row >= self.cfg.trainer.max_bad_steps:
+            last, _ = find_latest(self.run_dir)  # read-only: no clean-up while ranks are stopping
+            where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
             raise TrainingDiverged(
                 f"{self.bad_in_a_row} consecutive non-finite steps (trainer.max_bad_steps="
-                f"{self.cfg.trainer.max_bad_steps}) up to step {self.step}; the last good checkpoint is "
-                f"{self.ckpt.latest()}: lower optim.lr or raise trainer.grad_clip and resume")
+                f"{self.cfg.trainer.max_bad_steps}) up to step {self.step}; {where}: lower optim.lr or raise "
+                f"trainer.grad_clip and resume")
 
     # ---- evaluation ----------------------------------------------------------------------
     @torch.no_grad()
