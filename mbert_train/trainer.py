@@ -159,7 +159,8 @@ class Trainer:
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 elapsed = time.perf_counter() - time_since
                 tps = tokens_since / elapsed
-                util = mfu(self._flops_per_token * tokens_since, elapsed, dist.get_world_size(), self.device)
+                util = mfu(self._flops_per_token * tokens_since, elapsed, dist.get_world_size(), self.device,
+                           precision=t.precision)
                 record = {k: m[k] for k in ("loss", "mlm_loss", "nsp_loss", "lr", "grad_norm")}
                 record.update(tokens_per_s=tps, skipped_steps=self.skipped, mfu=util,
                               memory_gib=peak_memory_gib(self.device))
@@ -169,11 +170,18 @@ class Trainer:
                     bar.update(self.step, loss=m["loss"], lr=m["lr"], grad_norm=m["grad_norm"], tokens_per_s=tps,
                                memory_gib=record["memory_gib"], mfu=util)
                 tokens_since, time_since = 0.0, time.perf_counter()
+            # Evaluation and checkpoints are timed on their own (eval_s, checkpoint_s) and kept out
+            # of the interval tokens_per_s and MFU divide by, which measure training steps only.
+            paused = time.perf_counter()
             if t.eval_every and self.step % t.eval_every == 0:
                 self.evaluate()
             if self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
+                started = time.perf_counter()
                 self.save()
                 saved_at = self.step
+                if self.log:
+                    self.log.log(self.step, {"checkpoint_s": time.perf_counter() - started})
+            time_since += time.perf_counter() - paused
         if bar:
             bar.close()
 
@@ -219,6 +227,7 @@ class Trainer:
     # ---- evaluation ----------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
+        started = time.perf_counter()
         self.engine.eval()
         sums = torch.zeros(5, device=self.device, dtype=torch.float64)  # mlm loss*n, n, correct, nsp ok, seqs
         for i, batch in enumerate(self.eval_loader):
@@ -237,7 +246,7 @@ class Trainer:
         if self.cfg.model.binary_head:
             result["eval_nsp_accuracy"] = (sums[3] / sums[4].clamp(min=1)).item()
         if self.log:
-            self.log.log(self.step, result)
+            self.log.log(self.step, {**result, "eval_s": time.perf_counter() - started})
         return result
 
     # ---- checkpoints ---------------------------------------------------------------------

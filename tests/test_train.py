@@ -58,6 +58,9 @@ def test_run_artifacts(runs):
     train_keys = {"step", "loss", "mlm_loss", "nsp_loss", "lr", "grad_norm", "tokens_per_s"}
     assert train_keys <= set(records[0])
     assert any("eval_mlm_loss" in r and "eval_nsp_accuracy" in r for r in records)
+    # Evaluation and checkpoint time are logged apart and kept out of the training throughput.
+    assert all(r["eval_s"] > 0 for r in records if "eval_mlm_loss" in r)
+    assert [r["step"] for r in records if "checkpoint_s" in r] == [10, 20]
     assert (run / "curves.png").stat().st_size > 1000
     assert list((run / "wandb").glob("offline-run-*")), "W&B offline run files"
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000020"
