@@ -41,8 +41,14 @@ class PrepConfig:
     """Processes for sentence splitting and tokenisation (`datasets.map(num_proc=...)`)."""
     batch_docs: int = 256
     """Documents per `map` batch: larger amortises overhead, smaller bounds memory."""
-    heldout_fraction: float = 0.01
-    """Fraction of multi-sentence documents held out for evaluation (at least 2 when > 0)."""
+    heldout: list[str] = field(default_factory=list)
+    """Files (same kinds as `inputs`) whose documents are the held-out split, and only those:
+    never in training samples, never seen by the trained tokenizer. A held-out file inside an
+    input folder is read as held-out only; training documents identical to a held-out one are
+    dropped."""
+    heldout_fraction: float | None = None
+    """Fraction of multi-sentence documents held out for evaluation (at least 2 when > 0);
+    None = 0.01, or 0 with `heldout`. The tokenizer is trained on the other documents only."""
     split_seed: int = 0
     """Seed of the deterministic held-out document choice."""
     max_line_chars: int = 100_000
@@ -70,6 +76,11 @@ class PrepConfig:
         if self.tokenizer is None and self.vocab_size < 64:
             raise PrepError(f"--vocab-size={self.vocab_size} is too small for WordPiece (it "
                             f"needs the alphabet plus 5 special tokens); use at least 64")
+        if self.heldout and self.heldout_fraction:
+            raise PrepError(f"--heldout and --heldout-fraction={self.heldout_fraction} both choose "
+                            f"the held-out documents; pass only one of them")
+        if self.heldout_fraction is None:
+            self.heldout_fraction = 0.0 if self.heldout else 0.01
         if not 0.0 <= self.heldout_fraction <= 0.5:
             raise PrepError(f"--heldout-fraction={self.heldout_fraction} must be in [0, 0.5]")
         if self.split_seed < 0:

@@ -5,7 +5,8 @@ A prepared corpus is a directory::
     metadata.json           written last; its "format": "mbert-train-corpus" marks a finished
                             dataset (a folder merely holding a file of that name is not one)
     tokenizer.json          the full `tokenizers` pipeline (normaliser, pre-tokeniser, WordPiece)
-    vocab.txt               the same vocabulary, one token a line (for `BertTokenizer` users)
+    vocab.txt               the same vocabulary, one token a line, line i = id i (BERT's format;
+                            transformers 5: `BertTokenizer(vocab=PATH)`, not `vocab_file=`)
     tokens.npy              every token id of every kept document, in input order (uint16/uint32)
     sentence_offsets.npy    int64 [n_sentences + 1]: sentence i is tokens[off[i]:off[i+1]]
     doc_offsets.npy         int64 [n_documents + 1]: document d is sentences [off[d], off[d+1])

@@ -2,14 +2,18 @@
 
     mbert-prep corpus/*.txt --output data/wiki --vocab-size 30522 --num-proc 8
     mbert-prep docs.jsonl --text-field body --tokenizer bert-base-uncased/vocab.txt --output d
+    mbert-prep corpus/ --heldout valid.txt --output data/wiki   # held out: exactly valid.txt
+    mbert-prep my-bert_text_sentence --vocab-file vocab.txt -o d   # Megatron .bin/.idx, ids kept
 
 Steps: check everything cheap first (inputs, text fields, tokenizer file, output path), then
-read and repair documents into an Arrow spool, train (or load) the WordPiece tokenizer,
-sentence-split and tokenise with a multi-process `datasets.map`, and stream the arrays of
-`data_prep.format`. All of it happens in a hidden temporary directory beside the output
-(`mbert_train.staging`), fsynced and renamed into place only when complete, so an interrupted
-run leaves nothing at the output path that looks finished; a later run removes the leftovers of
-dead runs (and puts back a previous dataset a kill caught in mid-swap).
+read and repair documents into an Arrow spool, choose the held-out documents (`--heldout`
+files, or `--heldout-fraction` of the documents), train the WordPiece tokenizer on the training
+documents only (or load one), sentence-split and tokenise with a multi-process `datasets.map`,
+and stream the arrays of `data_prep.format`. All of it happens in a hidden temporary directory
+beside the output (`mbert_train.staging`), fsynced and renamed into place only when complete,
+so an interrupted run leaves nothing at the output path that looks finished; a later run
+removes the leftovers of dead runs (and puts back a previous dataset a kill caught in
+mid-swap).
 
 `--overwrite` replaces only a folder that is recognisably a prepared dataset (its metadata.json
 carries the format marker) and holds nothing but the dataset's own files; nothing else is ever
@@ -34,12 +38,14 @@ from tqdm.auto import tqdm
 
 from data_prep import format as fmt
 from data_prep.config import PrepConfig, PrepError
+from data_prep.from_indexed import IndexedInputs, TokenizedView, open_indexed
 from data_prep.sources import ReadStats, Source, read_documents, resolve_sources
 from data_prep.sources import total_local_bytes
 from data_prep.split import get_splitter
 from data_prep.tokenizer import for_corpus, is_lowercasing, load_tokenizer
 from data_prep.tokenizer import iter_text_batches, save_tokenizer, special_ids, train_wordpiece
-from data_prep.writer import CorpusCounts, choose_heldout, count_corpus, spool_documents
+from data_prep.writer import CorpusCounts, choose_heldout, count_corpus, count_sentences
+from data_prep.writer import spool_documents
 from data_prep.writer import tokenize_batch, tokenized_features, write_arrays
 from mbert_train.errors import UserError, describe_os_error, first_line
 from mbert_train.staging import clean_leftovers, staged_dir
@@ -81,7 +87,7 @@ def check_output(cfg: PrepConfig) -> None:
     if not os.path.isdir(parent):
         raise PrepError(f"--output {cfg.output}: parent directory {parent} does not exist; "
                         f"create it")
-    for item in cfg.inputs:
+    for item in [*cfg.inputs, *cfg.heldout]:
         if os.path.isdir(item) and _inside(out, item):
             raise PrepError(f"--output {cfg.output} is inside the input folder {item}, whose "
                             f"files are all read as input; choose an --output outside it")
@@ -94,10 +100,12 @@ def _sha256(path: str) -> str:
 
 def _summary_lines(summary: dict, output: str) -> list[str]:
     s = summary
+    copies = s.get("heldout_copies_dropped", 0)
+    held_note = f", {copies:,} training copies of held-out documents dropped" if copies else ""
     return [
         f"mbert-prep: wrote {output}",
         f"  documents  {s['documents']:,} (train {s['train_documents']:,}, "
-        f"held-out {s['heldout_documents']:,}); one-sentence documents "
+        f"held-out {s['heldout_documents']:,}{held_note}); one-sentence documents "
         f"{s['one_sentence_documents']:,} (kept as random-next material only)",
         f"  sentences  {s['sentences']:,}   tokens {s['tokens']:,}   vocab {s['vocab_size']:,}",
         f"  skipped    empty files {s['empty_files']}, empty documents {s['empty_documents']}, "
@@ -112,12 +120,15 @@ def _summary_lines(summary: dict, output: str) -> list[str]:
     ]
 
 
-def _build_tokenizer(cfg: PrepConfig, spool, n_docs: int) -> Tokenizer:
+def _build_tokenizer(cfg: PrepConfig, spool, heldout_inputs: np.ndarray) -> Tokenizer:
+    """The given tokenizer, or one trained on the training documents only."""
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer, lowercase=cfg.lowercase)
-    return train_wordpiece(iter_text_batches(spool, "text", 1000), vocab_size=cfg.vocab_size,
+    skip = np.zeros(len(spool), dtype=bool)
+    skip[heldout_inputs] = True
+    return train_wordpiece(iter_text_batches(spool, "text", 1000, skip), vocab_size=cfg.vocab_size,
                            lowercase=cfg.lowercase, min_frequency=cfg.min_frequency,
-                           length=n_docs, show_progress=not cfg.quiet)
+                           length=len(spool) - len(heldout_inputs), show_progress=not cfg.quiet)
 
 
 def _no_documents(stats: ReadStats, tokenless: int = 0) -> PrepError:
@@ -129,17 +140,83 @@ def _no_documents(stats: ReadStats, tokenless: int = 0) -> PrepError:
         f"written: check the inputs and --text-field")
 
 
-def _spool(cfg: PrepConfig, sources: list[Source], cache: str, stats: ReadStats):
-    """Read every source into an Arrow spool file; returns (dataset, document count)."""
-    path = os.path.join(cache, "documents.arrow")
-    with tqdm(total=total_local_bytes(sources) or None, unit="B", unit_scale=True,
-              desc="reading", disable=cfg.quiet) as bar:
-        docs = read_documents(sources, text_field=cfg.text_field, hf_split=cfg.hf_split,
-                              hf_config=cfg.hf_config, cache_dir=cache, stats=stats,
-                              max_line_chars=cfg.max_line_chars,
-                              max_doc_chars=cfg.max_doc_chars, progress=bar.update)
-        count = spool_documents(docs, path)
-    return datasets.Dataset.from_file(path), count
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", errors="replace"), digest_size=16).digest()
+
+
+def _spool(cfg: PrepConfig, sources: list[Source], heldout: list[Source], cache: str,
+           stats: ReadStats):
+    """Read the held-out sources, then the training sources (dropping documents identical to a
+    held-out one), into Arrow spool files; returns (all documents, training first, the number
+    of training documents, the number dropped as copies)."""
+    held_digests: set[bytes] = set()
+    copies = 0
+
+    def remember(docs):
+        for doc in docs:
+            held_digests.add(_digest(doc))
+            yield doc
+
+    def without_copies(docs):
+        nonlocal copies
+        for doc in docs:
+            if held_digests and _digest(doc) in held_digests:
+                copies += 1
+            else:
+                yield doc
+
+    def read(srcs, name, wrap):
+        with tqdm(total=total_local_bytes(srcs) or None, unit="B", unit_scale=True,
+                  desc=f"reading {name}", disable=cfg.quiet) as bar:
+            docs = read_documents(srcs, text_field=cfg.text_field, hf_split=cfg.hf_split,
+                                  hf_config=cfg.hf_config, cache_dir=cache, stats=stats,
+                                  max_line_chars=cfg.max_line_chars,
+                                  max_doc_chars=cfg.max_doc_chars, progress=bar.update)
+            path = os.path.join(cache, f"{name}.arrow")
+            return path, spool_documents(wrap(docs), path)
+
+    if heldout:
+        held_path, n_held = read(heldout, "heldout", remember)
+        if n_held == 0:
+            raise PrepError(f"--heldout {' '.join(cfg.heldout)}: no documents in these files; "
+                            f"pass files with text, or leave --heldout out")
+    train_path, n_train = read(sources, "documents", without_copies)
+    if n_train == 0:
+        raise _no_documents(stats)
+    spool = datasets.Dataset.from_file(train_path)
+    if heldout:
+        spool = datasets.concatenate_datasets([spool, datasets.Dataset.from_file(held_path)])
+    return spool, n_train, copies
+
+
+def _heldout_inputs(cfg: PrepConfig, spool, n_train: int, cache: str) -> np.ndarray:
+    """Input-document ids of the held-out split, chosen before the tokenizer is trained."""
+    if cfg.heldout:
+        return np.arange(n_train, len(spool), dtype=np.int64)
+    if cfg.heldout_fraction == 0:
+        return np.zeros(0, np.int64)
+    counted = spool.map(
+        count_sentences, batched=True, batch_size=cfg.batch_docs,
+        num_proc=cfg.num_proc if cfg.num_proc > 1 else None, remove_columns=["text"],
+        features=datasets.Features({"sentences": datasets.Value("int32")}),
+        fn_kwargs=dict(splitter=cfg.splitter),
+        cache_file_name=os.path.join(cache, "sentences.arrow"),
+        new_fingerprint="mbert-prep-sentences", desc="count sentences")
+    sentences = counted.with_format("arrow")[:]["sentences"].to_numpy(zero_copy_only=False)
+    return choose_heldout(sentences, cfg.heldout_fraction, cfg.split_seed)
+
+
+def _heldout_kept(cfg: PrepConfig, counts: CorpusCounts, heldout_inputs: np.ndarray) -> np.ndarray:
+    """The held-out input documents that kept a token, as ids among kept documents."""
+    kept = counts.kept
+    heldout = (np.cumsum(kept) - 1)[heldout_inputs[kept[heldout_inputs]]].astype(np.int64)
+    if cfg.heldout and len(heldout) == 0:
+        raise PrepError(f"--heldout {' '.join(cfg.heldout)}: no document of these files has a "
+                        f"token; pass files with text, or leave --heldout out")
+    if len(heldout) == int(kept.sum()):
+        raise PrepError("every document with a token is held out, none is left to train on; "
+                        "check the inputs")
+    return heldout
 
 
 def _tokenize(cfg: PrepConfig, spool, tok: Tokenizer, dtype: np.dtype, cache: str):
@@ -155,12 +232,13 @@ def _tokenize(cfg: PrepConfig, spool, tok: Tokenizer, dtype: np.dtype, cache: st
 
 
 def _summary(counts: CorpusCounts, heldout: np.ndarray, stats: ReadStats, vocab_size: int,
-             seconds: float) -> dict:
+             seconds: float, copies: int) -> dict:
     kept_sentences = counts.sentences_per_doc[counts.kept]
     return {
         "documents": int(counts.kept.sum()),
         "train_documents": int(counts.kept.sum()) - len(heldout),
         "heldout_documents": len(heldout),
+        "heldout_copies_dropped": copies,
         "sentences": int(kept_sentences.sum()),
         "tokens": counts.tokens,
         "vocab_size": vocab_size,
@@ -174,7 +252,7 @@ def _summary(counts: CorpusCounts, heldout: np.ndarray, stats: ReadStats, vocab_
 
 
 def _metadata(cfg: PrepConfig, tok: Tokenizer, tmp: str, dtype: np.dtype, sources: list[Source],
-              stats: ReadStats, summary: dict, max_token_id: int) -> dict:
+              heldout: list[Source], stats: ReadStats, summary: dict, max_token_id: int) -> dict:
     return {
         "format": fmt.FORMAT_NAME,
         "format_version": fmt.FORMAT_VERSION,
@@ -193,8 +271,11 @@ def _metadata(cfg: PrepConfig, tok: Tokenizer, tmp: str, dtype: np.dtype, source
         "num_sentences": summary["sentences"],
         "num_tokens": summary["tokens"],
         "splits": {"train": summary["train_documents"], "heldout": summary["heldout_documents"]},
-        "sources": [{"path": s.path, "kind": s.kind, "sha256": stats.checksums.get(s.path)}
-                    for s in sources],
+        "sources": [{"path": s.path, "kind": s.kind, "sha256": stats.checksums.get(s.path),
+                     "split": split} for split, group in (("train", sources), ("heldout", heldout))
+                    for s in group],
+        # A trained vocabulary has seen the training split only.
+        "tokenizer_trained_on": None if cfg.tokenizer else "train",
         # Where it was written and how verbosely says nothing about the data.
         "config": {k: v for k, v in cfg.as_dict().items()
                    if k not in ("output", "overwrite", "quiet")},
@@ -202,31 +283,54 @@ def _metadata(cfg: PrepConfig, tok: Tokenizer, tmp: str, dtype: np.dtype, source
     }
 
 
-def _run(cfg: PrepConfig, sources: list[Source], stats: ReadStats, tmp: str,
-         started: float) -> dict:
+def _run(cfg: PrepConfig, sources: list[Source], heldout_sources: list[Source], stats: ReadStats,
+         tmp: str, started: float) -> dict:
     """Everything heavy, inside the temporary directory `tmp`."""
     cache = os.path.join(tmp, "cache")
     os.makedirs(cache)
-    spool, n_input_docs = _spool(cfg, sources, cache, stats)
-    if n_input_docs == 0:
-        raise _no_documents(stats)
-    tok = _build_tokenizer(cfg, spool, n_input_docs)
+    spool, n_train, copies = _spool(cfg, sources, heldout_sources, cache, stats)
+    heldout_inputs = _heldout_inputs(cfg, spool, n_train, cache)
+    tok = _build_tokenizer(cfg, spool, heldout_inputs)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = fmt.token_dtype(vocab_size)
     tokenized = _tokenize(cfg, spool, tok, dtype, cache)
     counts = count_corpus(tokenized)
     if not counts.kept.any():  # documents of control characters only, say
         raise _no_documents(stats, len(counts.kept))
-    heldout = choose_heldout(counts.sentences_per_doc[counts.kept], cfg.heldout_fraction,
-                             cfg.split_seed)
+    heldout = _heldout_kept(cfg, counts, heldout_inputs)
     with tqdm(total=len(tokenized), unit="doc", desc="writing", disable=cfg.quiet) as bar:
         max_token_id = write_arrays(tokenized, counts, heldout, tmp, dtype, bar.update)
     save_tokenizer(tok, tmp, fmt.TOKENIZER_FILE, fmt.VOCAB_FILE)
     del spool, tokenized
     shutil.rmtree(cache)
-    summary = _summary(counts, heldout, stats, vocab_size, time.perf_counter() - started)
-    metadata = _metadata(cfg, tok, tmp, dtype, sources, stats, summary, max_token_id)
+    summary = _summary(counts, heldout, stats, vocab_size, time.perf_counter() - started, copies)
+    metadata = _metadata(cfg, tok, tmp, dtype, sources, heldout_sources, stats, summary,
+                         max_token_id)
     # metadata.json last: its format marker is what marks a finished dataset.
+    with open(os.path.join(tmp, fmt.METADATA_FILE), "w", encoding="utf-8") as f:
+        json.dump(metadata, f, indent=2)
+    return summary
+
+
+def _run_indexed(cfg: PrepConfig, indexed: IndexedInputs, stats: ReadStats, tmp: str,
+                 started: float) -> dict:
+    """A Megatron indexed dataset: its token ids and boundaries kept (`data_prep.from_indexed`)."""
+    tok, counts = indexed.tokenizer, indexed.counts
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    dtype = fmt.token_dtype(vocab_size)
+    heldout_inputs = indexed.heldout_inputs
+    if heldout_inputs is None:
+        heldout_inputs = choose_heldout(counts.sentences_per_doc, cfg.heldout_fraction,
+                                        cfg.split_seed)
+    heldout = _heldout_kept(cfg, counts, heldout_inputs)
+    view = TokenizedView(indexed, cfg.max_sentence_tokens)
+    with tqdm(total=len(view), unit="doc", desc="writing", disable=cfg.quiet) as bar:
+        max_token_id = write_arrays(view, counts, heldout, tmp, dtype, bar.update)
+    save_tokenizer(tok, tmp, fmt.TOKENIZER_FILE, fmt.VOCAB_FILE)
+    summary = _summary(counts, heldout, stats, vocab_size, time.perf_counter() - started, 0)
+    metadata = _metadata(cfg, tok, tmp, dtype, indexed.sources, indexed.heldout_sources, stats,
+                         summary, max_token_id)
+    metadata["splitter"] = "megatron-sequences"  # one sentence per sequence of the .idx
     with open(os.path.join(tmp, fmt.METADATA_FILE), "w", encoding="utf-8") as f:
         json.dump(metadata, f, indent=2)
     return summary
@@ -238,6 +342,19 @@ def _os_error(exc: OSError, cfg: PrepConfig) -> PrepError:
     if exc.errno in out_of_space or "No space left" in str(exc) or not exc.filename:
         return PrepError(describe_os_error(exc, cfg.output, "writing"))
     return PrepError(describe_os_error(exc, exc.filename, "accessing"))
+
+
+def _resolve_all(cfg: PrepConfig, stats: ReadStats) -> tuple[list[Source], list[Source]]:
+    """(training sources, held-out sources); a held-out file is never also read for training
+    (it may lie inside an input folder)."""
+    heldout = resolve_sources(cfg.heldout, cfg.text_field, ReadStats()) if cfg.heldout else []
+    held_paths = {os.path.realpath(s.path) for s in heldout}
+    sources = [s for s in resolve_sources(cfg.inputs, cfg.text_field, stats)
+               if os.path.realpath(s.path) not in held_paths]
+    if not sources:
+        raise PrepError("every input is also a --heldout file; pass training inputs besides the "
+                        "held-out ones")
+    return sources, heldout
 
 
 def prepare(cfg: PrepConfig) -> dict:
@@ -256,7 +373,9 @@ def _prepare(cfg: PrepConfig) -> dict:
     check_output(cfg)
     get_splitter(cfg.splitter)
     stats = ReadStats()
-    sources = resolve_sources(cfg.inputs, cfg.text_field, stats)
+    indexed = open_indexed(cfg, stats)  # None unless the inputs are Megatron .bin/.idx pairs
+    sources, heldout_sources = (_resolve_all(cfg, stats) if indexed is None
+                                else (indexed.sources, indexed.heldout_sources))
     if cfg.tokenizer:
         load_tokenizer(cfg.tokenizer, lowercase=cfg.lowercase)
     bars_were_on = datasets.is_progress_bar_enabled()
@@ -266,7 +385,8 @@ def _prepare(cfg: PrepConfig) -> dict:
         # check_output has refused anything but a new path, an empty folder, or (with
         # --overwrite) a dataset holding only its own files.
         with staged_dir(out, replace=cfg.overwrite) as tmp:
-            summary = _run(cfg, sources, stats, str(tmp), started)
+            summary = (_run(cfg, sources, heldout_sources, stats, str(tmp), started)
+                       if indexed is None else _run_indexed(cfg, indexed, stats, str(tmp), started))
             pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
             if pause > 0:
                 print(f"mbert-prep: pausing {pause} s before the final rename", flush=True)
@@ -286,13 +406,15 @@ def parse_args(argv: list[str] | None = None) -> PrepConfig:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = PrepConfig(inputs=["-"], output="-")
     p.add_argument("inputs", nargs="+", help="files (.txt/.jsonl/.parquet), directories of "
-                   "them, a save_to_disk directory, or a datasets.load_dataset name")
+                   "them, a save_to_disk directory, a datasets.load_dataset name, or Megatron "
+                   ".bin/.idx prefixes (token ids kept; needs --vocab-file)")
     p.add_argument("--output", "-o", required=True, help="dataset directory to create")
     p.add_argument("--text-field", default=d.text_field, help="text column of jsonl/parquet/HF")
     p.add_argument("--hf-split", default=d.hf_split, help="split of a datasets input")
     p.add_argument("--hf-config", default=None, help="configuration of a datasets input")
     p.add_argument("--splitter", default=d.splitter, help="sentence splitter name or mod:fn")
-    p.add_argument("--tokenizer", default=None, help="existing vocab.txt or tokenizer.json")
+    p.add_argument("--tokenizer", "--vocab-file", default=None, help="existing vocab.txt or "
+                   "tokenizer.json (for Megatron .bin/.idx inputs: the vocab they hold ids of)")
     p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="trained vocab size")
     case = p.add_mutually_exclusive_group()
     case.add_argument("--lowercase", dest="lowercase", action="store_true", default=d.lowercase)
@@ -300,7 +422,17 @@ def parse_args(argv: list[str] | None = None) -> PrepConfig:
     p.add_argument("--min-frequency", type=int, default=d.min_frequency)
     p.add_argument("--num-proc", type=int, default=d.num_proc, help="tokenising processes")
     p.add_argument("--batch-docs", type=int, default=d.batch_docs)
-    p.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction)
+    held = p.add_mutually_exclusive_group()
+    held.add_argument("--heldout", nargs="+", default=[], metavar="FILE",
+                      help="files or folders (same kinds as the inputs) whose documents are the "
+                      "held-out split, and only those: never in training samples and never seen "
+                      "by the trained tokenizer (a held-out file inside an input folder is read "
+                      "as held-out only; identical training documents are dropped)")
+    held.add_argument("--heldout-fraction", type=float, default=None,
+                      help="fraction of multi-sentence documents held out for evaluation, chosen "
+                      "before the tokenizer, which is trained on the other documents only "
+                      # %(default).0s prints nothing; it stops argparse adding "(default: None)"
+                      "(default%(default).0s: 0.01, or 0 with --heldout)")
     p.add_argument("--split-seed", type=int, default=d.split_seed)
     p.add_argument("--max-line-chars", type=int, default=d.max_line_chars)
     p.add_argument("--max-doc-chars", type=int, default=d.max_doc_chars)

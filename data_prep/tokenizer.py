@@ -9,6 +9,11 @@ for; those entries never occur in text and are never drawn as random replacement
 The vocabulary never exceeds the size asked for: `tokenizers` adds every character of the corpus
 (and its `##` continuation) on top of the requested size, so the alphabet is capped at the most
 frequent (size - 5) / 2 characters; rarer ones (binary junk, a few stray scripts) become [UNK].
+
+Every tokenizer written (trained or loaded) carries BERT's post-processor, `[CLS] A [SEP]` and
+`[CLS] A [SEP] B [SEP]` with token type ids 0 / 1, the inputs the model is trained on; so
+`AutoTokenizer.from_pretrained(dataset_dir)` adds them as the model expects. The corpus itself
+is encoded without special tokens (`add_special_tokens=False`); the sampler adds them.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ import json
 import os
 from typing import Iterable, Iterator
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import trainers
 
-from data_prep.format import SPECIAL_KEYS, SPECIAL_TOKENS, UNK
+from data_prep.format import CLS, SEP, SPECIAL_KEYS, SPECIAL_TOKENS, UNK
 from mbert_train.errors import UserError
 
 MAX_CHARS_PER_WORD = 100
@@ -62,7 +69,7 @@ def train_wordpiece(batches: Iterable[list[str]], *, vocab_size: int, lowercase:
             vocab[f"[unused{i}]"] = len(vocab)
         tok.model = models.WordPiece(vocab, unk_token=UNK,
                                      max_input_chars_per_word=MAX_CHARS_PER_WORD)
-    return tok
+    return with_bert_template(tok)
 
 
 def load_tokenizer(path: str, *, lowercase: bool) -> Tokenizer:
@@ -83,7 +90,27 @@ def load_tokenizer(path: str, *, lowercase: bool) -> Tokenizer:
         raise TokenizerError(f"--tokenizer {path}: cannot be read ({first_line}); pass a "
                              f"vocab.txt (one token a line) or a tokenizers tokenizer.json")
     special_ids(tok, path)
+    return with_bert_template(tok)
+
+
+def with_bert_template(tok: Tokenizer) -> Tokenizer:
+    """`tok` with BERT's post-processor: `[CLS] A [SEP]` (type ids 0) and `[CLS] A [SEP] B [SEP]`
+    (B and its [SEP] type id 1), the layout of every training sample. Replaces any other one:
+    the model reads exactly this."""
+    cls, sep = tok.token_to_id(CLS), tok.token_to_id(SEP)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{CLS}:0 $A:0 {SEP}:0", pair=f"{CLS}:0 $A:0 {SEP}:0 $B:1 {SEP}:1",
+        special_tokens=[(CLS, cls), (SEP, sep)])
     return tok
+
+
+def is_bert_pipeline(tok: Tokenizer) -> bool:
+    """Whether `tok` is BERT's pipeline (what transformers' `BertTokenizer` rebuilds from
+    vocab.txt and do_lower_case), so a model directory may name that class."""
+    spec = json.loads(tok.to_str())
+    return ((spec.get("normalizer") or {}).get("type") == "BertNormalizer"
+            and (spec.get("pre_tokenizer") or {}).get("type") == "BertPreTokenizer"
+            and (spec.get("model") or {}).get("type") == "WordPiece")
 
 
 def special_ids(tok: Tokenizer, source: str) -> dict[str, int]:
@@ -124,14 +151,26 @@ def save_tokenizer(tok: Tokenizer, directory: str, tokenizer_file: str, vocab_fi
     # Written by Python, not `tok.save`, so a full disk raises OSError (ENOSPC) like elsewhere.
     with open(os.path.join(directory, tokenizer_file), "w", encoding="utf-8") as f:
         f.write(tok.to_str(pretty=True))
-    vocab = tok.get_vocab(with_added_tokens=True)
-    by_id = sorted(vocab.items(), key=lambda item: item[1])
     with open(os.path.join(directory, vocab_file), "w", encoding="utf-8") as f:
-        for token, _ in by_id:
-            f.write(token + "\n")
+        f.write(vocab_text(tok))
 
 
-def iter_text_batches(dataset, column: str, batch_size: int) -> Iterator[list[str]]:
-    """Batches of one text column of a `datasets.Dataset`, read lazily from its Arrow file."""
+def vocab_text(tok: Tokenizer) -> str:
+    """BERT's vocab.txt: one token a line, line i holding id i. transformers 5 reads it with
+    `BertTokenizer(vocab=PATH)` or `BertTokenizer.from_pretrained(DIR)`; its `vocab_file=`
+    keyword is no longer a parameter and is silently ignored (a 5-token vocabulary)."""
+    by_id = sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])
+    return "".join(token + "\n" for token, _ in by_id)
+
+
+def iter_text_batches(dataset, column: str, batch_size: int,
+                      skip: np.ndarray | None = None) -> Iterator[list[str]]:
+    """Batches of one text column of a `datasets.Dataset`, read lazily from its Arrow file,
+    without the rows where the boolean mask `skip` is True (the held-out documents)."""
+    start = 0
     for batch in dataset.iter(batch_size=batch_size):
-        yield batch[column]
+        texts = batch[column]
+        if skip is not None:
+            texts = [text for i, text in enumerate(texts, start) if not skip[i]]
+            start += len(batch[column])
+        yield texts

@@ -130,8 +130,15 @@ def count_corpus(tokenized, batch_size: int = 8192) -> CorpusCounts:
     return CorpusCounts(sentences, tokens, long_sentences)
 
 
-def choose_heldout(sentences_per_kept_doc: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Held-out document ids (among kept documents), a deterministic function of the counts.
+def count_sentences(batch: dict[str, list], *, splitter: str) -> dict[str, list]:
+    """`datasets.map` function: the splitter's sentence count of each document."""
+    split = get_splitter(splitter)
+    return {"sentences": [len(split(text)) for text in batch["text"]]}
+
+
+def choose_heldout(sentences_per_doc: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Held-out document ids (among input documents), a deterministic function of the
+    splitter's sentence counts, so chosen before (and whatever) the tokenizer.
 
     Drawn from documents with 2+ sentences, the only ones that yield NSP/SOP samples, and at
     least 2 of them so that a random-next B exists; none when that would leave the training
@@ -139,11 +146,11 @@ def choose_heldout(sentences_per_kept_doc: np.ndarray, fraction: float, seed: in
     """
     if fraction <= 0:
         return np.zeros(0, np.int64)
-    multi = np.flatnonzero(sentences_per_kept_doc >= 2)
+    multi = np.flatnonzero(sentences_per_doc >= 2)
     k = max(2, int(round(fraction * len(multi))))
     if len(multi) - k < 2:
         return np.zeros(0, np.int64)
-    rng = np.random.default_rng([seed, len(sentences_per_kept_doc)])
+    rng = np.random.default_rng([seed, len(sentences_per_doc)])
     return np.sort(rng.choice(multi, size=k, replace=False)).astype(np.int64)
 
 

@@ -3,8 +3,15 @@
 Layout under a run directory::
 
     RUN_DIR/checkpoints/step_00000100/meta.json   # written last, before the rename
-    RUN_DIR/checkpoints/step_00000100/...         # model/optimizer/sampler/RNG files
+    RUN_DIR/checkpoints/step_00000100/model_config.json, model_tpXX-of-YY.safetensors  # weights
+    RUN_DIR/checkpoints/step_00000100/optim/      # optimizer state, torch.distributed.checkpoint
+    RUN_DIR/checkpoints/step_00000100/trainer_state.pt  # step, schedule, data position, counters
+    RUN_DIR/checkpoints/step_00000100/rng_rank00000.pt  # one per rank
+    RUN_DIR/checkpoints/step_00000100/run.json    # config (redacted) and the W&B run id
     RUN_DIR/checkpoints/latest                    # text file: "step_00000100"
+
+Every file but the RNG states is independent of the layout that wrote it, so a checkpoint
+loads at any TP x DP x ZeRO stage (`mbert_train.reshard`).
 
 A checkpoint directory is complete once it carries its final name, because `os.rename` of a
 directory is atomic on POSIX file systems: a crash leaves either the old set of names or the
@@ -66,6 +73,12 @@ log = logging.getLogger(__name__)
 CHECKPOINTS_SUBDIR = "checkpoints"
 LATEST_FILE = "latest"
 META_FILE = "meta.json"
+OPTIM_DIR = "optim"
+TRAINER_STATE_FILE = "trainer_state.pt"
+RUN_FILE = "run.json"
+FORMAT = 2
+"""`meta.json` "format": 2 = the layout-independent format above. Format 1 (no "format" key) held
+one `trainer_rank*.pt` per rank with DeepSpeed's partitioned optimizer state."""
 TMP_PREFIX = ".tmp-"
 _TAG_RE = re.compile(r"^step_(\d{8,})$")
 _REPLACED_RE = re.compile(rf"^{re.escape(TMP_PREFIX)}replaced-(step_\d{{8,}})-\d+$")
@@ -73,6 +86,30 @@ _REPLACED_RE = re.compile(rf"^{re.escape(TMP_PREFIX)}replaced-(step_\d{{8,}})-\d
 
 class CheckpointError(UserError):
     """A checkpoint is missing, truncated, unreadable or cannot be written; one actionable line."""
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_rank{rank:05d}.pt"
+
+
+def require_format(checkpoint: Path) -> dict[str, Any]:
+    """`meta.json` of a checkpoint this version can resume; one line for an older format."""
+    meta = read_meta(checkpoint)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} is in the per-rank format of an earlier mbert-train, which cannot be "
+            f"resumed here; continue from its weights in a new run.dir with trainer.init_from={checkpoint} "
+            f"(the optimizer state and data position start afresh)")
+    return meta
+
+
+def read_run_record(run_dir: Path | str) -> dict[str, Any]:
+    """`run.json` of the run's latest checkpoint ({} when there is none): read before a resume
+    so the W&B run id is known when the logger is built."""
+    latest, _ = find_latest(run_dir)
+    if latest is None or not (latest / RUN_FILE).is_file():
+        return {}
+    return read_json(latest / RUN_FILE)
 
 
 def step_tag(step: int) -> str:
@@ -257,7 +294,7 @@ class CheckpointDir:
         apply_umask(tmp)
         fsync_tree(tmp)
         complete = self.list()
-        meta = {"step": step, "commit": max(map(commit_number, complete), default=0) + 1,
+        meta = {"format": FORMAT, "step": step, "commit": max(map(commit_number, complete), default=0) + 1,
                 "time": time.time(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "host": socket.gethostname(), "layout": dict(layout or {})}
         # Last, and atomically: a temp dir holding meta.json is complete (collect_garbage relies on it).

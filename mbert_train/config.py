@@ -4,7 +4,7 @@ turn the composed DictConfig into these dataclasses once (library code never see
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,10 @@ class TrainerConfig:
     """Samples per forward pass on each data-parallel replica."""
     grad_accum: int = 1
     """Micro-batches per optimizer step; global batch = micro x grad_accum x DP."""
+    global_batch_size: int = 0
+    """Samples per optimizer step, fixed (0 = off): grad_accum is then derived at start as
+    global_batch_size / (micro_batch_size x DP), so an elastic restart on fewer nodes keeps the
+    global batch and with it the data stream."""
     precision: str = "fp32"
     """fp32, bf16 (GPU or CPU) or fp16 (GPU, dynamic loss scaling)."""
     grad_clip: float = 1.0
@@ -104,6 +108,9 @@ class TrainerConfig:
     """Steps between lines in metrics.jsonl / W&B."""
     activation_checkpointing: bool = False
     """Recompute each layer's activations in backward (less memory, ~30% more compute)."""
+    compile: bool = False
+    """torch.compile the transformer layers (inductor; on CPU it needs a C++ compiler). The first
+    step pays the warm-up (logged as compile_s), and each new padded batch length compiles once."""
     mlm_masked_only: bool = True
     """Run the MLM decoder on masked positions only (same loss and gradients, far less work)."""
     seed: int = 1234
@@ -126,9 +133,28 @@ class TrainerConfig:
                 raise ValueError(f"trainer.{name}={getattr(self, name)} must be >= 1")
         if self.precision not in PRECISIONS:
             raise ValueError(f"trainer.precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
+        if self.global_batch_size < 0 or self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"trainer.global_batch_size={self.global_batch_size} must be 0 (off) or a multiple "
+                             f"of trainer.micro_batch_size={self.micro_batch_size}")
         if self.grad_clip < 0 or self.eval_every < 0:
             raise ValueError(f"trainer.grad_clip={self.grad_clip} and trainer.eval_every={self.eval_every} "
                              f"must be >= 0")
+
+    def at_data_parallel(self, data_parallel: int) -> TrainerConfig:
+        """This config with grad_accum derived from global_batch_size at `data_parallel` (itself
+        when global_batch_size is off): the same global batch at any node count."""
+        if not self.global_batch_size:
+            return self
+        if self.grad_accum != 1:
+            raise UserError(f"trainer.grad_accum={self.grad_accum} and trainer.global_batch_size="
+                            f"{self.global_batch_size} are both set; leave trainer.grad_accum at 1, it is "
+                            f"derived from the global batch")
+        per_step = self.micro_batch_size * data_parallel
+        if self.global_batch_size % per_step:
+            raise UserError(f"trainer.global_batch_size={self.global_batch_size} is not a multiple of "
+                            f"trainer.micro_batch_size={self.micro_batch_size} x DP {data_parallel} = {per_step}; "
+                            f"choose a global batch that every DP size of the run divides into micro-batches")
+        return replace(self, grad_accum=self.global_batch_size // per_step)
 
 
 @dataclass

@@ -2,6 +2,9 @@
 
     mbert-convert from-hf HF_DIR OUT_DIR --tp N    # config.json + weights -> model_config.json + N shards
     mbert-convert to-hf CKPT_DIR OUT_DIR           # any model/step/run dir, any TP -> config.json + model.safetensors
+                                                   # + the run's tokenizer and a model card README.md
+    mbert-convert from-megatron DIR OUT_DIR --tp N # Megatron-LM BERT checkpoint (mbert_train.megatron)
+    mbert-convert to-megatron CKPT_DIR OUT_DIR --tp N
 
 Both go through the *full* form of `mbert_train.model.weights`, which is the same at every TP
 degree. Every input is checked (files, JSON, tensor names and shapes against the config, TP
@@ -33,8 +36,8 @@ from mbert_train import __version__
 from mbert_train.checkpoint import CHECKPOINTS_SUBDIR, find_latest
 from mbert_train.errors import UserError, describe_os_error, first_line
 from mbert_train.model.config import ModelConfig
-from mbert_train.model.weights import (MODEL_CONFIG, VOCAB_PARAMS, full_to_hf, hf_to_full, load_full_from_dir,
-                                       save_shard_tensors, shard_file, shard_full, template)
+from mbert_train.model.weights import (MODEL_CONFIG, VOCAB_PARAMS, full_shapes, full_to_hf, hf_to_full,
+                                       load_full_from_dir, save_shard_tensors, shard_file, shard_full, template)
 from mbert_train.parallel.layout import ParallelDims
 from mbert_train.staging import clean_leftovers, staged_dir
 
@@ -50,27 +53,22 @@ HF_TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.we
 # A buffer that transformers 4.x saved; it holds no weights.
 HF_BUFFERS = ("bert.embeddings.position_ids",)
 HF_MLM_ONLY = "MegatronBertForMaskedLM"
+# Beside the weights when known: the dataset's tokenizer and a model card (mbert_train.hf_export).
+HF_EXTRA_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "README.md")
 # Weights are read as these dtypes only; integer or boolean tensors are not a model's weights,
 # and casting them to float would hide that.
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Written into every output, naming its kind; `--overwrite` replaces only directories carrying it.
 MARKER = ".mbert-convert.json"
-_OUTPUT_FILES = {"hf": re.compile(rf"^({re.escape(HF_CONFIG)}|{re.escape(HF_WEIGHTS)})$"),
-                 "model": re.compile(rf"^({re.escape(MODEL_CONFIG)}|model_tp\d+-of-\d+\.safetensors)$")}
+_OUTPUT_FILES = {"hf": re.compile(rf"^({'|'.join(map(re.escape, (HF_CONFIG, HF_WEIGHTS, *HF_EXTRA_FILES)))})$"),
+                 "model": re.compile(rf"^({re.escape(MODEL_CONFIG)}|model_tp\d+-of-\d+\.safetensors)$"),
+                 "megatron": re.compile(r"^(latest_checkpointed_iteration\.txt|release)$")}  # mbert_train.megatron
 _HF_LAYER = re.compile(r"^bert\.encoder\.layer\.(\d+)\.")
 _FULL_LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
 class ConvertError(UserError):
     """A bad input or output path; the message is one line naming the file or setting and the fix."""
-
-
-def full_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
-    """Shape of every tensor of the full form for `cfg` (vocabulary unpadded)."""
-    shapes = {}
-    for name, tensor in template(cfg).state_dict().items():
-        shapes[name] = torch.Size((cfg.vocab_size, *tensor.shape[1:])) if name in VOCAB_PARAMS else tensor.shape
-    return shapes
 
 
 def _check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size], source: Path,
@@ -301,12 +299,17 @@ def _not_ours(out_dir: Path) -> str | None:
     if MARKER not in names:
         return None if _legacy_output(out_dir, names) else f"it has no {MARKER}"
     try:
-        kind = json.loads((out_dir / MARKER).read_text()).get("kind")
+        marker = json.loads((out_dir / MARKER).read_text())
+        kind, listed = marker.get("kind"), marker.get("files")
     except (OSError, ValueError, AttributeError):
-        kind = None
+        kind, listed = None, None
     if kind not in _OUTPUT_FILES:
         return f"its {MARKER} is unreadable"
-    foreign = sorted(n for n in names - {MARKER} if not _OUTPUT_FILES[kind].match(n))
+    # The marker lists what was written (older markers do not): a tokenizer a user added to a
+    # weights-only export is theirs, though the same name in another export would be ours.
+    ours = set(listed) if isinstance(listed, list) else None
+    foreign = sorted(n for n in names - {MARKER}
+                     if not (_OUTPUT_FILES[kind].match(n) and (ours is None or n in ours)))
     return f"it also holds {foreign[0]!r}, which mbert-convert did not write" if foreign else None
 
 
@@ -350,8 +353,10 @@ def _staged_output(out_dir: Path, *, overwrite: bool) -> Iterator[Path]:
 
 
 def _write_marker(directory: Path, kind: str) -> None:
+    """Written last: names the kind and every file written."""
+    files = sorted(p.name for p in directory.iterdir())
     (directory / MARKER).write_text(json.dumps({"written_by": "mbert-convert", "kind": kind,
-                                                "version": __version__}) + "\n")
+                                                "version": __version__, "files": files}) + "\n")
 
 
 def hf_config_dict(cfg: ModelConfig) -> dict:
@@ -363,15 +368,22 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
 
 
 def export_hf(full_state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | os.PathLike, *,
-              overwrite: bool = False) -> Path:
-    """Write `config.json` + `model.safetensors` that `MegatronBertForPreTraining.from_pretrained` loads.
+              overwrite: bool = False, files: dict[str, str] | None = None) -> Path:
+    """Write `config.json` + `model.safetensors` that `MegatronBertForPreTraining.from_pretrained`
+    (MLM-only: `MegatronBertForMaskedLM`) loads, plus `files` ({name: text}, `HF_EXTRA_FILES`:
+    the tokenizer and model card of `mbert_train.hf_export`).
 
     `overwrite` replaces only an earlier mbert-convert output (see `check_out_dir`)."""
     out_dir = Path(out_dir)
+    unknown = sorted(set(files or {}) - set(HF_EXTRA_FILES))
+    if unknown:
+        raise ValueError(f"export_hf writes only {HF_EXTRA_FILES} besides the weights, not {unknown}")
     hf = full_to_hf(full_state, cfg)
     with _staged_output(out_dir, overwrite=overwrite) as staging:
         save_file(hf, str(staging / HF_WEIGHTS), metadata={"format": "pt"})
         (staging / HF_CONFIG).write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
+        for name, text in (files or {}).items():
+            (staging / name).write_text(text, encoding="utf-8")
         _write_marker(staging, "hf")
     return out_dir
 
@@ -398,12 +410,49 @@ def from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int, *, o
     return write_model_dir(full, cfg, out_dir, tp, overwrite=overwrite)
 
 
-def to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def _run_record(model_dir: Path) -> tuple[dict | None, int | None, int | None]:
+    """(the run's config, step, data-parallel degree) of a checkpoint step directory, from its
+    run.json and meta.json; Nones for a model directory that is no checkpoint."""
+    try:
+        run = json.loads((model_dir / "run.json").read_text(encoding="utf-8"))
+        config = run.get("config") if isinstance(run, dict) else None
+    except (OSError, ValueError):
+        config = None
+    try:
+        meta = json.loads((model_dir / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        meta = {}
+    meta = meta if isinstance(meta, dict) else {}
+    step = meta.get("step") if type(meta.get("step")) is int else None
+    layout = meta.get("layout") if isinstance(meta.get("layout"), dict) else {}
+    dp = layout.get("data_parallel") if type(layout.get("data_parallel")) is int else None
+    return (config if isinstance(config, dict) else None), step, dp
+
+
+def to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False,
+          dataset: str | os.PathLike | None = None) -> Path:
+    """The weights, the tokenizer of the dataset the run trained on (or of `dataset`) and a model
+    card; without a tokenizer, the weights alone and one warning line saying how to add it."""
+    from mbert_train.hf_export import dataset_of_run, export_files
+
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     inputs = (ckpt_dir,) if not ckpt_dir.is_dir() else (ckpt_dir, resolve_model_dir(ckpt_dir))
     check_out_dir(out_dir, overwrite=overwrite, inputs=inputs)
+    if dataset is not None and not Path(dataset, "metadata.json").is_file():
+        raise ConvertError(f"--dataset {dataset} is not a dataset written by mbert-prep (no metadata.json); pass "
+                           f"the prepared dataset directory the model was trained on")
     full, cfg = load_model_dir(inputs[-1])
-    return export_hf(full, cfg, out_dir, overwrite=overwrite)
+    config, step, dp = _run_record(inputs[-1])
+    dataset_dir = str(dataset) if dataset is not None else dataset_of_run(config) if config else None
+    run_dir = inputs[-1].parent.parent
+    files, missing = export_files(cfg, config, dataset_dir=dataset_dir, step=step, data_parallel=dp,
+                                  metrics_file=run_dir / "metrics.jsonl" if config else None, name=out_dir.name)
+    export_hf(full, cfg, out_dir, overwrite=overwrite, files=files)
+    if missing and (config is not None or dataset is not None):  # a plain model dir records no dataset
+        print(f"mbert-convert: warning: tokenizer not written: {missing}; add it with mbert-convert to-hf "
+              f"{ckpt_dir} {out_dir} --overwrite --dataset DATASET_DIR (the mbert-prep output it trained on)",
+              file=sys.stderr)
+    return out_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -414,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  mbert-convert from-hf ./megatron-bert-hf ./init_tp2 --tp 2\n"
                "  mbert-train trainer.init_from=./init_tp2 parallel.tensor_parallel=2 ...\n"
                "  mbert-convert to-hf runs/my_run ./my_run_hf     # follows checkpoints/latest")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{from-hf,to-hf}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{from-hf,to-hf,from-megatron,to-megatron}")
     p = sub.add_parser("from-hf", help="Hugging Face directory -> mbert-train model directory with TP shards",
                        description="Read HF_DIR/config.json and model.safetensors (or model.safetensors.index.json, "
                                    "pytorch_model.bin) of a MegatronBertForPreTraining / ForMaskedLM and write "
@@ -427,12 +476,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p = sub.add_parser("to-hf", help="mbert-train model/checkpoint/run directory -> Hugging Face directory",
                        description="Gather the TP shards of CKPT_DIR (any TP degree) and write OUT_DIR/config.json "
-                                   "+ model.safetensors for MegatronBertForPreTraining.from_pretrained.")
+                                   "+ model.safetensors (MegatronBertForPreTraining, or MegatronBertForMaskedLM "
+                                   "for an MLM-only model), the tokenizer of the dataset the run trained on "
+                                   "(tokenizer.json, vocab.txt, tokenizer_config.json, special_tokens_map.json) "
+                                   "and a model card README.md: pipeline('fill-mask', model=OUT_DIR) works as is.")
     p.add_argument("ckpt_dir", metavar="CKPT_DIR",
                    help="a from-hf output, a checkpoint step dir RUN/checkpoints/step_XXXXXXXX, or a run dir RUN "
                         "(its checkpoints/latest is used)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="Hugging Face directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--dataset", metavar="DIR", default=None,
+                   help="the mbert-prep dataset whose tokenizer to write (default: the one the checkpoint's "
+                        "run.json names; pass this when it moved)")
+    from mbert_train import megatron  # imports this module: loaded here, not at the top
+    megatron.add_parsers(sub)
     return parser
 
 
@@ -442,9 +499,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "from-hf":
             out = from_hf(args.hf_dir, args.out_dir, args.tp, overwrite=args.overwrite)
             print(f"wrote {out} (tensor_parallel={args.tp}); train from it with trainer.init_from={out}")
+        elif args.command in ("from-megatron", "to-megatron"):
+            from mbert_train import megatron
+            megatron.run(args)
         else:
-            out = to_hf(args.ckpt_dir, args.out_dir, overwrite=args.overwrite)
-            print(f"wrote {out}; load it with MegatronBertForPreTraining.from_pretrained({str(out)!r})")
+            out = to_hf(args.ckpt_dir, args.out_dir, overwrite=args.overwrite, dataset=args.dataset)
+            print(load_hint(out))
     except UserError as exc:
         print(f"mbert-convert: error: {first_line(exc)}", file=sys.stderr)
         return 2
@@ -454,6 +514,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mbert-convert: error: {describe_os_error(exc, path, action)}", file=sys.stderr)
         return 2
     return 0
+
+
+def load_hint(out: Path) -> str:
+    """'wrote OUT; load it with ...', naming the class its config.json holds and, with a
+    tokenizer beside it, the fill-mask pipeline."""
+    architecture = json.loads((out / HF_CONFIG).read_text())["architectures"][0]
+    hint = f"wrote {out}; load it with {architecture}.from_pretrained({str(out)!r})"
+    if (out / "tokenizer.json").is_file():
+        hint += f" or pipeline('fill-mask', model={str(out)!r})"
+    else:
+        hint += "; no tokenizer was written (add the training dataset's with --dataset DIR)"
+    return hint
 
 
 def _is_output_path(path: Path, out_dir: Path) -> bool:

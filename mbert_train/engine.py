@@ -1,8 +1,11 @@
-"""DeepSpeed engine assembly: the generated DeepSpeed JSON, parameter groups, the optimizer,
-the LR schedule, and a TP-correct clip-and-skip guard for ZeRO-0."""
+"""Everything DeepSpeed-specific, behind one small seam (`Engine`): the generated DeepSpeed
+JSON, parameter groups, the optimizer, the LR schedule, a TP-correct clip-and-skip guard for
+ZeRO-0, and the optimizer state a checkpoint reads and writes (per parameter, whatever the
+ZeRO stage partitioned it into: `Engine.fragments`)."""
 
 from __future__ import annotations
 
+import enum
 import math
 from typing import Any
 
@@ -151,12 +154,159 @@ def no_cpu_extension_builds() -> None:
         compatible[ShareMemCommBuilder.NAME] = False
 
 
-def build_engine(model: torch.nn.Module, cfg: TrainConfig, state: ParallelState):
-    """deepspeed.initialize with our layout as `mpu`; returns (engine, optimizer, scheduler)."""
+MOMENTS = ("exp_avg", "exp_avg_sq")
+MASTER = "master"
+
+
+class Engine:
+    """The trainer's one view of DeepSpeed: forward/backward/step, what a step did, the counters
+    a resume restores, and the optimizer state as per-parameter fragments (`reshard.Fragment`)
+    that a checkpoint writes and reads at any layout."""
+
+    def __init__(self, ds_engine, scheduler, cfg: TrainConfig, state: ParallelState):
+        self.ds, self.scheduler, self.cfg, self.state = ds_engine, scheduler, cfg, state
+        self.optimizer = ds_engine.optimizer
+        self.zero = cfg.parallel.zero_stage > 0
+        # Mixed precision keeps fp32 master weights apart from the model's; fp32 runs do not
+        # (ZeRO's fp32 partition is then a copy of the weights, refilled from them on load).
+        self.mixed = cfg.trainer.precision in ("bf16", "fp16")
+
+    # ---- training ------------------------------------------------------------------------
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    def __call__(self, **batch):
+        return self.ds(**batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self) -> None:
+        self.ds.step()
+
+    def train(self) -> None:
+        self.ds.train()
+
+    def eval(self) -> None:
+        self.ds.eval()
+
+    def step_applied(self) -> bool:
+        return bool(self.ds.was_step_applied())
+
+    def grad_norm(self) -> float | None:
+        norm = self.ds.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    # ---- what a checkpoint holds -----------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        return {"global_steps": int(self.ds.global_steps), "skipped_steps": int(self.ds.skipped_steps)}
+
+    def set_counters(self, global_steps: int, skipped_steps: int) -> None:
+        """DeepSpeed's step counters after `global_steps` optimizer steps at this layout (its
+        gradient-accumulation boundary follows micro_steps)."""
+        t = self.cfg.trainer
+        self.ds.global_steps, self.ds.skipped_steps = global_steps, skipped_steps
+        self.ds.micro_steps = global_steps * t.grad_accum
+        self.ds.global_samples = global_steps * t.micro_batch_size * t.grad_accum * self.state.dims.data_parallel
+
+    def state_kinds(self) -> tuple[str, ...]:
+        return MOMENTS + ((MASTER,) if self.mixed else ())
+
+    def _names(self) -> dict[int, str]:
+        return {id(p): n for n, p in self.module.named_parameters()}
+
+    def fragments(self):
+        """This rank's optimizer state per parameter, as views of the optimizer's own tensors
+        (created as a fresh Adam state when no step was applied yet)."""
+        from mbert_train.reshard import Fragment
+
+        names, out = self._names(), []
+        if not self.zero:
+            opt = self.optimizer
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    st = _adam_state(opt.state, p)
+                    out.append(Fragment(names[id(p)], tuple(p.shape), 0, p.numel(),
+                                        {k: st[k].view(-1) for k in MOMENTS}, **_sharding(p)))
+            return out
+        opt = self.optimizer
+        for i, params in enumerate(opt.bit16_groups):
+            flat = opt.single_partition_of_fp32_groups[i]
+            st = _adam_state(opt.optimizer.state, flat)
+            for p in params:
+                m = getattr(p, "_hp_mapping", None)
+                if m is None:
+                    continue  # no part of it in this rank's partition
+                hp = m.get_hp_fragment_address()
+                views = {k: st[k].narrow(0, hp.start, hp.numel) for k in MOMENTS}
+                views[MASTER] = m.hp_fragment
+                out.append(Fragment(names[id(p)], tuple(p.shape), m.lp_fragment_address.start,
+                                    m.lp_fragment_address.numel, views, **_sharding(p)))
+        return out
+
+    def scalar_state(self) -> dict:
+        """The optimizer state that is one number per run: Adam's step count, the loss scaler."""
+        steps = [float(st["step"]) for st in self._states() if "step" in st]
+        out = {"adam_step": steps[0] if steps else 0.0}
+        scaler = getattr(self.optimizer, "loss_scaler", None)
+        if scaler is not None and self.zero:
+            out["loss_scaler"] = {k: v for k, v in vars(scaler).items()
+                                  if isinstance(v, (int, float, bool)) and not isinstance(v, enum.Enum)}
+        return out
+
+    def _states(self) -> list[dict]:
+        opt = self.optimizer.optimizer if self.zero else self.optimizer
+        return [st for st in opt.state.values() if st]
+
+    def load_scalar_state(self, scalars: dict) -> None:
+        for st in self._states():
+            if torch.is_tensor(st.get("step")):
+                st["step"].fill_(scalars["adam_step"])
+            elif "step" in st:
+                st["step"] = type(st["step"])(scalars["adam_step"])
+        scaler = getattr(self.optimizer, "loss_scaler", None)
+        if scaler is not None and scalars.get("loss_scaler"):
+            vars(scaler).update({k: v for k, v in scalars["loss_scaler"].items() if hasattr(scaler, k)})
+
+    def after_load(self, master_loaded: bool) -> None:
+        """Make the optimizer consistent with what a checkpoint filled in: at ZeRO-1/2 in fp32,
+        the fp32 partition is a copy of the weights, refilled from them (with mixed precision the
+        master fragments were loaded, and the weights are their rounding, as saved); each param
+        group's learning rate comes from the restored schedule."""
+        if self.zero and not master_loaded:
+            for params in self.optimizer.bit16_groups:
+                for p in params:
+                    m = getattr(p, "_hp_mapping", None)
+                    if m is not None:
+                        m.update_hp()
+        for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+
+
+def _sharding(p: torch.nn.Parameter) -> dict:
+    sharded = bool(getattr(p, "tensor_model_parallel", False))
+    return {"sharded": sharded, "partition_dim": getattr(p, "partition_dim", 0) if sharded else 0,
+            "partition_stride": getattr(p, "partition_stride", 1) if sharded else 1}
+
+
+def _adam_state(states: dict, p: torch.Tensor) -> dict:
+    """`states[p]`, created as torch's Adam/AdamW creates it at the first step (a zero step
+    count and zero moments, which the first step treats exactly as no state)."""
+    st = states[p]
+    if not st:
+        st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        for k in MOMENTS:
+            st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return st
+
+
+def build_engine(model: torch.nn.Module, cfg: TrainConfig, state: ParallelState) -> Engine:
+    """deepspeed.initialize with our layout as `mpu`, behind the `Engine` seam."""
     no_cpu_extension_builds()
     optimizer = build_optimizer(model, cfg, state)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.trainer.max_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=state,
         config=deepspeed_config(cfg, state.dims.data_parallel), dist_init_required=False)
-    return engine, optimizer, scheduler
+    return Engine(engine, scheduler, cfg, state)

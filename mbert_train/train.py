@@ -131,6 +131,20 @@ def _dataset_dir(cfg: TrainConfig, rank: int) -> str:
     return path if rank == 0 else prepare_default_corpus(cfg.data)
 
 
+def _require_cpp_compiler() -> None:
+    """torch.compile's CPU code (inductor) is C++ built at run time: find the compiler up front,
+    where inductor looks for it ($CXX, else g++), rather than fail at the first step."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        raise UserError(f"trainer.compile=true needs a C++ compiler on CPU and none was found "
+                        f"(CXX={os.environ.get('CXX', 'unset')}, else g++); install g++ or set "
+                        f"trainer.compile=false") from None
+
+
 def _check_same_tokenizer(digest: str | None, dataset_dir: str) -> None:
     """Nodes without a shared file system build the embedded corpus each on their own, and
     WordPiece training may break ties differently: refuse rather than train on mixed vocabs."""
@@ -149,16 +163,21 @@ def run(cfg: TrainConfig, run_dir_candidate: str, record: dict[str, object] | No
     from mbert_train.model import MegatronBert
     from mbert_train.parallel.layout import init_parallel
     from mbert_train.parallel.random import seed_for_training, training_seed
-    from mbert_train.trainer import Trainer
+    from mbert_train.checkpoint import RUN_FILE, CheckpointDir, read_json, step_of
+    from mbert_train.trainer import Trainer, locate_checkpoint
 
     state = init_parallel(cfg.parallel.tensor_parallel, timeout_s=cfg.parallel.timeout_s)
     state.dims.check_model(cfg.model)
+    # Before anything reads grad_accum (engine, loaders, config.yaml, run.json).
+    cfg = dataclasses.replace(cfg, trainer=cfg.trainer.at_data_parallel(state.dims.data_parallel))
     _quiet_libraries(state.rank)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if cfg.trainer.precision == "fp16" and device.type != "cuda":
         raise ValueError("trainer.precision=fp16 needs a GPU; on CPU use fp32 or bf16")
     if cfg.optim.name == "lamb" and device.type != "cuda":
         raise ValueError("optim=lamb needs a GPU (DeepSpeed's FusedLamb); on CPU use optim=adamw")
+    if cfg.trainer.compile and device.type == "cpu":
+        _require_cpp_compiler()
     run_dir = _shared_run_dir(run_dir_candidate, cfg, record or {}, secrets)
 
     dataset_dir = _dataset_dir(cfg, state.rank)
@@ -170,38 +189,49 @@ def run(cfg: TrainConfig, run_dir_candidate: str, record: dict[str, object] | No
     with device:  # initialise on the GPU itself: no full-size host copies of large models
         model = MegatronBert(cfg.model, state.tp_group, activation_checkpointing=cfg.trainer.activation_checkpointing,
                              mlm_masked_only=cfg.trainer.mlm_masked_only)
+    if cfg.trainer.compile:
+        model.compile_layers()  # the graphs are built by the first step (compile_s)
     seed_for_training(cfg.trainer.seed, state.dp_rank)
     random.seed(training_seed(cfg.trainer.seed, state.dp_rank))
     np.random.seed(training_seed(cfg.trainer.seed, state.dp_rank) % 2**32)
-    engine, _, scheduler = build_engine(model, cfg, state)
+    engine = build_engine(model, cfg, state)
     train_loader, eval_loader = build_loaders(cfg.data, dataset_dir, seed=cfg.trainer.seed,
                                               micro_batch_size=cfg.trainer.micro_batch_size,
-                                              dp_rank=state.dp_rank, dp_size=state.dims.data_parallel)
-    trainer = Trainer(cfg, state, engine, scheduler, train_loader, eval_loader, run_dir, device)
-    resumed = trainer.resume()
-    if not resumed and cfg.trainer.init_from:
-        trainer.load_weights(cfg.trainer.init_from)
-    if state.rank == 0:
-        print(f"[mbert-train] run dir {run_dir} | {'resumed at step ' + str(trainer.step) if resumed else 'new run'}"
-              f" | world {state.dims.world_size} = TP {state.dims.tensor_parallel} x DP {state.dims.data_parallel}"
-              f" | ZeRO-{cfg.parallel.zero_stage} | {cfg.trainer.precision} on {device.type}", flush=True)
-    trainer.log = MetricsLogger(run_dir, rank=state.rank, wandb_mode=cfg.logging.wandb_mode,
-                                project=cfg.logging.project, run_name=cfg.logging.run_name or run_dir.name,
-                                config=OmegaConf.to_container(OmegaConf.structured(cfg)),
-                                wandb_run_id=trainer.wandb_run_id, resume_step=trainer.step if resumed else 0,
-                                secrets=secrets)
-    trainer.wandb_run_id = trainer.log.wandb_run_id
-    trainer.install_signal_handlers()
+                                              dp_rank=state.dp_rank, dp_size=state.dims.data_parallel,
+                                              grad_accum=cfg.trainer.grad_accum)
+    # The checkpoint to resume from is found first: the logger it is built with continues the
+    # W&B run that checkpoint recorded and cuts metrics.jsonl back to its step.
+    ckpt = CheckpointDir(run_dir, rank=state.rank, keep_last=cfg.trainer.keep_last)
+    resume_from = locate_checkpoint(ckpt, device)
+    record = read_json(resume_from / RUN_FILE) if resume_from is not None and (resume_from / RUN_FILE).is_file() \
+        else {}
+    log = MetricsLogger(run_dir, rank=state.rank, wandb_mode=cfg.logging.wandb_mode,
+                        project=cfg.logging.project, run_name=cfg.logging.run_name or run_dir.name,
+                        config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+                        wandb_run_id=record.get("wandb_run_id"),
+                        resume_step=step_of(resume_from) if resume_from is not None else 0, secrets=secrets)
+    trainer = Trainer(cfg, state, engine, train_loader, eval_loader, run_dir, device, log)
     try:
+        resumed = trainer.resume(resume_from) if resume_from is not None else False
+        if not resumed and cfg.trainer.init_from:
+            trainer.load_weights(cfg.trainer.init_from)
+        if state.rank == 0:
+            print(f"[mbert-train] run dir {run_dir} | {'resumed at step ' + str(trainer.step) if resumed else 'new run'}"
+                  f" | world {state.dims.world_size} = TP {state.dims.tensor_parallel} x DP {state.dims.data_parallel}"
+                  f" | ZeRO-{cfg.parallel.zero_stage} | {cfg.trainer.precision} on {device.type}"
+                  f" | global batch {train_loader.global_batch} = micro {cfg.trainer.micro_batch_size}"
+                  f" x accum {cfg.trainer.grad_accum} x DP {state.dims.data_parallel}", flush=True)
+        trainer.install_signal_handlers()
         trainer.train()
-        finish(trainer, run_dir)
+        finish(trainer, run_dir, dataset_dir)
     finally:
-        trainer.log.finish()
+        log.finish()
     return run_dir
 
 
-def finish(trainer, run_dir: Path) -> None:
-    """HF export (gathered over TP by the first replica) and the loss curves, on rank 0."""
+def finish(trainer, run_dir: Path, dataset_dir: str | None = None) -> None:
+    """HF export (gathered over TP by the first replica; with the dataset's tokenizer and a
+    model card) and the loss curves, on rank 0."""
     from mbert_train.model.weights import full_state_dict
 
     cfg, state = trainer.cfg, trainer.state
@@ -209,8 +239,16 @@ def finish(trainer, run_dir: Path) -> None:
         full = full_state_dict(trainer.engine.module)
         if state.rank == 0:
             from mbert_train.convert import export_hf
+            from mbert_train.hf_export import export_files
 
-            export_hf({k: v.float() for k, v in full.items()}, cfg.model, run_dir / "hf", overwrite=True)
+            files, missing = export_files(cfg.model, dataclasses.asdict(cfg), dataset_dir=dataset_dir,
+                                          step=trainer.step, data_parallel=state.dims.data_parallel,
+                                          metrics_file=run_dir / "metrics.jsonl", name=run_dir.name)
+            if missing:
+                print(f"[mbert-train] {run_dir / 'hf'}: tokenizer not written: {missing}; add it with "
+                      f"mbert-convert to-hf {run_dir} OUT_DIR --dataset DATASET_DIR", flush=True)
+            export_hf({k: v.float() for k, v in full.items()}, cfg.model, run_dir / "hf", overwrite=True,
+                      files=files)
     if state.rank == 0:
         from mbert_train.plot import plot_curves, read_metrics
 

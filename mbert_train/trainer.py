@@ -3,67 +3,45 @@ checkpoints that resume bit for bit (model, optimizer, schedule, data position, 
 
 from __future__ import annotations
 
-import enum
 import json
 import math
+import pickle
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
+from mbert_train import reshard
 from mbert_train.arithmetic import masked_fraction
-from mbert_train.checkpoint import CheckpointDir, CheckpointError, find_latest, load_torch, read_json, read_meta, write_errors
+from mbert_train.checkpoint import (OPTIM_DIR, RUN_FILE, TRAINER_STATE_FILE, CheckpointDir, CheckpointError,
+                                    _as_os_error, find_latest, load_torch, require_format, rng_file,
+                                    write_errors)
 from mbert_train.config import TrainConfig
 from mbert_train.data.loader import STOP_SIGNALS
-from mbert_train.errors import UserError
+from mbert_train.errors import UserError, describe_os_error
 from mbert_train.metrics import MetricsLogger, ProgressBar, mfu, model_flops_per_token, peak_memory_gib, redact
-from mbert_train.model.weights import load_full_from_dir, save_model_shard, shard_state_dict
+from mbert_train.model.weights import full_shapes, load_full_from_dir, save_model_shard, shard_state_dict
 from mbert_train.parallel.layout import ParallelState
 from mbert_train.rng import capture_rng_state, restore_rng_state
 
 
-LOSS_SCALER_KEY = "loss_scaler"
-# What a trainer_rank*.pt holds, and the only engine attributes a resume sets from it.
-TRAINER_STATE_KEYS = ("step", "bad_in_a_row", "skipped", "optimizer", "scheduler", "loader", "rng", "engine")
-ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
+# What trainer_state.pt holds, and the only engine attributes a resume sets from it.
+TRAINER_STATE_KEYS = ("step", "bad_in_a_row", "skipped", "optimizer", "scheduler", "loader", "engine", "layout")
+ENGINE_COUNTERS = ("global_steps", "skipped_steps")
 
 
 class TrainingDiverged(UserError):
     """Non-finite loss, gradients or weights that the run cannot recover from by itself."""
 
 
-def _plain(value):
-    """Enums (DeepSpeed's ZeroStageEnum) as their values, recursively: weights_only-loadable."""
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v) for v in value)
-    return value
-
-
-def _plain_optimizer_state(optimizer) -> dict:
-    """The optimizer's state dict made loadable by `torch.load(weights_only=True)`: DeepSpeed's
-    LossScaler object becomes its plain attributes, enums their values, and the fragment map
-    that only DeepSpeed's universal-checkpoint converter reads is dropped."""
-    sd = dict(optimizer.state_dict())
-    sd.pop("param_slice_mappings", None)
-    scaler = sd.get(LOSS_SCALER_KEY)
-    if scaler is not None and not isinstance(scaler, dict):
-        sd[LOSS_SCALER_KEY] = {k: v for k, v in vars(scaler).items() if isinstance(v, (int, float, bool))}
-    return _plain(sd)
-
-
-def _trainer_file(rank: int) -> str:
-    return f"trainer_rank{rank:05d}.pt"
-
-
 def checked_trainer_state(state, path: Path) -> dict:
-    """A loaded trainer_rank*.pt, refused unless it has our keys and exactly the integer engine
+    """A loaded trainer_state.pt, refused unless it has our keys and exactly the integer engine
     counters (a resume sets only those on the engine, never attributes named by a file)."""
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint file {path} holds a {type(state).__name__}, not a trainer state dict; "
@@ -79,17 +57,90 @@ def checked_trainer_state(state, path: Path) -> dict:
     return state
 
 
+def describe_layout(layout: dict) -> str:
+    """`TP2xDP2 ZeRO-1`, as the resharding message names a layout."""
+    return (f"TP{layout.get('tensor_parallel', '?')}xDP{layout.get('data_parallel', '?')} "
+            f"ZeRO-{layout.get('zero_stage', '?')}")
+
+
+@contextmanager
+def _dcp_errors(path: Path, action: str) -> Iterator[None]:
+    """One line for a failed optimizer-state read or write. DCP reports a failure on any rank
+    to every rank (a CheckpointException); the first failure is named."""
+    try:
+        try:
+            yield
+        except CheckpointException as exc:
+            failures = list(getattr(exc, "failures", {}).values())
+            cause = failures[0] if failures else exc
+            raise getattr(cause, "exc", cause) from None
+    except CheckpointError:
+        raise
+    except reshard.UnsafeCheckpoint as exc:
+        raise CheckpointError(f"checkpoint file {path / '.metadata'} names the Python global {exc.args[0]}, which "
+                              f"no checkpoint holds; refusing to load it") from None
+    except reshard.MissingState as exc:
+        raise CheckpointError(f"checkpoint optimizer state {path}: {exc.args[0]}; it was written for another model - "
+                              f"{_ADVICE}") from None
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint file {exc.filename or path} is missing; {_ADVICE}") from None
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as exc:
+        if "read" not in action:
+            raise
+        raise CheckpointError(f"checkpoint optimizer state {path} is truncated or corrupt ({type(exc).__name__}); "
+                              f"{_ADVICE}") from None
+    except Exception as exc:
+        os_error = _as_os_error(exc)
+        if os_error is None:
+            raise
+        raise CheckpointError(describe_os_error(os_error, getattr(exc, "filename", None) or path,
+                                                action.split()[0] + " checkpoint")) from exc
+
+
+_ADVICE = "delete the checkpoint dir or point run.dir elsewhere"
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on any (an all-reduce, so also a barrier)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def raise_together(error: UserError | None, what: str, device: torch.device) -> None:
+    """If `error` happened on any rank, every rank raises (the failing rank its own message),
+    and no rank is left waiting for a peer that died."""
+    if any_rank(error is not None, device):
+        raise error or CheckpointError(f"{what} failed on another rank; see that rank's error")
+
+
+def locate_checkpoint(ckpt: CheckpointDir, device: torch.device) -> Path | None:
+    """The checkpoint to resume from, agreed by every rank; rank 0 first repairs the directory
+    (an interrupted re-commit, leftovers of crashed saves)."""
+    error, latest = None, None
+    try:
+        ckpt.collect_garbage()
+    except CheckpointError as exc:
+        error = exc
+    raise_together(error, "cleaning up the checkpoint directory", device)
+    try:
+        latest = ckpt.latest()
+    except CheckpointError as exc:
+        error = exc
+    raise_together(error, "reading the checkpoint", device)
+    return latest
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, state: ParallelState, engine, scheduler, train_loader, eval_loader,
+    def __init__(self, cfg: TrainConfig, state: ParallelState, engine, train_loader, eval_loader,
                  run_dir: Path, device: torch.device, log: MetricsLogger | None = None):
-        self.cfg, self.state, self.engine, self.scheduler = cfg, state, engine, scheduler
+        self.cfg, self.state, self.engine = cfg, state, engine
         self.train_loader, self.eval_loader = train_loader, eval_loader
         self.run_dir, self.device, self.log = run_dir, device, log
         self.ckpt = CheckpointDir(run_dir, rank=state.rank, keep_last=cfg.trainer.keep_last)
         self.step = 0
         self.bad_in_a_row = 0
         self.skipped = 0
-        self.wandb_run_id: str | None = None
         self._stop_requested = False
         self._pending_rng: dict | None = None
         # MFU counts what runs: with mlm_masked_only the MLM head (and the last layer's
@@ -106,9 +157,7 @@ class Trainer:
             signal.signal(sig, request_stop)
 
     def _any_rank(self, flag: bool) -> bool:
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return any_rank(flag, self.device)
 
     # ---- one optimizer step --------------------------------------------------------------
     def train_step(self, batches) -> dict:
@@ -127,12 +176,10 @@ class Trainer:
                                    .to(self.device), batch["attention_mask"].sum().double()])
         dist.all_reduce(totals, group=self.state.dp_group)
         dp, accum = self.state.dims.data_parallel, t.grad_accum
-        applied = self.engine.was_step_applied()
-        norm = self.engine.get_global_grad_norm()
         return {"loss": totals[0].item() / (dp * accum), "mlm_loss": totals[1].item() / (dp * accum),
                 "nsp_loss": totals[2].item() / (dp * accum), "tokens": totals[3].item(),
-                "lr": self.scheduler.get_last_lr()[0], "applied": applied,
-                "grad_norm": None if norm is None else float(norm)}
+                "lr": self.engine.scheduler.get_last_lr()[0], "applied": self.engine.step_applied(),
+                "grad_norm": self.engine.grad_norm()}
 
     def train(self) -> None:
         t = self.cfg.trainer
@@ -144,6 +191,7 @@ class Trainer:
             self._pending_rng = None
         tokens_since, time_since = 0.0, time.perf_counter()
         saved_at = self.step  # the checkpoint resumed from, or a fresh start: nothing to save yet
+        warming_up = t.compile  # this process's first step builds the compiled graphs
         while self.step < t.max_steps:
             # The ranks agree on a stop before each step, once its batches are in hand: a DataLoader
             # worker that died with the stop signal then fails the fetch, never a half-done step.
@@ -152,8 +200,12 @@ class Trainer:
             if self._any_rank(self._stop_requested or micro is None):
                 self.train_loader.rewind(mark)  # the checkpoint resumes with this step's batches
                 self._stop(bar, write=saved_at != self.step)
+            stepped = time.perf_counter()
             m = self.train_step(iter(micro))
             self.step += 1
+            if warming_up:
+                warming_up = False
+                self._log_compile(time.perf_counter() - stepped)
             tokens_since += m["tokens"]
             self._count_bad(m)
             if self.step % t.log_every == 0 or self.step == t.max_steps:
@@ -184,6 +236,14 @@ class Trainer:
             time_since += time.perf_counter() - paused
         if bar:
             bar.close()
+
+    def _log_compile(self, seconds: float) -> None:
+        """The warm-up of trainer.compile: the first step's time, graph building included."""
+        if self.log:
+            self.log.log(self.step, {"compile_s": seconds})
+        if self.state.rank == 0:
+            print(f"[mbert-train] first step with trainer.compile=true (torch.compile warm-up included): "
+                  f"{seconds:.1f} s", flush=True)
 
     def _fetch(self, n: int) -> list | None:
         """This step's micro-batches; None if a DataLoader worker died after a stop was requested
@@ -255,10 +315,7 @@ class Trainer:
                 "zero_stage": self.cfg.parallel.zero_stage}
 
     def _raise_together(self, error: UserError | None, what: str) -> None:
-        """An all-reduce, so also a barrier: if `error` happened on any rank, every rank raises
-        (the failing rank its own message), and no rank is left waiting for a peer that died."""
-        if self._any_rank(error is not None):
-            raise error or CheckpointError(f"{what} failed on another rank; see that rank's error")
+        raise_together(error, what, self.device)
 
     def save(self) -> None:
         """Write the checkpoint of this step. The ranks agree after each stage (begin, write,
@@ -280,21 +337,39 @@ class Trainer:
             self._raise_together(error, f"writing the checkpoint of step {self.step}")
 
     def _write_files(self, tmp: Path) -> None:
+        """Each rank's own files, then (once every rank wrote them) the optimizer state, a
+        collective of torch.distributed.checkpoint: no rank enters it while another has failed."""
+        error = None
+        try:
+            self._write_local_files(tmp)
+        except CheckpointError as exc:
+            error = exc
+        self._raise_together(error, f"writing the checkpoint of step {self.step}")
+        engine = self.engine
+        with _dcp_errors(tmp / OPTIM_DIR, "writing the optimizer state to"):
+            reshard.save_state(tmp / OPTIM_DIR, engine.fragments(), full_shapes(self.cfg.model),
+                               tp=self.state.dims.tensor_parallel, tp_rank=self.state.tp_rank,
+                               write=engine.zero or self.state.dp_rank == 0, kinds=engine.state_kinds())
+
+    def _write_local_files(self, tmp: Path) -> None:
         model = self.engine.module
         if self.state.dp_rank == 0:
             with write_errors(tmp):
                 save_model_shard(tmp, model, self.state.tp_rank, self.state.dims.tensor_parallel)
-        with write_errors(tmp / _trainer_file(self.state.rank)):
+        with write_errors(tmp / rng_file(self.state.rank)):
+            torch.save(capture_rng_state(), tmp / rng_file(self.state.rank))
+        if self.state.rank != 0:
+            return
+        with write_errors(tmp / TRAINER_STATE_FILE):
             torch.save({
                 "step": self.step, "bad_in_a_row": self.bad_in_a_row, "skipped": self.skipped,
-                "optimizer": _plain_optimizer_state(self.engine.optimizer), "scheduler": self.scheduler.state_dict(),
-                "loader": self.train_loader.state_dict(), "rng": capture_rng_state(),
-                "engine": {key: getattr(self.engine, key) for key in ENGINE_COUNTERS},
-            }, tmp / _trainer_file(self.state.rank))
-        if self.state.rank == 0:
-            with write_errors(tmp / "run.json"):
-                (tmp / "run.json").write_text(json.dumps({"wandb_run_id": self.wandb_run_id,
-                                                          "config": redact(asdict(self.cfg))}, indent=2, default=str))
+                "optimizer": self.engine.scalar_state(), "scheduler": self.engine.scheduler.state_dict(),
+                "loader": self.train_loader.state_dict(), "engine": self.engine.counters(), "layout": self._layout(),
+            }, tmp / TRAINER_STATE_FILE)
+        with write_errors(tmp / RUN_FILE):
+            wandb_id = self.log.wandb_run_id if self.log else None
+            (tmp / RUN_FILE).write_text(json.dumps({"wandb_run_id": wandb_id, "config": redact(asdict(self.cfg))},
+                                                   indent=2, default=str))
 
     def load_weights(self, directory: str | Path) -> None:
         """Weights only, from any of our model dirs at any TP degree (resharded here)."""
@@ -310,49 +385,50 @@ class Trainer:
         sd = shard_state_dict(full, model)
         model.load_state_dict({k: v.to(self.device) for k, v in sd.items()})
 
-    def resume(self) -> bool:
-        """Continue from RUN_DIR's latest checkpoint, if any; refuses a different layout."""
-        error, latest, state = None, None, None
+    def resume(self, latest: Path | None = None) -> bool:
+        """Continue from `latest` (default: RUN_DIR's latest checkpoint, if any), written at this
+        layout or any other (TP, DP, ZeRO stage, micro-batch, grad_accum)."""
+        latest = locate_checkpoint(self.ckpt, self.device) if latest is None else latest
+        if latest is None:
+            return False
+        error, state, rng = None, None, None
         try:
-            self.ckpt.collect_garbage()  # rank 0 repairs first; the others read after the barrier
-        except CheckpointError as exc:
-            error = exc
-        self._raise_together(error, "cleaning up the checkpoint directory")
-        try:
-            latest = self.ckpt.latest()
-            state = None if latest is None else self._read_trainer_state(latest)
+            require_format(latest)
+            path = latest / TRAINER_STATE_FILE
+            state = checked_trainer_state(load_torch(path), path)
+            same = state["layout"] == self._layout()
+            rng_path = latest / rng_file(self.state.rank)
+            rng = load_torch(rng_path) if same else None
         except CheckpointError as exc:
             error = exc
         self._raise_together(error, "reading the checkpoint")
-        if latest is None:
-            return False
         self.load_weights(latest)
-        opt = self.engine.optimizer
-        if self.cfg.parallel.zero_stage > 0:
-            scaler = state["optimizer"].pop(LOSS_SCALER_KEY, None)
-            if scaler is not None:
-                vars(opt.loss_scaler).update(scaler)
-            per_dp = [None] * self.state.dims.data_parallel
-            per_dp[self.state.dp_rank] = state["optimizer"]
-            opt.load_state_dict(per_dp, load_optimizer_states=True, load_from_fp32_weights=True)
-        else:
-            opt.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.train_loader.load_state_dict(state["loader"])
-        for key in ENGINE_COUNTERS:
-            setattr(self.engine, key, state["engine"][key])
+        engine = self.engine
+        with _dcp_errors(latest / OPTIM_DIR, "reading the optimizer state from"):
+            # fp32 master weights where this run keeps them and the checkpoint has them; a run
+            # that was fp32 gives a mixed-precision one its masters from the weights.
+            master = engine.mixed and any(k.endswith("/master") for k in reshard.saved_keys(latest / OPTIM_DIR))
+            kinds = engine.state_kinds() if master else tuple(k for k in engine.state_kinds() if k != "master")
+            reshard.load_state(latest / OPTIM_DIR, engine.fragments(), full_shapes(self.cfg.model),
+                               tp=self.state.dims.tensor_parallel, tp_rank=self.state.tp_rank, kinds=kinds)
+        engine.load_scalar_state(state["optimizer"])
+        engine.scheduler.load_state_dict(state["scheduler"])
+        engine.after_load(master_loaded=master)
+        note = self.train_loader.load_state_dict(state["loader"])
+        engine.set_counters(**state["engine"])
         self.step, self.bad_in_a_row, self.skipped = state["step"], state["bad_in_a_row"], state["skipped"]
-        run_file = latest / "run.json"
-        if run_file.is_file():
-            self.wandb_run_id = read_json(run_file).get("wandb_run_id")
-        self._pending_rng = state["rng"]
-        return True
+        if rng is not None:
+            self._pending_rng = rng
+        else:
+            # Another layout: RNG streams cannot be carried over rank by rank. Fresh streams,
+            # derived from the seed and the step, keep the continuation reproducible.
+            from mbert_train.parallel.random import seed_for_training
 
-    def _read_trainer_state(self, latest: Path) -> dict:
-        saved = read_meta(latest).get("layout", {})
-        if saved and saved != self._layout():
-            raise CheckpointError(
-                f"checkpoint {latest} was written with {saved}, this run has {self._layout()}; resume with the "
-                f"same parallel.* and world size, or start a new run.dir with trainer.init_from={latest}")
-        path = latest / _trainer_file(self.state.rank)
-        return checked_trainer_state(load_torch(path), path)
+            seed_for_training(self.cfg.trainer.seed + 1_000_003 * self.step, self.state.dp_rank)
+        if self.state.rank == 0:
+            if rng is None:
+                print(f"[mbert-train] resharding checkpoint {latest.name} from {describe_layout(state['layout'])} "
+                      f"to {describe_layout(self._layout())}", flush=True)
+            if note:
+                print(f"[mbert-train] {note}", flush=True)
+        return True

@@ -389,7 +389,7 @@ def test_files_and_latest_follow_the_umask(tmp_path):
     (OSError(errno.EACCES, "Permission denied"), "permission denied"),
 ])
 def test_failed_writes_are_one_line_errors_naming_the_file(tmp_path, error, expected):
-    target = tmp_path / "checkpoints" / ".tmp-step_00000100" / "trainer_rank00000.pt"
+    target = tmp_path / "checkpoints" / ".tmp-step_00000100" / "trainer_state.pt"
     with pytest.raises(CheckpointError) as info:
         with write_errors(target):
             raise error
@@ -432,34 +432,58 @@ def test_empty_or_corrupt_json_names_the_file(tmp_path):
 
 
 def test_trainer_state_accepts_only_the_engine_counters(tmp_path):
-    counters = {"global_steps": 4, "global_samples": 32, "skipped_steps": 0, "micro_steps": 4}
+    counters = {"global_steps": 4, "skipped_steps": 0}
     good = {"step": 4, "bad_in_a_row": 0, "skipped": 0, "optimizer": {}, "scheduler": {}, "loader": {},
-            "rng": {}, "engine": counters}
-    path = tmp_path / "trainer_rank00000.pt"
+            "layout": {}, "engine": counters}
+    path = tmp_path / "trainer_state.pt"
     assert checked_trainer_state(good, path) is good
     for engine in [{**counters, "optimizer": None}, {**counters, "__class__": "x"},
-                   {**counters, "global_steps": "4"}, {k: v for k, v in counters.items() if k != "micro_steps"}]:
+                   {**counters, "global_steps": "4"}, {k: v for k, v in counters.items() if k != "skipped_steps"}]:
         with pytest.raises(CheckpointError, match="only the integer counters"):
             checked_trainer_state({**good, "engine": engine}, path)
-    with pytest.raises(CheckpointError, match=r"lacks \['rng'\]"):
-        checked_trainer_state({k: v for k, v in good.items() if k != "rng"}, path)
+    with pytest.raises(CheckpointError, match=r"lacks \['layout'\]"):
+        checked_trainer_state({k: v for k, v in good.items() if k != "layout"}, path)
     with pytest.raises(CheckpointError, match="holds a list"):
         checked_trainer_state([good], path)
+
+
+class _FakeEngine:
+    """The `Engine` seam around a Linear and an SGD-like state, DP=2 at ZeRO-0."""
+
+    zero, mixed = False, False
+
+    def __init__(self):
+        self.module = torch.nn.Linear(2, 2)
+        optimizer = torch.optim.SGD(self.module.parameters(), lr=0.1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        self.moments = {n: {k: torch.zeros(p.numel()) for k in ("exp_avg", "exp_avg_sq")}
+                        for n, p in self.module.named_parameters()}
+
+    def fragments(self):
+        from mbert_train.reshard import Fragment
+
+        return [Fragment(n, tuple(p.shape), 0, p.numel(), self.moments[n], False)
+                for n, p in self.module.named_parameters()]
+
+    def state_kinds(self):
+        return ("exp_avg", "exp_avg_sq")
+
+    def scalar_state(self):
+        return {"adam_step": 3.0}
+
+    def counters(self):
+        return {"global_steps": 3, "skipped_steps": 0}
 
 
 def _fake_trainer(run_dir: str, rank: int) -> Trainer:
     """A Trainer around a tiny stand-in engine, DP=2: enough for save() and resume()'s checks."""
     trainer = Trainer.__new__(Trainer)
-    model = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     trainer.cfg, trainer.step, trainer.bad_in_a_row, trainer.skipped = TrainConfig(), 3, 0, 0
     trainer.state = SimpleNamespace(rank=rank, dp_rank=rank, tp_rank=0,
                                     dims=SimpleNamespace(tensor_parallel=1, data_parallel=2))
-    trainer.engine = SimpleNamespace(module=model, optimizer=optimizer, global_steps=3, global_samples=6,
-                                     skipped_steps=0, micro_steps=3)
-    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    trainer.engine = _FakeEngine()
     trainer.train_loader = SimpleNamespace(state_dict=lambda: {"batches": 3})
-    trainer.device, trainer.wandb_run_id = torch.device("cpu"), None
+    trainer.device, trainer.log = torch.device("cpu"), None
     trainer.ckpt = CheckpointDir(run_dir, rank=rank)
     return trainer
 
@@ -472,10 +496,11 @@ def _two_ranks_fail_together(run_dir: str) -> None:
     rank = dist.get_rank()
     trainer_module.save_model_shard = lambda tmp, model, tp_rank, tp: torch.save(model.state_dict(),
                                                                                  tmp / "model.pt")
+    trainer_module.full_shapes = lambda cfg: {"weight": (2, 2), "bias": (2,)}
     trainer = _fake_trainer(run_dir, rank)
     trainer.save()
     first = Path(run_dir) / "checkpoints" / "step_00000003"
-    assert sorted(p.name for p in first.iterdir())[-2:] == ["trainer_rank00000.pt", "trainer_rank00001.pt"]
+    assert {"rng_rank00000.pt", "rng_rank00001.pt", "trainer_state.pt", "optim"} <= {p.name for p in first.iterdir()}
     # Non-finite weights on one rank only (one TP shard): every rank refuses, none waits.
     trainer.step = 4
     weight = trainer.engine.module.weight
@@ -493,11 +518,11 @@ def _two_ranks_fail_together(run_dir: str) -> None:
     real_save = torch.save
     if rank == 1:
         def full_disk(obj, path, *args, **kwargs):
-            if "trainer_rank" in str(path):
+            if "rng_rank" in str(path):
                 raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
             return real_save(obj, path, *args, **kwargs)
         torch.save = full_disk
-    expected = "no space left on the device while writing checkpoint .*trainer_rank00001.pt" if rank == 1 \
+    expected = "no space left on the device while writing checkpoint .*rng_rank00001.pt" if rank == 1 \
         else "writing the checkpoint of step 5 failed on another rank"
     with pytest.raises(CheckpointError, match=expected):
         trainer.save()
@@ -515,10 +540,10 @@ def _two_ranks_fail_together(run_dir: str) -> None:
     dist.barrier()
     if rank == 0:
         (first / "meta.json").write_text(meta)
-        data = (first / "trainer_rank00001.pt").read_bytes()
-        (first / "trainer_rank00001.pt").write_bytes(data[: len(data) // 2])
+        data = (first / "rng_rank00001.pt").read_bytes()
+        (first / "rng_rank00001.pt").write_bytes(data[: len(data) // 2])
     dist.barrier()
-    expected = "trainer_rank00001.pt is truncated or corrupt" if rank == 1 \
+    expected = "rng_rank00001.pt is truncated or corrupt" if rank == 1 \
         else "reading the checkpoint failed on another rank"
     with pytest.raises(CheckpointError, match=expected):
         trainer.resume()
@@ -532,7 +557,7 @@ def test_truncated_trainer_file_stops_mbert_train_with_one_line(tmp_path, corpus
     run_dir = tmp_path / "run"
     tiny = ["trainer.checkpoint_every=1", "trainer.eval_every=0", "trainer.export_hf=false", "data.num_workers=0"]
     train(run_dir, corpus_cache, ["trainer.max_steps=1", *tiny], timeout=300)
-    state = run_dir / "checkpoints" / "step_00000001" / "trainer_rank00000.pt"
+    state = run_dir / "checkpoints" / "step_00000001" / "trainer_state.pt"
     state.write_bytes(state.read_bytes()[:1000])
     proc = train(run_dir, corpus_cache, ["trainer.max_steps=2", *tiny], check=False, timeout=300)
     assert proc.returncode != 0
@@ -540,3 +565,18 @@ def test_truncated_trainer_file_stops_mbert_train_with_one_line(tmp_path, corpus
     assert proc.stderr.strip().splitlines()[-1] == (
         f"mbert-train: error: checkpoint file {state} is truncated or corrupt; "
         "delete the checkpoint dir or point run.dir elsewhere")
+
+
+def test_a_checkpoint_of_the_earlier_per_rank_format_is_refused_in_one_line(tmp_path):
+    from mbert_train.checkpoint import require_format
+
+    old = tmp_path / "checkpoints" / "step_00000010"
+    old.mkdir(parents=True)
+    (old / "meta.json").write_text(json.dumps({"step": 10, "commit": 1, "layout": {}}))
+    (old / "trainer_rank00000.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError) as info:
+        require_format(old)
+    message = str(info.value)
+    assert "\n" not in message and f"trainer.init_from={old}" in message
+    (old / "meta.json").write_text(json.dumps({"format": 2, "step": 10, "commit": 1, "layout": {}}))
+    assert require_format(old)["step"] == 10

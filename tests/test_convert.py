@@ -107,6 +107,21 @@ def test_mlm_only_model_round_trips_as_masked_lm(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
+def test_to_hf_names_the_class_that_loads_the_export(hf_dir, tmp_path, capsys):
+    cfg = small_config()
+    MegatronBertForMaskedLM(reference_model(cfg).config).save_pretrained(tmp_path / "mlm")
+    for source, cls in ((hf_dir, "MegatronBertForPreTraining"), (tmp_path / "mlm", "MegatronBertForMaskedLM")):
+        convert("from-hf", source, tmp_path / f"{cls}_model")
+        assert main(["to-hf", str(tmp_path / f"{cls}_model"), str(tmp_path / cls)]) == 0
+        out = capsys.readouterr()
+        # A model dir records no dataset: the weights and the card, and the line says how to add a tokenizer.
+        assert f"load it with {cls}.from_pretrained(" in out.out and "--dataset DIR" in out.out
+        assert "warning" not in out.err
+        assert sorted(p.name for p in (tmp_path / cls).iterdir()) == [".mbert-convert.json", "README.md",
+                                                                     "config.json", "model.safetensors"]
+        assert f"{cls}: 2 layers" in (tmp_path / cls / "README.md").read_text()
+
+
 def test_to_hf_follows_run_dir_latest_and_step_dirs(hf_dir, tmp_path):
     run = tmp_path / "run"
     make_checkpoint(hf_dir, run, 10)
@@ -139,8 +154,10 @@ def test_overwrite_replaces_only_an_earlier_conversion_output(hf_dir, tmp_path, 
     assert sorted(p.name for p in out.iterdir()) == [MARKER, "model_config.json", shard_file(1, 0)]
     convert("to-hf", out, tmp_path / "hf_out", "--overwrite")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_out", "out"]  # no staging leftovers
-    # Written before the marker existed: exactly our file set is still recognised.
+    # Written before the marker existed (and before the model card): exactly our file set is
+    # still recognised.
     (tmp_path / "hf_out" / MARKER).unlink()
+    (tmp_path / "hf_out" / "README.md").unlink()
     (out / MARKER).unlink()
     convert("to-hf", out, tmp_path / "hf_out", "--overwrite")
     convert("from-hf", hf_dir, out, "--overwrite")

@@ -7,6 +7,7 @@ import io
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ import torch
 
 from data_prep.config import PrepConfig
 from data_prep.prep import prepare
-from mbert_train.data import DataConfig, PretrainingDataset, build_loaders, open_dataset
+from mbert_train.data import DataConfig, PretrainingDataset, TrainLoader, build_loaders, open_dataset
+from mbert_train.data.dataset import SHUFFLE_STREAM, stream_rng
 from mbert_train.data.sampler import ShardedBatchSampler
 from tests.test_data_corpus import embedded_corpus
 
@@ -79,24 +81,23 @@ def test_resume_with_a_new_global_batch_continues_the_same_samples(embedded_dir)
     small, _ = build_loaders(cfg, embedded_dir, seed=1, micro_batch_size=8, dp_rank=0, dp_size=1)
     take(small, 4)
     state = small.state_dict()
-    assert (state["epoch"], state["position"]) == (0, 4)
+    assert (state["epoch"], state["sample"], state["global_samples"]) == (0, 32, 32)
     tail = take(small, 2)
     big, _ = build_loaders(cfg, embedded_dir, seed=1, micro_batch_size=16, dp_rank=0, dp_size=1)
-    big.load_state_dict(state)
+    assert big.load_state_dict(state) == ("global batch changed from 8 to 16 samples (micro_batch_size "
+                                          "x grad_accum x DP); continuing at global sample 32 of the "
+                                          "data stream")
     merged = next(big)
     rows = [row for b in tail for row in zip(b["input_ids"], b["attention_mask"])]
     for (ids, mask), big_ids, big_mask in zip(rows, merged["input_ids"],
                                               merged["attention_mask"]):
         assert torch.equal(ids[mask.bool()], big_ids[big_mask.bool()])
     assert len(rows) == len(merged["input_ids"]) == 16
+    assert big.global_samples == 48
     other, _ = build_loaders(cfg, embedded_dir, seed=2, micro_batch_size=8, dp_rank=0,
                              dp_size=1)
     with pytest.raises(ValueError, match="seed"):
         other.load_state_dict(state)
-    odd, _ = build_loaders(cfg, embedded_dir, seed=1, micro_batch_size=24, dp_rank=0,
-                           dp_size=1)
-    with pytest.raises(ValueError, match="not a multiple"):
-        odd.load_state_dict(state)
 
 
 def test_dp_ranks_are_disjoint_equal_and_cover_the_epoch(embedded_dir):
@@ -203,3 +204,151 @@ def test_config_errors_name_the_field():
                            (dict(max_predictions_per_seq=500), "data.max_predictions_per_seq")]:
         with pytest.raises(ValueError, match=needle):
             DataConfig(**kwargs)
+
+
+# ---- the data position across layouts, on sample keys alone ------------------------------------
+class KeyDataset(torch.utils.data.Dataset):
+    """Each sample is its own (epoch, index) key; epochs of varying size, as the pair maps have."""
+
+    def __init__(self, fail_at: tuple[int, int] | None = None):
+        self.cfg = SimpleNamespace(objective="nsp", max_seq_length=16, short_seq_prob=0.1)
+        self.corpus = SimpleNamespace(metadata={"num_tokens": 1000})
+        self.fail_at = fail_at
+
+    def epoch_size(self, epoch: int) -> int:
+        return 37 + 5 * (epoch % 3)  # tails of 1, 2, 3 samples at a global batch of 4
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, int]:
+        if key == self.fail_at:
+            self.fail_at = None
+            raise RuntimeError("DataLoader worker (pid 1) is killed by signal")
+        return key
+
+
+def key_loaders(mb: int, accum: int, dp: int, dataset: KeyDataset | None = None) -> list[TrainLoader]:
+    """One loader per DP rank of the layout micro_batch_size x grad_accum x DP."""
+    return [TrainLoader(dataset or KeyDataset(), list, seed=7, micro_batch_size=mb, dp_rank=r,
+                        dp_size=dp, num_workers=0, prefetch_factor=2, grad_accum=accum)
+            for r in range(dp)]
+
+
+def steps(group: list[TrainLoader], n: int) -> list[list[list[tuple[int, int]]]]:
+    """n optimizer steps of all ranks; a step is its chunks k = micro_step * DP + rank, in order."""
+    accum, dp = group[0].grad_accum, group[0].dp_size
+    per_rank = [[loader.take(accum) for _ in range(n)] for loader in group]
+    return [[per_rank[r][s][a] for a in range(accum) for r in range(dp)] for s in range(n)]
+
+
+def flat(step: list[list[tuple[int, int]]]) -> list[tuple[int, int]]:
+    return [key for chunk in step for key in chunk]
+
+
+def saved_state(group: list[TrainLoader]) -> dict:
+    """Rank 0's state, through a weights_only round trip; every rank holds the same."""
+    states = [loader.state_dict() for loader in group]
+    assert all(state == states[0] for state in states)
+    buffer = io.BytesIO()
+    torch.save(states[0], buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("x, y, total, resume_at", [
+    ((2, 1, 2), (2, 2, 1), 30, (3, 8, 9, 19, 25)),  # DP2 -> DP1 with grad_accum doubled
+    ((4, 2, 1), (2, 2, 2), 12, (2, 4, 9)),  # DP1 -> DP2, micro-batch halved
+    ((2, 1, 2), (1, 1, 4), 30, (5, 9, 20)),  # DP2 micro 2 -> DP4 micro 1
+    ((2, 2, 2), (2, 2, 2), 12, (4, 7)),  # same layout
+])
+def test_same_global_batch_on_another_layout_feeds_the_uninterrupted_samples(x, y, total, resume_at):
+    reference = steps(key_loaders(*x), total)
+    assert {key[0] for step in reference for key in flat(step)} == {0, 1, 2}  # crosses two epochs
+    for step in reference:  # a step never straddles epochs, and the tail is dropped
+        assert len({epoch for epoch, _ in flat(step)}) == 1 and len(flat(step)) == x[0] * x[1] * x[2]
+    for k in resume_at:
+        first = key_loaders(*x)
+        assert steps(first, k) == reference[:k]
+        state = saved_state(first)
+        resumed = key_loaders(*y)
+        assert {loader.load_state_dict(state) for loader in resumed} == {None}
+        assert resumed[0].global_samples == k * x[0] * x[1] * x[2]
+        rest = steps(resumed, total - k)
+        # The same samples in each step, in the same order of (micro-step, rank) chunks; with the
+        # same micro_batch_size, the same chunk on the same (micro-step, rank) of that layout.
+        assert [flat(s) for s in rest] == [flat(s) for s in reference[k:]]
+        if x[0] == y[0]:
+            assert rest == reference[k:]
+
+
+def test_the_stream_at_grad_accum_1_is_one_global_micro_batch_per_step():
+    # The stream before grad_accum counted: global micro-batch j of epoch e is perm[j*G:(j+1)*G],
+    # G = mb x DP, rank r reads [r*mb:(r+1)*mb] of it, the tail shorter than G is dropped.
+    mb, dp, rank = 2, 2, 1
+    expected = []
+    for epoch in range(3):
+        size = KeyDataset().epoch_size(epoch)
+        perm = stream_rng(SHUFFLE_STREAM, 7, epoch).permutation(size)
+        expected += [[(epoch, int(i)) for i in perm[j * 4 + rank * mb:j * 4 + rank * mb + mb]]
+                     for j in range(size // (mb * dp))]
+    assert len(expected) == 30
+    assert [step[rank] for step in steps(key_loaders(mb, 1, dp), 30)] == expected
+
+
+def test_a_resume_in_the_middle_of_a_step_continues_it_where_the_layout_allows():
+    reference = steps(key_loaders(2, 4, 1), 6)
+    for micro, y, note in [(2, (2, 2, 2), None), (1, (2, 2, 2), "not a multiple")]:
+        first = key_loaders(2, 4, 1)[0]
+        delivered = [next(first) for _ in range(4 + micro)]  # one step and `micro` micro-steps
+        assert delivered == reference[0] + reference[1][:micro]
+        resumed = key_loaders(*y)
+        notes = {loader.load_state_dict(first.state_dict()) for loader in resumed}
+        if note is None:
+            assert notes == {None}
+            assert [resumed[r].take(1)[0] for r in range(2)] == reference[1][2:4]
+        else:
+            (line,) = notes
+            assert note in line and "global sample 10 of the data stream" in line
+            assert flat(steps(resumed, 1)[0]) == flat(reference[1])[2:] + flat(reference[2])[:2]
+
+
+@pytest.mark.parametrize("k", [3, 8])  # 8: fewer than the new global batch left in epoch 0
+def test_a_new_global_batch_continues_at_the_same_global_sample_and_says_so(k):
+    reference = [key for step in steps(key_loaders(2, 1, 2), 40) for key in flat(step)]
+    first = key_loaders(2, 1, 2)
+    steps(first, k)
+    bigger = key_loaders(2, 2, 2)
+    notes = {loader.load_state_dict(saved_state(first)) for loader in bigger}
+    assert notes == {"global batch changed from 4 to 8 samples (micro_batch_size x grad_accum x DP); "
+                     f"continuing at global sample {4 * k} of the data stream"}
+    assert bigger[0].global_samples == 4 * k
+    rest = [key for step in steps(bigger, 5) for key in flat(step)]
+    assert bigger[0].global_samples == 4 * k + 40
+    continued = [key for key in reference[4 * k:] if key[0] > 0] if k == 8 else reference[4 * k:]
+    # Epoch 0 has 37 samples: at 32 the new batch of 8 no longer fits and epoch 1 starts.
+    assert rest == continued[:40]
+    assert len(set(rest)) == 40 and {key[0] for key in rest} <= {0, 1}
+
+
+def test_a_state_of_the_micro_batch_count_format_still_loads():
+    reference = steps(key_loaders(2, 1, 2), 25)
+    per_epoch0 = 37 // 4
+    old = {"epoch": 1, "position": 3, "seed": 7, "micro_batch_size": 2, "dp_size": 2,
+           "signature": key_loaders(1, 1, 1)[0].state_dict()["signature"]}
+    for layout in ((2, 1, 2), (2, 2, 1)):
+        resumed = key_loaders(*layout)
+        assert {loader.load_state_dict(old) for loader in resumed} == {None}
+        assert resumed[0].global_samples == (per_epoch0 + 3) * 4
+        assert [flat(s) for s in steps(resumed, 5)] == [flat(s) for s in reference[per_epoch0 + 3:][:5]]
+
+
+def test_take_is_all_or_none_and_rewind_restores_the_position():
+    reference = steps(key_loaders(2, 2, 1), 3)
+    loader = key_loaders(2, 2, 1, KeyDataset(fail_at=reference[1][1][0]))[0]
+    assert loader.take(2) == reference[0]
+    mark = loader.mark()
+    with pytest.raises(RuntimeError, match="DataLoader worker"):
+        loader.take(2)
+    assert loader.mark() == mark and loader.global_samples == 4
+    assert loader.take(2) == reference[1]
+    loader.rewind(mark)
+    assert loader.global_samples == 4 and loader.take(2) == reference[1]
+    assert loader.take(2) == reference[2]

@@ -14,12 +14,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from tokenizers import Tokenizer
 
 from data_prep import PrepConfig, PrepError
 from data_prep import writer
 from data_prep.prep import main, prepare
 from data_prep.format import is_prepared_dataset
 from data_prep.sources import SourceError
+from data_prep.split import split_rules
 from data_prep.tokenizer import TokenizerError
 from mbert_train.data import open_dataset
 
@@ -350,3 +352,93 @@ def test_hostile_outputs_and_empty_inputs_fail_in_one_line(tmp_path, capsys, mon
     # A splitter that does not exist (a ValueError with a traceback before).
     line = one_line_error(capsys, [*inputs, "--output", str(out), "--splitter", "nope", *args])
     assert "--splitter nope" in line
+
+
+NATO = ("alpha bravo charlie delta echo foxtrot golf hotel india juliett kilo lima mike november "
+        "oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
+
+
+def nato_doc(word: str) -> str:
+    """A document whose one rare word occurs 3 times: a trained vocabulary of 400 holds it
+    whole if and only if the tokenizer saw the document."""
+    return f"The {word} walks home. A {word} sees the sea. Every {word} sleeps at night."
+
+
+def doc_tokens(corpus, doc: int) -> list[int]:
+    return corpus.sentence_span_tokens(*corpus.doc_sentences(doc)).tolist()
+
+
+def test_heldout_files_are_the_heldout_split_and_never_train_the_tokenizer(tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    train_words, held_words = NATO[:20], NATO[20:]
+    # A copy of a held-out document among the training ones, and the held-out file inside the
+    # input folder: neither may reach the training split.
+    (corpus_dir / "a.txt").write_text("\n\n".join(map(nato_doc, [*train_words, held_words[3]])) + "\n")
+    (corpus_dir / "held.txt").write_text("\n\n".join(map(nato_doc, held_words)) + "\n")
+    out = tmp_path / "ds"
+    assert main([str(corpus_dir), "--heldout", str(corpus_dir / "held.txt"), "--output", str(out),
+                 "--vocab-size", "400", "--quiet"]) == 0
+    corpus = open_dataset(str(out))
+    meta = corpus.metadata
+    assert meta["summary"]["heldout_documents"] == len(held_words)
+    assert meta["summary"]["train_documents"] == len(train_words)
+    assert meta["summary"]["heldout_copies_dropped"] == 1
+    assert {(os.path.basename(s["path"]), s["split"]) for s in meta["sources"]} == {("a.txt", "train"),
+                                                                                    ("held.txt", "heldout")}
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    vocab = tok.get_vocab()
+    assert all(w in vocab for w in train_words) and not any(w in vocab for w in held_words)
+    # The held-out split holds exactly the held-out file's documents, token for token ...
+    expected = [[t for sent in split_rules(nato_doc(w)) for t in tok.encode(sent, add_special_tokens=False).ids]
+                for w in held_words]
+    held = [doc_tokens(corpus, d) for d in corpus.split_docs("heldout")]
+    assert held == expected
+    # ... and no training document is one of them.
+    train = [doc_tokens(corpus, d) for d in corpus.split_docs("train")]
+    assert len(train) == len(train_words) and not any(doc in held for doc in train)
+    # Control: read as a training input, the held-out file's words do enter the vocabulary.
+    assert main([str(corpus_dir), "--output", str(tmp_path / "all"), "--vocab-size", "400", "--quiet"]) == 0
+    vocab_all = Tokenizer.from_file(str(tmp_path / "all" / "tokenizer.json")).get_vocab()
+    assert all(w in vocab_all for w in held_words)
+
+
+def test_heldout_fraction_documents_never_train_the_tokenizer(tmp_path):
+    (tmp_path / "c.txt").write_text("\n\n".join(map(nato_doc, NATO)) + "\n")
+    prepare(PrepConfig(inputs=[str(tmp_path / "c.txt")], output=str(tmp_path / "ds"), vocab_size=400,
+                       heldout_fraction=0.2, quiet=True))
+    corpus = open_dataset(str(tmp_path / "ds"))
+    held = set(corpus.split_docs("heldout").tolist())
+    assert 2 <= len(held) < len(NATO)
+    vocab = Tokenizer.from_file(str(tmp_path / "ds" / "tokenizer.json")).get_vocab()
+    assert [w in vocab for w in NATO] == [i not in held for i in range(len(NATO))]
+
+
+def test_heldout_flag_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "c.txt").write_text("\n\n".join(map(nato_doc, NATO)) + "\n")
+    (tmp_path / "blank.txt").write_text("  \n\n")
+    args = ["--output", str(tmp_path / "ds"), "--vocab-size", "400", "--quiet"]
+    line = one_line_error(capsys, [str(tmp_path / "c.txt"), "--heldout", str(tmp_path / "blank.txt"), *args])
+    assert "--heldout" in line and "no documents" in line
+    line = one_line_error(capsys, [str(tmp_path / "c.txt"), "--heldout", str(tmp_path / "c.txt"), *args])
+    assert "every input is also a --heldout file" in line
+    with pytest.raises(PrepError, match="pass only one of them"):
+        PrepConfig(inputs=["x"], output="y", heldout=["z"], heldout_fraction=0.1)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_prepared_tokenizer_adds_cls_and_sep(tmp_path):
+    from transformers import AutoTokenizer
+
+    (tmp_path / "c.txt").write_text("\n\n".join(map(nato_doc, NATO)) + "\n")
+    out = tmp_path / "ds"
+    prepare(PrepConfig(inputs=[str(tmp_path / "c.txt")], output=str(out), vocab_size=400, quiet=True))
+    cls, sep = open_dataset(str(out)).special.cls, open_dataset(str(out)).special.sep
+    enc = Tokenizer.from_file(str(out / "tokenizer.json")).encode("alpha walks", "the sea")
+    assert enc.tokens[0] == "[CLS]" and enc.tokens.count("[SEP]") == 2 and enc.tokens[-1] == "[SEP]"
+    assert enc.type_ids == [0] * (enc.tokens.index("[SEP]") + 1) + [1] * (len(enc.tokens) - enc.tokens.index("[SEP]") - 1)
+    ids = AutoTokenizer.from_pretrained(str(out))("alpha walks")["input_ids"]
+    assert ids[0] == cls and ids[-1] == sep and len(ids) == 4
+    # The corpus itself is stored without them: the sampler adds [CLS]/[SEP] per sample.
+    tokens = np.asarray(open_dataset(str(out)).tokens)
+    assert not np.isin(tokens, [cls, sep]).any()

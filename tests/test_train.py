@@ -147,12 +147,16 @@ def test_incompatible_checkpoint_is_refused(runs, tmp_path, corpus_cache):
     assert "model.hidden_size=128 (checkpoint: 64)" in proc.stderr.strip().splitlines()[0], proc.stderr
 
 
-def test_tp_change_refused_on_resume_and_resharded_by_init_from(runs, tmp_path, corpus_cache):
+def test_tp_change_resumes_by_resharding_and_init_from_keeps_weights(runs, tmp_path, corpus_cache):
     _copy_checkpoint(runs / "tp1", tmp_path / "tp_change")
-    proc = train(tmp_path / "tp_change", corpus_cache, [*STEPS, "parallel.tensor_parallel=2", "trainer.max_steps=30"],
-                 nproc=2, check=False, timeout=120)
-    assert proc.returncode != 0
-    assert "trainer.init_from=" in proc.stderr, proc.stderr
+    proc = train(tmp_path / "tp_change", corpus_cache, [*STEPS, "parallel.tensor_parallel=2", "trainer.max_steps=22",
+                                                        "trainer.eval_every=0", "trainer.export_hf=false"],
+                 nproc=2, timeout=300)
+    assert ("[mbert-train] resharding checkpoint step_00000020 from TP1xDP1 ZeRO-0 to TP2xDP1 ZeRO-0"
+            in proc.stdout), proc.stdout
+    assert "resumed at step 20" in proc.stdout
+    # Dropout streams differ after a TP change; the continuation stays on the curve.
+    assert abs(losses(tmp_path / "tp_change")[21] - losses(runs / "tp1")[20]) < 0.5
     start = runs / "tp1" / "checkpoints" / "step_00000020"
     train(tmp_path / "from_tp1", corpus_cache, [f"trainer.init_from={start}", "parallel.tensor_parallel=2",
                                                 "trainer.max_steps=2", "trainer.eval_every=0",

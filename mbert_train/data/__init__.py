@@ -5,7 +5,7 @@ The trainer's whole interface::
     dataset_dir = cfg.data.path or prepare_default_corpus(cfg.data)
     check_vocab(open_dataset(dataset_dir).metadata, cfg.model.vocab_size, dataset_dir)
     train_loader, eval_loader = build_loaders(cfg.data, dataset_dir, seed=..., micro_batch_size=...,
-                                              dp_rank=..., dp_size=...)
+                                              dp_rank=..., dp_size=..., grad_accum=...)
 """
 
 from mbert_train.data.config import DataConfig

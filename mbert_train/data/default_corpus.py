@@ -30,18 +30,25 @@ from data_prep.prep import prepare
 from mbert_train.data.config import DataConfig
 from mbert_train.errors import UserError, describe_os_error
 
-BUILDER_VERSION = 1
-"""Bump when the extraction or preparation changes, so stale caches are not reused."""
+BUILDER_VERSION = 2
+"""Bump when the extraction or preparation changes, so stale caches are not reused (2: the
+tokenizer is trained on the training documents only and carries the BERT post-processor)."""
 HELDOUT_FRACTION = 0.05
 """Share of the default corpus's multi-sentence documents kept for evaluation."""
 LOCK_TIMEOUT_S = 600
 
 
-def cache_root(cfg: DataConfig) -> str:
+def cache_root(cfg: DataConfig, *, create: bool = True) -> str:
     root = cfg.cache_dir or os.environ.get("MBERT_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "mbert_train")
-    os.makedirs(root, exist_ok=True)
+    if create:
+        os.makedirs(root, exist_ok=True)
     return root
+
+
+def cached_corpus_dir(cfg: DataConfig) -> str:
+    """Where the prepared default corpus for `cfg` lives (whether or not it was built yet)."""
+    return os.path.join(cache_root(cfg, create=False), corpus_key(cfg))
 
 
 def corpus_key(cfg: DataConfig) -> str:

@@ -73,33 +73,55 @@ def _close_running() -> None:
 class TrainLoader:
     """Infinite iterator of this DP rank's training micro-batches, rolling over epochs.
 
-    `state_dict()` records how many batches were *delivered* (prefetched ones do not count),
-    so a loader given that state yields exactly the batches an uninterrupted loader would
-    have yielded next, with any number of workers. The state is the same on every rank, so
-    saving rank 0's copy is enough. It holds only ints and strings (`weights_only`-safe).
+    The position is counted in global samples (all DP ranks, all micro-steps): the epoch, the
+    sample of the epoch where the current optimizer step started, the micro-steps of it already
+    delivered, and the running total of samples consumed since the start of training.
+    `state_dict()` records what was *delivered* (prefetched batches do not count), so a loader
+    given that state yields exactly the batches an uninterrupted loader would have yielded
+    next, with any number of workers, and a loader with another layout of the same global batch
+    yields the same samples per step (see `load_state_dict`). The state is the same on every
+    rank, so saving rank 0's copy is enough. It holds only ints and strings (`weights_only`-safe).
     """
 
     def __init__(self, dataset: PretrainingDataset, collate: PadCollator, *, seed: int,
                  micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int,
-                 prefetch_factor: int):
+                 prefetch_factor: int, grad_accum: int = 1):
         self.dataset, self.collate = dataset, collate
-        self.seed, self.micro_batch_size = seed, micro_batch_size
+        self.seed, self.micro_batch_size, self.grad_accum = seed, micro_batch_size, grad_accum
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.epoch = 0
-        self.position = 0
+        self.step_start = 0  # sample of the epoch where the current optimizer step starts
+        self.micro = 0  # micro-steps of the current optimizer step delivered
+        self._total = 0  # global samples delivered since the start of training
         self._iterator: Iterator[Batch] | None = None
 
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step: micro_batch_size x grad_accum x DP."""
+        return self.micro_batch_size * self.grad_accum * self.dp_size
+
+    @property
+    def global_samples(self) -> int:
+        """Samples (all DP ranks) delivered since the start of training, across resumes."""
+        return self._total
+
     def sampler(self) -> ShardedBatchSampler:
-        """A batch sampler starting at the current (epoch, position)."""
+        """A batch sampler starting at the current position."""
         return ShardedBatchSampler(self.dataset.epoch_size, seed=self.seed,
                                    micro_batch_size=self.micro_batch_size, dp_rank=self.dp_rank,
-                                   dp_size=self.dp_size, start_epoch=self.epoch,
-                                   start_batch=self.position)
+                                   dp_size=self.dp_size, grad_accum=self.grad_accum,
+                                   start_epoch=self.epoch, start_sample=self.step_start,
+                                   start_micro=self.micro)
 
     def batches_in_epoch(self, epoch: int | None = None) -> int:
-        """Micro-batches per rank in `epoch` (default: the current one)."""
+        """Micro-batches per rank in a whole `epoch` (default: the current one)."""
         return self.sampler().batches_in_epoch(self.epoch if epoch is None else epoch)
+
+    def _roll_over(self) -> None:
+        """Start the next epoch when fewer than a global batch of samples remain in this one."""
+        if self.micro == 0 and self.sampler().steps_in_epoch(self.epoch, self.step_start) == 0:
+            self.epoch, self.step_start = self.epoch + 1, 0
 
     def _start(self) -> Iterator[Batch]:
         workers = self.num_workers
@@ -131,9 +153,11 @@ class TrainLoader:
         if self._iterator is None:
             self._iterator = self._start()
         batch = next(self._iterator)
-        self.position += 1
-        if self.position == self.batches_in_epoch():
-            self.epoch, self.position = self.epoch + 1, 0
+        self.micro += 1
+        self._total += self.micro_batch_size * self.dp_size
+        if self.micro == self.grad_accum:
+            self.step_start, self.micro = self.step_start + self.global_batch, 0
+            self._roll_over()
         return batch
 
     def take(self, n: int) -> list[Batch]:
@@ -146,14 +170,14 @@ class TrainLoader:
             self.rewind(mark)
             raise
 
-    def mark(self) -> tuple[int, int]:
+    def mark(self) -> tuple[int, int, int, int]:
         """The current position, for `rewind`."""
-        return self.epoch, self.position
+        return self.epoch, self.step_start, self.micro, self._total
 
-    def rewind(self, mark: tuple[int, int]) -> None:
+    def rewind(self, mark: tuple[int, int, int, int]) -> None:
         """Go back to `mark`: batches delivered since then are delivered again."""
         self.close()
-        self.epoch, self.position = mark
+        self.epoch, self.step_start, self.micro, self._total = mark
 
     def close(self) -> None:
         """Stop the worker processes now; the next `next()` restarts them at the current state.
@@ -176,12 +200,20 @@ class TrainLoader:
                 f"{self.dataset.corpus.metadata['num_tokens']}")
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "micro_batch_size": self.micro_batch_size, "dp_size": self.dp_size,
-                "signature": self._signature()}
+        in_step = self.micro * self.micro_batch_size * self.dp_size
+        return {"epoch": self.epoch, "sample": self.step_start + in_step, "in_step": in_step,
+                "global_samples": self._total, "seed": self.seed,
+                "micro_batch_size": self.micro_batch_size, "grad_accum": self.grad_accum,
+                "dp_size": self.dp_size, "signature": self._signature()}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from `state`; a new micro-batch/DP size is fine at a sample boundary."""
+    def load_state_dict(self, state: dict) -> str | None:
+        """Continue from `state`, saved at any micro_batch_size, grad_accum and DP size.
+
+        The same global batch continues the uninterrupted run's steps exactly: the same samples
+        per optimizer step in the same order of chunks k = micro_step x DP + rank, so with the
+        same micro_batch_size the same ids in each chunk. Another global batch continues at the
+        same sample of the same epoch, its steps starting there, and returns a one-line note
+        that says so (None when the steps continue unchanged)."""
         if state["seed"] != self.seed:
             raise ValueError(f"data loader state was saved with seed={state['seed']}, this run "
                              f"has seed={self.seed}; resume with the original seed")
@@ -189,15 +221,33 @@ class TrainLoader:
             raise ValueError(f"data loader state was saved for data {state['signature']} "
                              f"(objective/max_seq_length/short_seq_prob/tokens), this run reads "
                              f"{self._signature()}; resume with the original data settings")
-        consumed = state["position"] * state["micro_batch_size"] * state["dp_size"]
-        global_batch = self.micro_batch_size * self.dp_size
-        if consumed % global_batch:
-            raise ValueError(
-                f"cannot resume: {consumed} samples of epoch {state['epoch']} were consumed, "
-                f"not a multiple of micro_batch_size x dp_size = {global_batch}; resume with "
-                f"micro_batch_size={state['micro_batch_size']}, dp_size={state['dp_size']}")
+        if "sample" not in state:
+            state = self._from_micro_batch_count(state)
+        epoch, sample, in_step = int(state["epoch"]), int(state["sample"]), int(state["in_step"])
+        saved = state["micro_batch_size"] * state["grad_accum"] * state["dp_size"]
+        per_micro = self.micro_batch_size * self.dp_size
         self.close()
-        self.epoch, self.position = int(state["epoch"]), consumed // global_batch
+        self.epoch, self._total = epoch, int(state["global_samples"])
+        if saved == self.global_batch and in_step % per_micro == 0:
+            self.step_start, self.micro = sample - in_step, in_step // per_micro
+            return None
+        self.step_start, self.micro = sample, 0
+        self._roll_over()
+        why = (f"global batch changed from {saved} to {self.global_batch} samples "
+               f"(micro_batch_size x grad_accum x DP)" if saved != self.global_batch else
+               f"the state was saved {in_step} samples into an optimizer step, not a multiple of "
+               f"micro_batch_size x DP = {per_micro}")
+        return f"{why}; continuing at global sample {self._total} of the data stream"
+
+    def _from_micro_batch_count(self, state: dict) -> dict:
+        """A state of the format before grad_accum counted (a position in global micro-batches,
+        one per step): the same position in samples; the total assumes that layout throughout."""
+        per_step = state["micro_batch_size"] * state["dp_size"]
+        sample = state["position"] * per_step
+        before = sum(self.dataset.epoch_size(e) // per_step * per_step
+                     for e in range(state["epoch"]))
+        return {**state, "sample": sample, "in_step": 0, "grad_accum": 1,
+                "global_samples": before + sample}
 
 
 class EvalLoader:
@@ -220,15 +270,17 @@ class EvalLoader:
 
 
 def build_loaders(cfg: DataConfig, dataset_dir: str, *, seed: int, micro_batch_size: int,
-                  dp_rank: int, dp_size: int) -> tuple[TrainLoader, EvalLoader]:
-    """Open `dataset_dir` and build this DP rank's training and evaluation loaders."""
+                  dp_rank: int, dp_size: int,
+                  grad_accum: int = 1) -> tuple[TrainLoader, EvalLoader]:
+    """Open `dataset_dir` and build this DP rank's training and evaluation loaders; the
+    training stream advances by optimizer steps of micro_batch_size x grad_accum x dp_size."""
     corpus = open_dataset(dataset_dir)
     collate = PadCollator(corpus.special.pad, cfg.pad_to_multiple_of, cfg.max_seq_length)
     train = PretrainingDataset(corpus, "train", cfg, seed)
     train.check_usable()
     train_loader = TrainLoader(train, collate, seed=seed, micro_batch_size=micro_batch_size,
                                dp_rank=dp_rank, dp_size=dp_size, num_workers=cfg.num_workers,
-                               prefetch_factor=cfg.prefetch_factor)
+                               prefetch_factor=cfg.prefetch_factor, grad_accum=grad_accum)
     # Fails here, one line, rather than in the first training step.
     train_loader.sampler().require_batches(0)
     heldout = PretrainingDataset(corpus, "heldout", cfg, cfg.eval_seed)

@@ -20,6 +20,10 @@ from mbert_train.parallel.layers import ColumnParallelLinear, RowParallelLinear,
 from mbert_train.parallel.mappings import copy_to_tp, gather_from_tp, group_size
 from mbert_train.parallel.random import local_dropout_keep, sharded_cuda_rng, sharded_dropout_mask
 
+# The shape-specialised graphs `MegatronBert.compile_layers` may keep per layer: one per padded
+# batch length at data.pad_to_multiple_of 8 and seq 512, with room to spare.
+MAX_COMPILED_SHAPES = 80
+
 IGNORE_INDEX = -100
 
 
@@ -57,8 +61,7 @@ class SelfAttention(nn.Module):
         if not (self.training and self.dropout > 0):
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         elif q.is_cuda and not self.tp_invariant_dropout:
-            with sharded_cuda_rng(q.device, self.group):  # flash / memory-efficient kernels
-                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout)
+            ctx = _fused_attention_on_rank_stream(q, k, v, mask, self.dropout, self.group)
         else:
             ctx = self._attention_with_dropout(q, k, v, mask)
         ctx = ctx.transpose(1, 2).reshape(b, q.shape[2], self.local_heads * self.head_dim)  # (b, s|m, h/tp)
@@ -71,11 +74,20 @@ class SelfAttention(nn.Module):
         if mask is not None:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         probs = scores.softmax(dim=-1)
-        if self.tp_invariant_dropout:
+        # A compiled layer cannot trace the rank's own torch.Generator: it draws every head's mask
+        # from the replicated stream and keeps its slice, as the TP-invariant mode does.
+        if self.tp_invariant_dropout or torch.compiler.is_compiling():
             keep = sharded_dropout_mask(tuple(probs.shape), self.dropout, 1, self.group, probs.device)
             return torch.matmul(probs * keep.to(probs.dtype), v)
         keep = local_dropout_keep(tuple(probs.shape), self.dropout, self.group, probs.device)
         return torch.matmul(probs.masked_fill(~keep, 0.0) * (1.0 / (1.0 - self.dropout)), v)
+
+
+@torch.compiler.disable  # in a compiled layer: a graph break (its RNG swap cannot be traced)
+def _fused_attention_on_rank_stream(q, k, v, mask, p: float, group) -> torch.Tensor:
+    """SDPA with dropout on this TP rank's stream: flash / memory-efficient kernels on CUDA."""
+    with sharded_cuda_rng(q.device, group):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
 
 
 class MLP(nn.Module):
@@ -159,6 +171,23 @@ class MegatronBert(nn.Module):
         self.mlm_bias.tensor_model_parallel = self.mlm_bias.model_parallel = True
         self.mlm_bias.partition_dim, self.mlm_bias.partition_stride = 0, 1
         self.nsp = _dense(h, 2, std) if cfg.binary_head else None
+        self._compiled_layers: list | None = None
+
+    def compile_layers(self) -> None:
+        """torch.compile each transformer layer for training (inductor, static shapes).
+
+        Per layer, not the whole model: the graphs hold a layer's TP collectives (our autograd
+        mappings trace as functional collectives), activation checkpointing wraps a compiled
+        layer like an eager one, and the parameters keep their names (checkpoints, DeepSpeed and
+        exports see the same module). The layers share their graphs; each new padded batch
+        length compiles once (up to MAX_COMPILED_SHAPES). Static shapes keep the numerics a
+        function of the batch alone, so a resumed run stays bit-identical. Evaluation, and the
+        last layer when it runs on the read positions only (a length that changes with every
+        batch), stay eager."""
+        import torch._dynamo.config
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MAX_COMPILED_SHAPES)
+        self._compiled_layers = [torch.compile(layer, dynamic=False) for layer in self.layers]
 
     def encode(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                attention_mask: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -177,8 +206,11 @@ class MegatronBert(nn.Module):
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask.bool().view(b, 1, 1, s)  # True = attend
+        compiled = self._compiled_layers if self.training else None
         for i, layer in enumerate(self.layers):
             last_rows = rows if i == len(self.layers) - 1 else None
+            if compiled is not None and last_rows is None:
+                layer = compiled[i]
             if self.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, mask, last_rows, use_reentrant=False)
             else:

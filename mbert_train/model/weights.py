@@ -42,6 +42,14 @@ def template(cfg: ModelConfig) -> MegatronBert:
         return MegatronBert(cfg)
 
 
+def full_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """Shape of every tensor of the full form for `cfg` (vocabulary unpadded)."""
+    shapes = {}
+    for name, tensor in template(cfg).state_dict().items():
+        shapes[name] = torch.Size((cfg.vocab_size, *tensor.shape[1:])) if name in VOCAB_PARAMS else tensor.shape
+    return shapes
+
+
 def shard_full(full: dict[str, torch.Tensor], cfg: ModelConfig, tp: int, rank: int) -> dict[str, torch.Tensor]:
     """TP rank `rank`'s tensors of a TP=`tp` model from the full form, with no process group:
     vocabulary rows padded with zeros to `padded_vocab_size(vocab, tp)`, then cut."""
