@@ -25,6 +25,7 @@ The ratio line: the time at which ours first reaches HF's final held-out loss, o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -126,9 +127,9 @@ def initial_model(s: Setup, vocab: int, work: Path) -> Path:
 
 def run_ours(s: Setup, vocab: int, data_dir: str, init: Path, work: Path, threads: int, compile_: bool) -> Path:
     run_dir = work / "ours"
-    overrides = [
-        f"model.hidden_size={s.hidden}", f"model.num_layers={s.layers}", f"model.num_heads={s.heads}",
-        f"model.intermediate_size={4 * s.hidden}", f"model.vocab_size={vocab}", "model.binary_head=false",
+    model = dataclasses.asdict(model_config(s, vocab))  # every field: the preset's must not differ from HF's
+    overrides = [*(f"model.{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}"
+                   for k, v in model.items()),
         "data=prepared", f"data.path={data_dir}", "data.objective=none", f"data.max_seq_length={s.seq}",
         f"data.max_predictions_per_seq={max(1, round(0.15 * s.seq))}",
         f"trainer.micro_batch_size={s.batch}", f"trainer.max_steps={s.steps}", f"trainer.seed={SEED}",
@@ -201,7 +202,7 @@ def run_hf(s: Setup, data_dir: str, windows: list[list[int]], work: Path):
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15),
                       callbacks=[steps])
     result = trainer.train()
-    return model, result.metrics["train_runtime"], steps.times, args.optim
+    return model, result.metrics["train_runtime"], steps.times, str(getattr(args.optim, "value", args.optim))
 
 
 def main(argv: list[str] | None = None) -> int:

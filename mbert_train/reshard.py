@@ -16,6 +16,7 @@ a TP-replicated one by TP rank 0; at ZeRO-0 (state replicated over DP) by DP ran
 
 from __future__ import annotations
 
+import errno
 import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -271,6 +272,7 @@ def save_state(directory: Path, fragments: list[Fragment], full_shapes: dict[str
 def load_state(directory: Path, fragments: list[Fragment], full_shapes: dict[str, tuple[int, ...]], *,
                tp: int, tp_rank: int, kinds: tuple[str, ...], group=None) -> None:
     """Collective: fill every fragment's `kinds` views from `directory`, whatever layout wrote it."""
+    _require_metadata(directory)
     table = _table(fragments, full_shapes, tp=tp, tp_rank=tp_rank, writer=False, kinds=kinds)
     for view in table.padding:
         view.zero_()
@@ -286,8 +288,14 @@ def read_full(directory: Path, names: dict[str, tuple[int, ...]], kinds: tuple[s
     return state
 
 
+def _require_metadata(directory: Path) -> None:
+    if not (Path(directory) / ".metadata").is_file():  # DCP would report it as an AssertionError
+        raise FileNotFoundError(errno.ENOENT, "missing", str(Path(directory) / ".metadata"))
+
+
 def saved_keys(directory: Path) -> set[str]:
     """The tensor names in a saved optimizer state (reads only its metadata)."""
+    _require_metadata(directory)
     return set(SafeReader(str(directory)).read_metadata().state_dict_metadata)
 
 

@@ -71,9 +71,10 @@ def _dcp_errors(path: Path, action: str) -> Iterator[None]:
         try:
             yield
         except CheckpointException as exc:
-            failures = list(getattr(exc, "failures", {}).values())
-            cause = failures[0] if failures else exc
-            raise getattr(cause, "exc", cause) from None
+            failures = list(exc.failures.values())  # rank -> (exception, traceback)
+            if not failures or not isinstance(failures[0][0], Exception):
+                raise
+            raise failures[0][0] from None
     except CheckpointError:
         raise
     except reshard.UnsafeCheckpoint as exc:

@@ -70,3 +70,24 @@ def test_gpu_script_refuses_a_machine_without_cuda(tmp_path):
                           text=True, timeout=TIMEOUT_S, env={**os.environ, "PYTHON": sys.executable,
                                                              "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr and not (tmp_path / "x.json").exists()
+
+
+def test_bench_time_to_loss_smoke(dataset, tmp_path):
+    """Both training paths run on the same windows and one evaluator scores both; the ratio line
+    and the JSON agree (the ratio may be 'not reached' on so few steps; nothing asserts on time)."""
+    target = tmp_path / "ttl.json"
+    out = _run([sys.executable, str(BENCH / "bench_time_to_loss.py"), "--data", str(dataset), "--smoke",
+                "--threads", "1", "--json", str(target)])
+    assert re.search(r"^\| HF Trainer \| 4 \| [\d.]+ \| \d+ \| \d+\.\d{4} \|$", out, re.M), out
+    assert re.search(r"^\| mbert-train \| 4 \| [\d.]+ \| \d+ \| \d+\.\d{4} \|$", out, re.M), out
+    line = re.search(r"^ratio: time to HF's final held-out loss ours/HF (\d+\.\d+x|not reached)", out, re.M)
+    assert line, out
+    result = json.loads(target.read_text())
+    assert [point["step"] for point in result["ours"]["curve"]] == [2, 4]
+    assert len(result["hf"]["step_s"]) == len(result["ours"]["step_s"]) == 4
+    hf_loss, best = result["hf"]["heldout_loss"], min(p["loss"] for p in result["ours"]["curve"])
+    # A model that learned nothing scores about ln(vocab) = ln(512) = 6.24 on masked tokens.
+    assert 0 < hf_loss < 7 and 0 < best < 7
+    assert (result["ratio"] is None) == (best > hf_loss) == (line.group(1) == "not reached")
+    if result["ratio"] is not None:
+        assert line.group(1) == f"{result['ratio']:.2f}x"

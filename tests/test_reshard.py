@@ -179,3 +179,54 @@ def test_resume_at_another_layout_continues_the_run(uninterrupted, tmp_path, cor
         scale = ma[key].abs().max().item()
         assert scale > 0, key
         assert (ma[key] - mb[key]).abs().max().item() <= 1e-6 * scale, key
+
+
+class _Boom:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_in_the_optimizer_metadata_is_refused_without_running(tmp_path):
+    import pickle
+
+    from mbert_train.checkpoint import CheckpointError
+    from mbert_train.reshard import SafeReader, UnsafeCheckpoint
+    from mbert_train.trainer import _dcp_errors
+
+    optim = tmp_path / "optim"
+    optim.mkdir()
+    marker = tmp_path / "pwned"
+    (optim / ".metadata").write_bytes(pickle.dumps(_Boom(marker)))
+    with pytest.raises(UnsafeCheckpoint):
+        SafeReader(str(optim)).read_metadata()
+    with pytest.raises(CheckpointError) as info:
+        with _dcp_errors(optim, "reading the optimizer state from"):
+            SafeReader(str(optim)).read_metadata()
+    assert not marker.exists()
+    assert str(info.value) == (f"checkpoint file {optim / '.metadata'} names the Python global posix.system, which "
+                               "no checkpoint holds; refusing to load it")
+
+
+def test_truncated_optimizer_state_stops_mbert_train_with_one_line(tmp_path, corpus_cache):
+    run_dir = tmp_path / "run"
+    tiny = ["trainer.checkpoint_every=1", "trainer.eval_every=0", "trainer.export_hf=false", "data.num_workers=0",
+            "logging.wandb_mode=disabled"]
+    train(run_dir, corpus_cache, ["trainer.max_steps=1", *tiny], timeout=300)
+    optim = run_dir / "checkpoints" / "step_00000001" / OPTIM_DIR
+    data = next(optim.glob("__0_*.distcp"))
+    data.write_bytes(data.read_bytes()[:100])
+    proc = train(run_dir, corpus_cache, ["trainer.max_steps=2", *tiny], check=False, timeout=300)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"mbert-train: error: checkpoint optimizer state {optim} is truncated or corrupt"), last
+    (optim / ".metadata").unlink()
+    proc = train(run_dir, corpus_cache, ["trainer.max_steps=2", *tiny], check=False, timeout=300)
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"mbert-train: error: checkpoint file {optim / '.metadata'} is missing; "
+        "delete the checkpoint dir or point run.dir elsewhere"), proc.stderr[-2000:]
