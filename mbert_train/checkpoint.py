@@ -103,13 +103,12 @@ def require_format(checkpoint: Path) -> dict[str, Any]:
     return meta
 
 
-def read_run_record(run_dir: Path | str) -> dict[str, Any]:
-    """`run.json` of the run's latest checkpoint ({} when there is none): read before a resume
-    so the W&B run id is known when the logger is built."""
-    latest, _ = find_latest(run_dir)
-    if latest is None or not (latest / RUN_FILE).is_file():
+def read_run_record(checkpoint: Path | None) -> dict[str, Any]:
+    """`run.json` of a checkpoint ({} for None or a checkpoint without one): the W&B run id, the
+    dataset it trained on, the redacted config."""
+    if checkpoint is None or not (Path(checkpoint) / RUN_FILE).is_file():
         return {}
-    return read_json(latest / RUN_FILE)
+    return read_json(Path(checkpoint) / RUN_FILE)
 
 
 def step_tag(step: int) -> str:

@@ -410,14 +410,16 @@ def from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int, *, o
     return write_model_dir(full, cfg, out_dir, tp, overwrite=overwrite)
 
 
-def _run_record(model_dir: Path) -> tuple[dict | None, int | None, int | None]:
-    """(the run's config, step, data-parallel degree) of a checkpoint step directory, from its
-    run.json and meta.json; Nones for a model directory that is no checkpoint."""
+def _run_record(model_dir: Path) -> tuple[dict | None, int | None, int | None, dict]:
+    """(the run's config, step, data-parallel degree, its dataset record {path, tokenizer_sha256})
+    of a checkpoint step directory, from its run.json and meta.json; Nones (and {}) for a model
+    directory that is no checkpoint."""
     try:
         run = json.loads((model_dir / "run.json").read_text(encoding="utf-8"))
         config = run.get("config") if isinstance(run, dict) else None
+        dataset = run.get("dataset") if isinstance(run, dict) and isinstance(run.get("dataset"), dict) else {}
     except (OSError, ValueError):
-        config = None
+        config, dataset = None, {}
     try:
         meta = json.loads((model_dir / "meta.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -426,7 +428,7 @@ def _run_record(model_dir: Path) -> tuple[dict | None, int | None, int | None]:
     step = meta.get("step") if type(meta.get("step")) is int else None
     layout = meta.get("layout") if isinstance(meta.get("layout"), dict) else {}
     dp = layout.get("data_parallel") if type(layout.get("data_parallel")) is int else None
-    return (config if isinstance(config, dict) else None), step, dp
+    return (config if isinstance(config, dict) else None), step, dp, dataset
 
 
 def to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False,
@@ -442,10 +444,13 @@ def to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite:
         raise ConvertError(f"--dataset {dataset} is not a dataset written by mbert-prep (no metadata.json); pass "
                            f"the prepared dataset directory the model was trained on")
     full, cfg = load_model_dir(inputs[-1])
-    config, step, dp = _run_record(inputs[-1])
-    dataset_dir = str(dataset) if dataset is not None else dataset_of_run(config) if config else None
+    config, step, dp, record = _run_record(inputs[-1])
+    recorded = record.get("path") if isinstance(record.get("path"), str) else None
+    dataset_dir = (str(dataset) if dataset is not None else recorded if recorded and Path(recorded).is_dir()
+                   else dataset_of_run(config) if config else None)
     run_dir = inputs[-1].parent.parent
     files, missing = export_files(cfg, config, dataset_dir=dataset_dir, step=step, data_parallel=dp,
+                                  tokenizer_sha256=record.get("tokenizer_sha256") if dataset is None else None,
                                   metrics_file=run_dir / "metrics.jsonl" if config else None, name=out_dir.name)
     export_hf(full, cfg, out_dir, overwrite=overwrite, files=files)
     if missing and (config is not None or dataset is not None):  # a plain model dir records no dataset

@@ -62,7 +62,8 @@ def _read_metadata(dataset_dir: str) -> dict:
         return json.load(f)
 
 
-def tokenizer_files(dataset_dir: str | None, cfg: ModelConfig) -> tuple[dict[str, str], str | None]:
+def tokenizer_files(dataset_dir: str | None, cfg: ModelConfig, tokenizer_sha256: str | None = None
+                    ) -> tuple[dict[str, str], str | None]:
     """({file name: text} of the dataset's tokenizer, None) or ({}, why it cannot be written)."""
     if dataset_dir is None:
         return {}, "the checkpoint does not record its dataset"
@@ -74,6 +75,8 @@ def tokenizer_files(dataset_dir: str | None, cfg: ModelConfig) -> tuple[dict[str
         tok = Tokenizer.from_file(os.path.join(dataset_dir, meta.get("tokenizer_file", fmt.TOKENIZER_FILE)))
     except Exception as exc:  # a damaged file: the weights are still worth exporting
         return {}, f"the tokenizer of {dataset_dir} cannot be read ({type(exc).__name__})"
+    if tokenizer_sha256 and meta.get("tokenizer_sha256") not in (None, tokenizer_sha256):
+        return {}, f"the tokenizer of {dataset_dir} is not the one the model was trained with (tokenizer_sha256 differs)"
     size = tok.get_vocab_size(with_added_tokens=True)
     if size != cfg.vocab_size:
         return {}, f"the tokenizer of {dataset_dir} has {size} tokens, the model {cfg.vocab_size}"
@@ -183,10 +186,11 @@ model = AutoModelForMaskedLM.from_pretrained("path/to/{name}")  # MegatronBertFo
 
 
 def export_files(cfg: ModelConfig, config: Mapping | None, *, dataset_dir: str | None, step: int | None,
-                 data_parallel: int | None, metrics_file: Path | None, name: str
-                 ) -> tuple[dict[str, str], str | None]:
-    """({file name: text} for the export beside the weights, why the tokenizer is missing or None)."""
-    files, missing = tokenizer_files(dataset_dir, cfg)
+                 data_parallel: int | None, metrics_file: Path | None, name: str,
+                 tokenizer_sha256: str | None = None) -> tuple[dict[str, str], str | None]:
+    """({file name: text} for the export beside the weights, why the tokenizer is missing or None).
+    With `tokenizer_sha256` (what the run recorded) a dataset holding another tokenizer is not used."""
+    files, missing = tokenizer_files(dataset_dir, cfg, tokenizer_sha256)
     evaluation = final_eval(metrics_file, step) if metrics_file is not None and step is not None else None
     files[MODEL_CARD] = model_card(cfg, config, dataset_dir=dataset_dir, step=step, data_parallel=data_parallel,
                                    evaluation=evaluation, name=name)

@@ -163,7 +163,7 @@ def run(cfg: TrainConfig, run_dir_candidate: str, record: dict[str, object] | No
     from mbert_train.model import MegatronBert
     from mbert_train.parallel.layout import init_parallel
     from mbert_train.parallel.random import seed_for_training, training_seed
-    from mbert_train.checkpoint import RUN_FILE, CheckpointDir, read_json, step_of
+    from mbert_train.checkpoint import CheckpointDir, read_run_record, step_of
     from mbert_train.trainer import Trainer, locate_checkpoint
 
     state = init_parallel(cfg.parallel.tensor_parallel, timeout_s=cfg.parallel.timeout_s)
@@ -203,14 +203,15 @@ def run(cfg: TrainConfig, run_dir_candidate: str, record: dict[str, object] | No
     # W&B run that checkpoint recorded and cuts metrics.jsonl back to its step.
     ckpt = CheckpointDir(run_dir, rank=state.rank, keep_last=cfg.trainer.keep_last)
     resume_from = locate_checkpoint(ckpt, device)
-    record = read_json(resume_from / RUN_FILE) if resume_from is not None and (resume_from / RUN_FILE).is_file() \
-        else {}
+    record = read_run_record(resume_from)
     log = MetricsLogger(run_dir, rank=state.rank, wandb_mode=cfg.logging.wandb_mode,
                         project=cfg.logging.project, run_name=cfg.logging.run_name or run_dir.name,
                         config=OmegaConf.to_container(OmegaConf.structured(cfg)),
                         wandb_run_id=record.get("wandb_run_id"),
                         resume_step=step_of(resume_from) if resume_from is not None else 0, secrets=secrets)
-    trainer = Trainer(cfg, state, engine, train_loader, eval_loader, run_dir, device, log)
+    trainer = Trainer(cfg, state, engine, train_loader, eval_loader, run_dir, device, log,
+                      dataset={"path": str(Path(dataset_dir).resolve()),
+                               "tokenizer_sha256": metadata.get("tokenizer_sha256")})
     try:
         resumed = trainer.resume(resume_from) if resume_from is not None else False
         if not resumed and cfg.trainer.init_from:

@@ -134,8 +134,9 @@ def locate_checkpoint(ckpt: CheckpointDir, device: torch.device) -> Path | None:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, state: ParallelState, engine, train_loader, eval_loader,
-                 run_dir: Path, device: torch.device, log: MetricsLogger | None = None):
+                 run_dir: Path, device: torch.device, log: MetricsLogger | None = None, dataset: dict | None = None):
         self.cfg, self.state, self.engine = cfg, state, engine
+        self.dataset = dataset  # {"path", "tokenizer_sha256"}: the export finds the tokenizer by it
         self.train_loader, self.eval_loader = train_loader, eval_loader
         self.run_dir, self.device, self.log = run_dir, device, log
         self.ckpt = CheckpointDir(run_dir, rank=state.rank, keep_last=cfg.trainer.keep_last)
@@ -369,8 +370,9 @@ class Trainer:
             }, tmp / TRAINER_STATE_FILE)
         with write_errors(tmp / RUN_FILE):
             wandb_id = self.log.wandb_run_id if self.log else None
-            (tmp / RUN_FILE).write_text(json.dumps({"wandb_run_id": wandb_id, "config": redact(asdict(self.cfg))},
-                                                   indent=2, default=str))
+            record = {"wandb_run_id": wandb_id, "dataset": getattr(self, "dataset", None),
+                      "config": redact(asdict(self.cfg))}
+            (tmp / RUN_FILE).write_text(json.dumps(record, indent=2, default=str))
 
     def load_weights(self, directory: str | Path) -> None:
         """Weights only, from any of our model dirs at any TP degree (resharded here)."""

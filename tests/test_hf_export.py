@@ -5,6 +5,7 @@ transformers' own loaders."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import shutil
 
 import pytest
@@ -91,6 +92,7 @@ def test_a_moved_dataset_exports_the_weights_and_says_how_to_add_the_tokenizer(r
     shutil.copytree(run / "checkpoints" / f"step_{STEPS:08d}", step)
     record = json.loads((step / "run.json").read_text())
     record["config"]["data"]["path"] = str(tmp_path / "moved-away")
+    record["dataset"]["path"] = str(tmp_path / "moved-away")
     (step / "run.json").write_text(json.dumps(record))
     assert main(["to-hf", str(step), str(tmp_path / "out")]) == 0
     err = [line for line in capsys.readouterr().err.splitlines() if "mbert-convert:" in line]
@@ -101,3 +103,16 @@ def test_a_moved_dataset_exports_the_weights_and_says_how_to_add_the_tokenizer(r
     assert main(["to-hf", str(step), str(tmp_path / "out"), "--overwrite", "--dataset", dataset_dir(run)]) == 0
     assert "warning" not in capsys.readouterr().err
     assert AutoTokenizer.from_pretrained(str(tmp_path / "out"))("a b")["input_ids"][0] == 2
+
+
+def test_the_dataset_recorded_by_the_run_is_used_only_with_the_same_tokenizer(run, tmp_path, capsys):
+    step = tmp_path / "step"
+    shutil.copytree(run / "checkpoints" / f"step_{STEPS:08d}", step)
+    record = json.loads((step / "run.json").read_text())
+    assert record["dataset"]["path"] == str(Path(dataset_dir(run)).resolve()) and record["dataset"]["tokenizer_sha256"]
+    record["dataset"]["tokenizer_sha256"] = "0" * 64  # the dataset was re-prepared since
+    (step / "run.json").write_text(json.dumps(record))
+    assert main(["to-hf", str(step), str(tmp_path / "out")]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "mbert-convert:" in line]
+    assert len(err) == 1 and "is not the one the model was trained with (tokenizer_sha256 differs)" in err[0]
+    assert not any((tmp_path / "out" / name).exists() for name in TOKENIZER_FILES)
