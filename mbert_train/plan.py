@@ -22,8 +22,9 @@ Accounting, all per GPU:
   Transformer Models", Sec. 4: sbh(10 + 24/t + 5as/(ht)) bytes per layer with 16-bit
   activations and TP without sequence parallelism (sbh(34 + 5as/h) at t=1), generalised
   here to any activation width and MLP width; full recomputation keeps only each layer's
-  input (2sbh) plus one layer's working set. With attention_dropout=0 the model runs fused
-  SDPA and the 5as/h score term drops out.
+  input (2sbh) plus one layer's working set. The 5as/h score term counts only with
+  tp_invariant_dropout and attention dropout: otherwise the GPU runs attention and its dropout
+  in fused SDPA, which keeps no s x s matrix.
 """
 
 from __future__ import annotations
@@ -129,10 +130,11 @@ def _activation_bytes(model: ModelConfig, *, t: int, b: int, s: int, vocab: int,
     replicated = sbh * (4 * e + 2)
     # Sharded: Q, K, V and the out-proj input (4e sbh) and GELU input and output (2e sbI);
     # with I=4h and e=2 this is the paper's 24sbh. Attention scores: softmax output,
-    # its dropout mask and dropout output, (2e+1) a s^2 b, the paper's 5as^2b. Without
-    # attention dropout the model calls fused SDPA (flash / memory-efficient kernels), which
-    # keeps no s x s matrix, only an fp32 log-sum-exp per query and head (4 a s b).
-    if model.attention_dropout > 0:
+    # its dropout mask and dropout output, (2e+1) a s^2 b, the paper's 5as^2b, where the model
+    # materialises them: with `tp_invariant_dropout` (masks drawn for all heads). Otherwise
+    # the GPU runs attention, dropout included, in fused SDPA (flash / memory-efficient
+    # kernels), which keeps no s x s matrix, only an fp32 log-sum-exp per query and head (4 a s b).
+    if model.attention_dropout > 0 and model.tp_invariant_dropout:
         scores = (2 * e + 1) * a * s * s * b
     else:
         scores = 4 * a * s * b
