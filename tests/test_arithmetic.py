@@ -67,7 +67,7 @@ def test_trainer_charges_what_it_runs(tmp_path):
         cfg = TrainConfig()
         for key, value in trainer.items():
             setattr(cfg.trainer, key, value)
-        t = Trainer(cfg, SimpleNamespace(rank=0), None, None, None, None, tmp_path, torch.device("cpu"))
+        t = Trainer(cfg, SimpleNamespace(rank=0), None, None, None, tmp_path, torch.device("cpu"))
         return cfg, t._flops_per_token
 
     cfg, masked = flops()

@@ -133,7 +133,7 @@ def _eval_main(dataset_dir: str, run_dir: str):
                                  dp_rank=dp_rank, dp_size=dp)
         keys[dp] = [k for b in evals.batches for k in b]
         state = ParallelState(ParallelDims(world_size=dp), dp_rank, None, group)
-        trainer = Trainer(cfg, state, model, None, None, evals, f"{run_dir}/dp{dp}-rank{rank}", torch.device("cpu"))
+        trainer = Trainer(cfg, state, model, None, evals, f"{run_dir}/dp{dp}-rank{rank}", torch.device("cpu"))
         results[dp] = trainer.evaluate()
     shares = [None, None]
     dist.all_gather_object(shares, keys[2])
