@@ -29,6 +29,9 @@ class ParallelConfig:
     """DeepSpeed ZeRO stage: 0 none, 1 optimizer state, 2 also gradients sharded over DP."""
     timeout_s: float = 600.0
     """Process-group timeout: a hung collective fails after this long instead of never."""
+    sequence_parallel: bool = False
+    """Split LayerNorms, dropouts and residuals along the sequence over the TP group
+    (Korthikanti et al. 2022): their activation memory / TP, no extra communication."""
 
     def __post_init__(self) -> None:
         if self.tensor_parallel < 1:
@@ -38,6 +41,9 @@ class ParallelConfig:
                              "re-partitions the TP shards); use parallel.zero_stage=2")
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(f"parallel.zero_stage={self.zero_stage} must be 0, 1 or 2")
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise UserError("parallel.sequence_parallel=true needs parallel.tensor_parallel>1: it splits the "
+                            "sequence over the tensor-parallel group; set tensor_parallel or turn it off")
         if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
             # 0 would fail every collective at once; torch cannot represent an infinite timeout.
             raise UserError(f"parallel.timeout_s={self.timeout_s} must be a positive number of seconds "
@@ -201,6 +207,11 @@ class TrainConfig:
         if (self.data.objective == "none") == self.model.binary_head:
             want = "false" if self.data.objective == "none" else "true"
             raise ValueError(f"data.objective={self.data.objective} needs model.binary_head={want}")
+        tp = self.parallel.tensor_parallel
+        if self.parallel.sequence_parallel and (self.data.max_seq_length % tp or self.data.pad_to_multiple_of % tp):
+            raise ValueError(f"parallel.sequence_parallel=true splits every padded batch's sequence over "
+                             f"parallel.tensor_parallel={tp}: data.max_seq_length={self.data.max_seq_length} and "
+                             f"data.pad_to_multiple_of={self.data.pad_to_multiple_of} must both be multiples of {tp}")
         if self.optim.name == "lamb" and self.parallel.zero_stage > 0:
             raise ValueError("optim=lamb needs parallel.zero_stage=0: ZeRO flattens parameters and LAMB's "
                              "per-tensor trust ratio needs them whole; use optim=adamw with ZeRO")

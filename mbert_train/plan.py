@@ -75,6 +75,8 @@ class MemoryPlan:
     """Normalised precision: fp32, bf16 or fp16."""
     activation_checkpointing: bool
     """Whether `activation_bytes` and `total_bytes` assume full per-layer recomputation."""
+    sequence_parallel: bool
+    """Whether the LayerNorm/dropout/residual activations are split over TP (Korthikanti et al.)."""
     total_params: int
     """Parameters of the whole model, padded vocab included."""
     params_per_tp_rank: int
@@ -121,7 +123,7 @@ class MemoryPlan:
 
 
 def _activation_bytes(model: ModelConfig, *, t: int, b: int, s: int, vocab: int, e: int,
-                      checkpointing: bool) -> int:
+                      checkpointing: bool, sequence_parallel: bool = False) -> int:
     """Korthikanti et al. 2022 Sec. 4, with e-byte activations and 1-byte dropout masks."""
     h, a, i, n = model.hidden_size, model.num_heads, model.intermediate_size, model.num_layers
     sbh = s * b * h
@@ -140,19 +142,24 @@ def _activation_bytes(model: ModelConfig, *, t: int, b: int, s: int, vocab: int,
         scores = 4 * a * s * b
     sharded = 4 * e * sbh + 2 * e * s * b * i + scores
     per_layer = replicated + sharded // t
+    # Sequence parallelism splits the replicated part too: sbh(10/t + 24/t + 5as/(ht)), every
+    # layer but the last (which runs replicated, on the positions the heads read).
+    sp_layer = (replicated + sharded) // t if sequence_parallel and t > 1 else per_layer
     # Outside the layers: embedding dropout mask, final-LN input, MLM transform input, GELU
     # and LN inputs, then the vocab-parallel logits and the fp32 softmax that the parallel
     # cross-entropy saves for backward.
     head = sbh * (1 + 4 * e) + s * b * vocab // t * (e + 4)
     if checkpointing:
-        # Each layer keeps only its input; backward recomputes one layer at a time.
-        return n * e * sbh + per_layer + head
-    return n * per_layer + head
+        # Each layer keeps only its input (a sequence chunk under SP); backward recomputes one
+        # layer at a time.
+        inputs = (n - 1) * e * sbh // t + e * sbh if sp_layer != per_layer else n * e * sbh
+        return inputs + per_layer + head
+    return (n - 1) * sp_layer + per_layer + head
 
 
 def plan_memory(model: ModelConfig, *, tensor_parallel: int, data_parallel: int, zero_stage: int,
                 micro_batch_size: int, seq_len: int, precision: str,
-                activation_checkpointing: bool) -> MemoryPlan:
+                activation_checkpointing: bool, sequence_parallel: bool = False) -> MemoryPlan:
     """Per-GPU memory of MegatronBERT under TP x DP with ZeRO and AdamW."""
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage={zero_stage} must be 0, 1, 2 or 3")
@@ -182,13 +189,15 @@ def plan_memory(model: ModelConfig, *, tensor_parallel: int, data_parallel: int,
 
     e = 2 if mixed else 4
     vocab = padded_vocab_size(model.vocab_size, t)
+    sp = sequence_parallel and t > 1
     acts = {ckpt: _activation_bytes(model, t=t, b=micro_batch_size, s=seq_len, vocab=vocab, e=e,
-                                    checkpointing=ckpt) for ckpt in (False, True)}
+                                    checkpointing=ckpt, sequence_parallel=sp) for ckpt in (False, True)}
     # Megatron TP, per layer: forward all-reduces after attention-out and MLP-out, backward
     # all-reduces before QKV and MLP-in (Shoeybi et al. 2019, Fig. 4): 4 x bsh elements;
     # recomputation repeats the 2 forward ones. Plus the vocab-parallel embedding (forward),
     # the LM-head input (backward), and 3 small fp32 all-reduces of the parallel
-    # cross-entropy (max, sum of exp, target logit).
+    # cross-entropy (max, sum of exp, target logit). Sequence parallelism turns each all-reduce
+    # into a reduce-scatter + all-gather of the same size: the same bytes.
     bsh = micro_batch_size * seq_len * model.hidden_size
     per_layer_allreduces = 6 if activation_checkpointing else 4
     comm = (model.num_layers * per_layer_allreduces + 2) * bsh * e + 3 * micro_batch_size * seq_len * 4
@@ -196,7 +205,7 @@ def plan_memory(model: ModelConfig, *, tensor_parallel: int, data_parallel: int,
     return MemoryPlan(
         tensor_parallel=t, data_parallel=dp, zero_stage=zero_stage,
         micro_batch_size=micro_batch_size, seq_len=seq_len, precision=prec,
-        activation_checkpointing=activation_checkpointing,
+        activation_checkpointing=activation_checkpointing, sequence_parallel=sp,
         total_params=count_parameters(model, tensor_parallel=1, vocab_multiple=VOCAB_MULTIPLE * t).total,
         params_per_tp_rank=n, padded_vocab_size=vocab,
         param_bytes=shard(n, 3) * weight_b, grad_bytes=shard(n, 2) * grad_b,
@@ -229,7 +238,7 @@ def valid_tensor_parallel(model: ModelConfig, world: int, gpus_per_node: int) ->
 def recommend_layout(model: ModelConfig, world: int, gpus_per_node: int, gpu_mem_bytes: int, *,
                      micro_batch_size: int, seq_len: int, precision: str = "bf16",
                      activation_checkpointing: bool | None = None,
-                     zero_stages: Sequence[int] = (1, 2),
+                     zero_stages: Sequence[int] = (1, 2), sequence_parallel: bool | None = None,
                      usable_fraction: float = 0.9) -> LayoutRecommendation:
     """Pick TP (within a node), ZeRO stage and recomputation for `world` GPUs.
 
@@ -240,6 +249,9 @@ def recommend_layout(model: ModelConfig, world: int, gpus_per_node: int, gpu_mem
     over plain DP. The default stages are the ones mbert-train's config accepts with mixed
     precision (ZeRO-3 would re-partition the TP shards, and bf16/fp16 need ZeRO >= 1); pass
     (1, 2, 3) to plan for a trainer that has ZeRO-3. `activation_checkpointing` forces recomputation on or off.
+    At TP > 1 sequence parallelism is recommended where it changes what fits (it costs no extra
+    communication, only smaller kernels): tried after plain TP, before recomputation.
+    `sequence_parallel` forces it on or off.
     """
     if not zero_stages:
         raise ValueError("zero_stages must name at least one ZeRO stage")
@@ -257,13 +269,15 @@ def recommend_layout(model: ModelConfig, world: int, gpus_per_node: int, gpu_mem
         dp = world // t
         # At DP=1 there is nothing to shard: every stage holds the same bytes.
         stages = list(zero_stages)[:1] if dp == 1 else list(zero_stages)
+        sp_options = [False] if t == 1 else [False, True] if sequence_parallel is None else [sequence_parallel]
         for ckpt in ckpt_options:
-            for stage in stages:
-                plan = plan_memory(model, tensor_parallel=t, data_parallel=dp, zero_stage=stage,
-                                   micro_batch_size=micro_batch_size, seq_len=seq_len,
-                                   precision=precision, activation_checkpointing=ckpt)
-                if plan.total_bytes <= usable:
-                    return LayoutRecommendation(plan, True, usable, _why(plan, preferred, h))
+            for sp in sp_options:
+                for stage in stages:
+                    plan = plan_memory(model, tensor_parallel=t, data_parallel=dp, zero_stage=stage,
+                                       micro_batch_size=micro_batch_size, seq_len=seq_len, precision=precision,
+                                       activation_checkpointing=ckpt, sequence_parallel=sp)
+                    if plan.total_bytes <= usable:
+                        return LayoutRecommendation(plan, True, usable, _why(plan, preferred, h))
     # TP=1 is always a candidate, so the loop ran; `plan` is the most frugal layout tried.
     return LayoutRecommendation(
         plan, False, usable,
@@ -284,6 +298,7 @@ def _why(plan: MemoryPlan, preferred: int, hidden: int) -> str:
     else:
         head = f"TP={t} is the smallest tensor-parallel degree within a node that fits"
     extras = [f"ZeRO-{plan.zero_stage}" + (" (nothing to shard at DP=1)" if plan.data_parallel == 1 else ""),
+              *(["sequence parallelism"] if plan.sequence_parallel else []),
               "activation checkpointing" if plan.activation_checkpointing else "no recomputation"]
     return f"{head}; {' + '.join(extras)} fits in {plan.total_bytes / GIB:.1f} GiB"
 
@@ -302,7 +317,8 @@ def format_plan(plan: MemoryPlan) -> str:
              f"{plan.padded_vocab_size}), seq_len {plan.seq_len}, micro-batch "
              f"{plan.micro_batch_size}, {plan.precision}",
              f"layout: TP={plan.tensor_parallel} x DP={plan.data_parallel} "
-             f"(world {plan.tensor_parallel * plan.data_parallel}), ZeRO-{plan.zero_stage}",
+             f"(world {plan.tensor_parallel * plan.data_parallel}), ZeRO-{plan.zero_stage}"
+             + (", sequence parallel" if plan.sequence_parallel else ""),
              "", f"  {'per GPU':<34}{'GiB':>10}", "  " + "-" * 44]
     lines += [f"  {name:<34}{value / GIB:>10.2f}" for name, value in rows]
     lines += ["", f"  TP all-reduce per micro-batch step: {plan.tp_comm_bytes_per_step / GIB:.3f} GiB "
@@ -345,7 +361,8 @@ def run_cli(argv: Sequence[str], compose: Callable[[list[str]], Any]) -> str:
                   precision=cfg.trainer.precision)
     plan = plan_memory(cfg.model, tensor_parallel=t, data_parallel=world // t,
                        zero_stage=cfg.parallel.zero_stage,
-                       activation_checkpointing=cfg.trainer.activation_checkpointing, **common)
+                       activation_checkpointing=cfg.trainer.activation_checkpointing,
+                       sequence_parallel=cfg.parallel.sequence_parallel, **common)
     rec = recommend_layout(cfg.model, world, gpus_per_node, mem, **common)
     r = rec.plan
     verdict = "fits" if plan.total_bytes <= rec.usable_bytes else "does NOT fit"
@@ -355,7 +372,8 @@ def run_cli(argv: Sequence[str], compose: Callable[[list[str]], Any]) -> str:
         "",
         f"recommended for world={world} ({gpus_per_node} GPUs/node, {mem / GIB:.0f} GiB): "
         f"parallel.tensor_parallel={r.tensor_parallel} parallel.zero_stage={r.zero_stage} "
-        f"trainer.activation_checkpointing={str(r.activation_checkpointing).lower()} "
+        + ("parallel.sequence_parallel=true " if r.sequence_parallel else "")
+        + f"trainer.activation_checkpointing={str(r.activation_checkpointing).lower()} "
         f"(DP={r.data_parallel}, {r.total_bytes / GIB:.1f} GiB per GPU)",
         f"  {rec.reason}",
     ])

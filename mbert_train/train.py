@@ -161,6 +161,7 @@ def run(cfg: TrainConfig, run_dir_candidate: str, record: dict[str, object] | No
     from mbert_train.engine import build_engine
     from mbert_train.metrics import MetricsLogger
     from mbert_train.model import MegatronBert
+    from mbert_train.parallel.context import TPContext
     from mbert_train.parallel.layout import init_parallel
     from mbert_train.parallel.random import seed_for_training, training_seed
     from mbert_train.checkpoint import CheckpointDir, read_run_record, step_of
@@ -187,7 +188,9 @@ def run(cfg: TrainConfig, run_dir_candidate: str, record: dict[str, object] | No
 
     torch.manual_seed(cfg.trainer.seed)  # same on every rank: TP shards cut from one master weight
     with device:  # initialise on the GPU itself: no full-size host copies of large models
-        model = MegatronBert(cfg.model, state.tp_group, activation_checkpointing=cfg.trainer.activation_checkpointing,
+        tp = TPContext(state.tp_group, sequence_parallel=cfg.parallel.sequence_parallel,
+                       invariant_dropout=cfg.model.tp_invariant_dropout)
+        model = MegatronBert(cfg.model, tp, activation_checkpointing=cfg.trainer.activation_checkpointing,
                              mlm_masked_only=cfg.trainer.mlm_masked_only)
     if cfg.trainer.compile:
         model.compile_layers()  # the graphs are built by the first step (compile_s)
@@ -219,7 +222,8 @@ def run(cfg: TrainConfig, run_dir_candidate: str, record: dict[str, object] | No
         if state.rank == 0:
             print(f"[mbert-train] run dir {run_dir} | {'resumed at step ' + str(trainer.step) if resumed else 'new run'}"
                   f" | world {state.dims.world_size} = TP {state.dims.tensor_parallel} x DP {state.dims.data_parallel}"
-                  f" | ZeRO-{cfg.parallel.zero_stage} | {cfg.trainer.precision} on {device.type}"
+                  f" | ZeRO-{cfg.parallel.zero_stage}{' + SP' if cfg.parallel.sequence_parallel else ''}"
+                  f" | {cfg.trainer.precision} on {device.type}"
                   f" | global batch {train_loader.global_batch} = micro {cfg.trainer.micro_batch_size}"
                   f" x accum {cfg.trainer.grad_accum} x DP {state.dims.data_parallel}", flush=True)
         trainer.install_signal_handlers()

@@ -60,7 +60,7 @@ def checked_trainer_state(state, path: Path) -> dict:
 def describe_layout(layout: dict) -> str:
     """`TP2xDP2 ZeRO-1`, as the resharding message names a layout."""
     return (f"TP{layout.get('tensor_parallel', '?')}xDP{layout.get('data_parallel', '?')} "
-            f"ZeRO-{layout.get('zero_stage', '?')}")
+            f"ZeRO-{layout.get('zero_stage', '?')}" + (" SP" if layout.get("sequence_parallel") else ""))
 
 
 @contextmanager
@@ -314,7 +314,7 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------
     def _layout(self) -> dict:
         return {"tensor_parallel": self.state.dims.tensor_parallel, "data_parallel": self.state.dims.data_parallel,
-                "zero_stage": self.cfg.parallel.zero_stage}
+                "zero_stage": self.cfg.parallel.zero_stage, "sequence_parallel": self.cfg.parallel.sequence_parallel}
 
     def _raise_together(self, error: UserError | None, what: str) -> None:
         raise_together(error, what, self.device)

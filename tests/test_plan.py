@@ -193,11 +193,12 @@ def test_recommendations():
     assert "pure data parallel" in base.reason
     big = recommend_layout(MEGATRON_1_3B, 32, 8, 80 * GIB, micro_batch_size=8, seq_len=512)
     assert big.fits and big.plan.tensor_parallel == 2 and big.plan.data_parallel == 16
-    tight = recommend_layout(MEGATRON_3_9B, 8, 8, 32 * GIB, micro_batch_size=16, seq_len=512)
+    tight = recommend_layout(MEGATRON_3_9B, 8, 8, 32 * GIB, micro_batch_size=16, seq_len=512,
+                             sequence_parallel=False)
     assert tight.fits and tight.plan.total_bytes <= tight.usable_bytes
     assert tight.plan.activation_checkpointing
     forced = recommend_layout(MEGATRON_3_9B, 8, 8, 32 * GIB, micro_batch_size=16, seq_len=512,
-                              activation_checkpointing=False)
+                              activation_checkpointing=False, sequence_parallel=False)
     assert forced.fits and forced.plan.tensor_parallel > 2 and not forced.plan.activation_checkpointing
     assert "smallest tensor-parallel degree" in forced.reason
     # mbert-train runs ZeRO 0-2 only; a planner for another trainer may allow ZeRO-3.
@@ -223,7 +224,8 @@ def _fake_compose(overrides: list[str]) -> SimpleNamespace:
     return SimpleNamespace(
         model=models[kv.get("model", "bert-base")],
         parallel=SimpleNamespace(tensor_parallel=int(kv.get("parallel.tensor_parallel", 1)),
-                                 zero_stage=int(kv.get("parallel.zero_stage", 0))),
+                                 zero_stage=int(kv.get("parallel.zero_stage", 0)),
+                                 sequence_parallel=kv.get("parallel.sequence_parallel") == "true"),
         trainer=SimpleNamespace(micro_batch_size=int(kv.get("trainer.micro_batch_size", 8)),
                                 precision="bf16", activation_checkpointing=False),
         data=SimpleNamespace(max_seq_length=512))
@@ -277,3 +279,36 @@ def test_console_script():
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "recommended for world=16" in done.stdout and "parallel.tensor_parallel=1" in done.stdout
+
+
+@pytest.mark.parametrize("t", [2, 4])
+def test_sequence_parallel_activations_follow_korthikanti(t):
+    """With SP every layer but the last (which runs replicated for the heads) holds
+    sbh(10/t + 24/t + 5as/(ht)) bytes (Korthikanti et al. 2022, Eq. 4); TP traffic is the same."""
+    cfg = ModelConfig(**(BERT_BASE.to_dict() | {"tp_invariant_dropout": True}))
+    s, b, h, a = 512, 4, cfg.hidden_size, cfg.num_heads
+    kw = dict(micro_batch_size=b, seq_len=s, tensor_parallel=t)
+    two, three = (_plan(_with_layers(cfg, n), sequence_parallel=True, **kw) for n in (2, 3))
+    per_layer = three.activation_bytes_no_ckpt - two.activation_bytes_no_ckpt
+    assert per_layer == pytest.approx(s * b * h * (10 / t + 24 / t + 5 * a * s / (h * t)), rel=1e-9)
+    off = _plan(_with_layers(cfg, 3), **kw)
+    assert three.sequence_parallel and not off.sequence_parallel
+    assert three.activation_bytes_no_ckpt < off.activation_bytes_no_ckpt
+    assert three.tp_comm_bytes_per_step == off.tp_comm_bytes_per_step
+    # Recomputation keeps each SP layer's input chunk: 2sbh/t.
+    ckpt = [_plan(_with_layers(cfg, n), sequence_parallel=True, activation_checkpointing=True, **kw)
+            for n in (2, 3)]
+    assert ckpt[1].activation_bytes_ckpt - ckpt[0].activation_bytes_ckpt == 2 * s * b * h // t
+    assert not _plan(cfg, sequence_parallel=True, micro_batch_size=b, seq_len=s).sequence_parallel  # TP=1
+
+
+def test_sequence_parallel_is_recommended_where_it_changes_what_fits():
+    kw = dict(micro_batch_size=16, seq_len=512)
+    with_sp = recommend_layout(MEGATRON_3_9B, 8, 8, 32 * GIB, **kw)
+    without = recommend_layout(MEGATRON_3_9B, 8, 8, 32 * GIB, sequence_parallel=False, **kw)
+    assert with_sp.plan.sequence_parallel and not with_sp.plan.activation_checkpointing
+    assert "sequence parallelism" in with_sp.reason
+    assert without.plan.activation_checkpointing and not without.plan.sequence_parallel
+    assert with_sp.plan.tensor_parallel == without.plan.tensor_parallel == 2
+    # Where plain TP fits, SP is not proposed.
+    assert not recommend_layout(MEGATRON_3_9B, 8, 8, 80 * GIB, **kw).plan.sequence_parallel

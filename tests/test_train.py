@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train_util import FAST, LAYOUTS, SECRET, STEPS, command, env, losses, train
+from tests.train_util import FAST, INVARIANT, LAYOUTS, SECRET, STEPS, command, env, losses, train
 
 
 def _close(a: dict, b: dict, rtol: float) -> None:
@@ -181,3 +181,22 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, corpus_cache):
     assert proc.returncode == 0, err
     step = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
     assert step >= 3 and f"checkpoint written at step {step}" in out
+
+
+def test_sequence_parallel_trains_like_tp2_and_tp1_and_resumes_exactly(runs, tmp_path, corpus_cache):
+    """TP-invariant masks: SP drops exactly what TP=2 and TP=1 drop, dropout on, 20 steps."""
+    import shutil
+
+    sp = tmp_path / "sp"
+    overrides = [*STEPS, "parallel.tensor_parallel=2", "parallel.sequence_parallel=true", INVARIANT]
+    proc = train(sp, corpus_cache, overrides, nproc=2)
+    assert "ZeRO-0 + SP" in proc.stdout
+    _close(losses(sp), losses(runs / "tp2"), 1e-4)
+    _close(losses(sp), losses(runs / "tp1"), 1e-4)
+    # Restarted from its step-10 checkpoint, as after a SIGKILL: bit-identical.
+    again = tmp_path / "sp_again"
+    shutil.copytree(sp, again)
+    shutil.rmtree(again / "checkpoints" / "step_00000020")
+    (again / "checkpoints" / "latest").write_text("step_00000010\n")
+    train(again, corpus_cache, overrides, nproc=2)
+    assert losses(again) == losses(sp)

@@ -1,7 +1,7 @@
 """MegatronBERT (Shoeybi et al. 2019): pre-LayerNorm BERT, numerically the same as
 `transformers.MegatronBertForPreTraining`, with attention and MLP sharded over a TP group.
 
-With `tp_group=None` (or a group of one) every layer is the plain dense layer.
+With no tensor-parallel group (or a group of one) every layer is the plain dense layer.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from torch.utils.checkpoint import checkpoint
 from mbert_train.arithmetic import padded_vocab_size
 from mbert_train.model.config import ModelConfig
 from mbert_train.parallel.cross_entropy import vocab_parallel_argmax, vocab_parallel_cross_entropy
+from mbert_train.parallel.context import LayerNorm, TPContext
 from mbert_train.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, normal_init
-from mbert_train.parallel.mappings import copy_to_tp, gather_from_tp, group_size
+from mbert_train.parallel.mappings import copy_to_tp, gather_from_tp, gather_seq_replicated, split_seq
 from mbert_train.parallel.random import local_dropout_keep, sharded_cuda_rng, sharded_dropout_mask
 
 # The shape-specialised graphs `MegatronBert.compile_layers` may keep per layer: one per padded
@@ -38,23 +39,25 @@ def _dense(n_in: int, n_out: int, std: float) -> nn.Linear:
 class SelfAttention(nn.Module):
     """Fused QKV split by whole heads: rank r owns heads [r*n/tp, (r+1)*n/tp) of Q, K and V."""
 
-    def __init__(self, cfg: ModelConfig, group):
+    def __init__(self, cfg: ModelConfig, tp: TPContext):
         super().__init__()
-        tp = group_size(group)
+        group = tp.group
         self.group = group
-        self.local_heads = cfg.num_heads // tp
+        self.local_heads = cfg.num_heads // tp.size
         self.head_dim = cfg.head_dim
         self.dropout = cfg.attention_dropout
         self.tp_invariant_dropout = cfg.tp_invariant_dropout
         init = normal_init(cfg.initializer_range)
         # The master weight is [Q; K; V] stacked (3h, h); stride 3 shards each block by heads.
-        self.qkv = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, group, stride=3, init=init)
-        self.out = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, group, init=init)
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, tp, stride=3, init=init)
+        self.out = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, tp, init=init)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """(b, s, h) -> (b, s, h); with `rows` (b, m) only those query positions: (b, m, h)."""
-        b, s, _ = x.shape
-        qkv = self.qkv(x).view(b, s, 3, self.local_heads, self.head_dim)  # (b, s, 3, n/tp, d)
+        """(b, s, h) -> (b, s, h); with `rows` (b, m) only those query positions: (b, m, h).
+        Under sequence parallelism x and the output are this rank's chunk (b, s/tp, h)."""
+        qkv = self.qkv(x)  # (b, s, 3h/tp): the whole sequence, gathered under SP
+        b, s, _ = qkv.shape
+        qkv = qkv.view(b, s, 3, self.local_heads, self.head_dim)  # (b, s, 3, n/tp, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (b, n/tp, s, d)
         if rows is not None:  # keys and values stay over all s positions
             q = q.gather(2, rows[:, None, :, None].expand(b, self.local_heads, rows.shape[1], self.head_dim))
@@ -91,25 +94,27 @@ def _fused_attention_on_rank_stream(q, k, v, mask, p: float, group) -> torch.Ten
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, group):
+    def __init__(self, cfg: ModelConfig, tp: TPContext):
         super().__init__()
         init = normal_init(cfg.initializer_range)
-        self.fc1 = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, group, init=init)
-        self.fc2 = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, group, init=init)
+        self.fc1 = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, tp, init=init)
+        self.fc2 = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp, init=init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))  # (b, s, I/tp) inside
 
 
 class Layer(nn.Module):
-    """Pre-LN: x + Drop(Attn(LN(x))), then x + Drop(MLP(LN(x)))."""
+    """Pre-LN: x + Drop(Attn(LN(x))), then x + Drop(MLP(LN(x))). Under sequence parallelism the
+    LayerNorms, dropouts and residuals run on this rank's chunk of the sequence."""
 
-    def __init__(self, cfg: ModelConfig, group):
+    def __init__(self, cfg: ModelConfig, tp: TPContext):
         super().__init__()
-        self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.attn = SelfAttention(cfg, group)
-        self.mlp_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = MLP(cfg, group)
+        self.tp = tp
+        self.attn_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, tp)
+        self.attn = SelfAttention(cfg, tp)
+        self.mlp_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, tp)
+        self.mlp = MLP(cfg, tp)
         self.dropout = cfg.hidden_dropout
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,8 +122,8 @@ class Layer(nn.Module):
         attn = self.attn(self.attn_norm(x), mask, rows)
         if rows is not None:
             x = x.gather(1, rows[..., None].expand(*rows.shape, x.shape[-1]))  # (b, m, h)
-        x = x + F.dropout(attn, self.dropout, self.training)
-        return x + F.dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training)
+        x = x + self.tp.hidden_dropout(attn, self.dropout, self.training)
+        return x + self.tp.hidden_dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training)
 
 
 def read_positions(mlm_labels: torch.Tensor) -> torch.Tensor:
@@ -145,29 +150,40 @@ class PretrainOutput:
 
 
 class MegatronBert(nn.Module):
-    """Encoder + pooler + MLM/NSP heads; `cfg.binary_head=False` gives the MLM-only model."""
+    """Encoder + pooler + MLM/NSP heads; `cfg.binary_head=False` gives the MLM-only model.
 
-    def __init__(self, cfg: ModelConfig, tp_group=None, *, activation_checkpointing: bool = False,
+    `tp` is the tensor-parallel context (`TPContext`; a bare process group or None also works:
+    no sequence parallelism). Under sequence parallelism every layer but the last runs on this
+    rank's chunk of the sequence; the last layer and the heads read positions anywhere in the
+    sequence, so the chunks are gathered before it and they run replicated, as without SP."""
+
+    def __init__(self, cfg: ModelConfig, tp=None, *, activation_checkpointing: bool = False,
                  mlm_masked_only: bool = True):
         super().__init__()
-        self.cfg, self.group = cfg, tp_group
+        if not isinstance(tp, TPContext):
+            tp = TPContext(tp, invariant_dropout=cfg.tp_invariant_dropout)
+        self.cfg, self.tp, self.group = cfg, tp, tp.group
         self.activation_checkpointing = activation_checkpointing
         self.mlm_masked_only = mlm_masked_only
-        self.padded_vocab = padded_vocab_size(cfg.vocab_size, group_size(tp_group))
+        self.padded_vocab = padded_vocab_size(cfg.vocab_size, tp.size)
         std, h = cfg.initializer_range, cfg.hidden_size
         init = normal_init(std)
-        self.word_embeddings = VocabParallelEmbedding(self.padded_vocab, h, tp_group, real_vocab=cfg.vocab_size,
+        self.word_embeddings = VocabParallelEmbedding(self.padded_vocab, h, tp, real_vocab=cfg.vocab_size,
                                                       padding_idx=cfg.pad_token_id, init=init)
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, h)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, h)
         nn.init.normal_(self.position_embeddings.weight, std=std)
         nn.init.normal_(self.token_type_embeddings.weight, std=std)
-        self.layers = nn.ModuleList(Layer(cfg, tp_group) for _ in range(cfg.num_layers))
+        if tp.sp:
+            self.position_embeddings.weight.sequence_parallel = True
+            self.token_type_embeddings.weight.sequence_parallel = True
+        n = cfg.num_layers
+        self.layers = nn.ModuleList(Layer(cfg, tp if i < n - 1 else tp.without_sp()) for i in range(n))
         self.final_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
         self.pooler = _dense(h, h, std) if cfg.binary_head else None
         self.mlm_dense = _dense(h, h, std)
         self.mlm_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
-        self.mlm_bias = nn.Parameter(torch.zeros(self.padded_vocab // group_size(tp_group)))
+        self.mlm_bias = nn.Parameter(torch.zeros(self.padded_vocab // tp.size))
         self.mlm_bias.tensor_model_parallel = self.mlm_bias.model_parallel = True
         self.mlm_bias.partition_dim, self.mlm_bias.partition_stride = 0, 1
         self.nsp = _dense(h, 2, std) if cfg.binary_head else None
@@ -197,18 +213,29 @@ class MegatronBert(nn.Module):
         attention queries, output projection, MLP and LayerNorms on those positions alone (keys
         and values still cover the whole sequence), as MosaicBERT does: the same values there."""
         b, s = input_ids.shape
+        tp = self.tp
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         positions = torch.arange(s, device=input_ids.device)
-        x = (self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
-             + self.position_embeddings(positions))
-        x = F.dropout(x, self.cfg.hidden_dropout, self.training)
+        if tp.sp:
+            if s % tp.size:
+                raise ValueError(f"sequence length {s} is not divisible by TP={tp.size}, which sequence "
+                                 f"parallelism needs; pad batches to a multiple of it (data.pad_to_multiple_of)")
+            token_type_ids, positions = split_seq(token_type_ids, tp.group), split_seq(positions[None], tp.group)[0]
+        # Under SP each rank embeds its chunk of the sequence; the replicated tables then get
+        # that chunk's gradient only, summed over the group by `replicated_param`.
+        x = (self.word_embeddings(input_ids)
+             + F.embedding(token_type_ids, tp.replicated_param(self.token_type_embeddings.weight))
+             + F.embedding(positions, tp.replicated_param(self.position_embeddings.weight)))
+        x = tp.hidden_dropout(x, self.cfg.hidden_dropout, self.training)
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask.bool().view(b, 1, 1, s)  # True = attend
         compiled = self._compiled_layers if self.training else None
         for i, layer in enumerate(self.layers):
             last_rows = rows if i == len(self.layers) - 1 else None
+            if tp.sp and i == len(self.layers) - 1:
+                x = gather_seq_replicated(x, tp.group)  # (b, s, h) on every rank
             if compiled is not None and last_rows is None:
                 layer = compiled[i]
             if self.activation_checkpointing and self.training:

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mbert_train.parallel.mappings import (copy_to_tp, gather_from_tp, group_rank, group_size,
-                                           reduce_from_tp, scatter_to_tp)
+from mbert_train.parallel.context import TPContext
+from mbert_train.parallel.mappings import (copy_to_tp, gather_from_tp, linear_with_seq_gather, reduce_from_tp,
+                                           reduce_scatter_to_seq, scatter_to_tp)
 
 InitFn = Callable[[torch.Tensor], None]
 
@@ -46,22 +47,27 @@ def mark_sharded(p: nn.Parameter, dim: int, stride: int = 1) -> nn.Parameter:
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x A^T + b with A split by output rows: rank r computes y[..., r-th slice]."""
+    """y = x A^T + b with A split by output rows: rank r computes y[..., r-th slice]. Under
+    sequence parallelism the input arrives split along the sequence and is all-gathered."""
 
     def __init__(self, in_features: int, out_features: int, group=None, *, bias: bool = True,
                  gather_output: bool = False, stride: int = 1, init: InitFn = normal_init(0.02)):
         super().__init__()
-        tp = group_size(group)
+        self.tp = ctx = TPContext.of(group)
+        tp = ctx.size
         if out_features % (tp * stride):
             raise ValueError(f"output size {out_features} is not divisible by TP={tp} x stride={stride}")
-        self.group, self.gather_output = group, gather_output
+        self.group, self.gather_output = ctx.group, gather_output
         full = torch.empty(out_features, in_features)
         init(full)
-        self.weight = mark_sharded(nn.Parameter(shard(full, 0, tp, group_rank(group), stride=stride)), 0, stride)
+        self.weight = mark_sharded(nn.Parameter(shard(full, 0, tp, ctx.rank, stride=stride)), 0, stride)
         self.bias = mark_sharded(nn.Parameter(torch.zeros(out_features // tp)), 0, stride) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(copy_to_tp(x, self.group), self.weight, self.bias)  # (..., out/tp)
+        if self.tp.sp:  # all-gathered along the sequence; only this rank's chunk is kept for backward
+            y = linear_with_seq_gather(x, self.weight, self.bias, self.group)
+        else:
+            y = F.linear(copy_to_tp(x, self.group), self.weight, self.bias)  # (..., out/tp)
         return gather_from_tp(y, self.group) if self.gather_output else y
 
 
@@ -71,21 +77,26 @@ class RowParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, group=None, *, bias: bool = True,
                  input_is_parallel: bool = True, init: InitFn = normal_init(0.02)):
         super().__init__()
-        tp = group_size(group)
+        self.tp = ctx = TPContext.of(group)
+        tp = ctx.size
         if in_features % tp:
             raise ValueError(f"input size {in_features} is not divisible by TP={tp}")
-        self.group, self.input_is_parallel = group, input_is_parallel
+        self.group, self.input_is_parallel = ctx.group, input_is_parallel
         full = torch.empty(out_features, in_features)
         init(full)
-        self.weight = mark_sharded(nn.Parameter(shard(full, 1, tp, group_rank(group))), 1)
-        # The bias is added once, after the reduction: it is replicated, not sharded.
+        self.weight = mark_sharded(nn.Parameter(shard(full, 1, tp, ctx.rank)), 1)
+        # The bias is added once, after the reduction: it is replicated, not sharded (under
+        # sequence parallelism, to this rank's chunk of the sequence).
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        if self.bias is not None and ctx.sp:
+            self.bias.sequence_parallel = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.group)
-        y = reduce_from_tp(F.linear(x, self.weight), self.group)  # (..., out)
-        return y if self.bias is None else y + self.bias
+        y = F.linear(x, self.weight)
+        y = reduce_scatter_to_seq(y, self.group) if self.tp.sp else reduce_from_tp(y, self.group)  # (..., out)
+        return y if self.bias is None else y + self.tp.replicated_param(self.bias)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -98,7 +109,8 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, group=None, *, real_vocab: int | None = None,
                  padding_idx: int | None = None, init: InitFn = normal_init(0.02)):
         super().__init__()
-        tp, rank = group_size(group), group_rank(group)
+        self.tp = ctx = TPContext.of(group)
+        group, tp, rank = ctx.group, ctx.size, ctx.rank
         if num_embeddings % tp:
             raise ValueError(f"padded vocab {num_embeddings} is not divisible by TP={tp}")
         real_vocab = num_embeddings if real_vocab is None else real_vocab
@@ -116,10 +128,11 @@ class VocabParallelEmbedding(nn.Module):
         self.local_padding_idx = local_pad if local_pad is not None and 0 <= local_pad < self.per_rank else None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if group_size(self.group) == 1:
+        """(b, s) -> (b, s, h); under sequence parallelism this rank's chunk (b, s/tp, h)."""
+        if self.tp.size == 1:
             return F.embedding(ids, self.weight, self.local_padding_idx)
         outside = (ids < self.vocab_start) | (ids >= self.vocab_start + self.per_rank)
         local = (ids - self.vocab_start).masked_fill(outside, 0)
         out = F.embedding(local, self.weight, self.local_padding_idx)  # (..., h), partial
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_from_tp(out, self.group)
+        return reduce_scatter_to_seq(out, self.group) if self.tp.sp else reduce_from_tp(out, self.group)

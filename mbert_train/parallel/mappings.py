@@ -94,3 +94,99 @@ def scatter_to_tp(x: torch.Tensor, group) -> torch.Tensor:
 def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
     """All-gather along the last dim forward; keep this rank's slice of the gradient backward."""
     return x if group_size(group) == 1 else _GatherFromTP.apply(x, group)
+
+
+# ---- sequence parallelism (Korthikanti et al. 2022): activations outside the TP regions are
+# split along the sequence (dim 1 of our (b, s, h) tensors) over the TP group. An all-reduce
+# becomes a reduce-scatter + all-gather of the same total size.
+
+SEQ_DIM = 1
+
+
+def _split_seq(x: torch.Tensor, group) -> torch.Tensor:
+    return x.chunk(group_size(group), dim=SEQ_DIM)[group_rank(group)].contiguous()
+
+
+def _gather_seq(x: torch.Tensor, group) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(group_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=SEQ_DIM)
+
+
+def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
+    if dist.get_backend(group) == "nccl":
+        x = x.transpose(0, SEQ_DIM).contiguous()  # the sequence first: contiguous per-rank chunks
+        out = x.new_empty((x.shape[0] // group_size(group), *x.shape[1:]))
+        dist.reduce_scatter_tensor(out, x, group=group)
+        return out.transpose(0, SEQ_DIM).contiguous()
+    # gloo has no reduce-scatter: the same sum through an all-reduce, then this rank's chunk.
+    return _split_seq(_all_reduce(x, group), group)
+
+
+class _ReduceScatterToSeq(torch.autograd.Function):
+    """Out of a row-parallel layer: reduce-scatter forward, all-gather of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_seq(grad, ctx.group), None
+
+
+class _GatherSeqReplicated(torch.autograd.Function):
+    """To a replicated computation (the last layer, the heads): all-gather forward; every rank's
+    gradient is the whole gradient, so backward keeps this rank's chunk."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split_seq(grad, ctx.group), None
+
+
+def reduce_scatter_to_seq(x: torch.Tensor, group) -> torch.Tensor:
+    return x if group_size(group) == 1 else _ReduceScatterToSeq.apply(x, group)
+
+
+def gather_seq_replicated(x: torch.Tensor, group) -> torch.Tensor:
+    return x if group_size(group) == 1 else _GatherSeqReplicated.apply(x, group)
+
+
+def split_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """This rank's chunk of the sequence (no autograd pairing: for inputs without gradients)."""
+    return x if group_size(group) == 1 else _split_seq(x, group)
+
+
+class _LinearWithSeqGather(torch.autograd.Function):
+    """y = gather_seq(x) W^T + b, saving only this rank's chunk x: backward gathers it again for
+    the weight gradient (Megatron-LM's sequence-parallel column linear). Saving the gathered
+    input instead would keep a full-sequence copy per layer and undo most of SP's saving."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        ctx.group, ctx.has_bias = group, bias is not None
+        ctx.save_for_backward(x, weight)
+        return torch.nn.functional.linear(_gather_seq(x, group), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        total = _gather_seq(x, ctx.group)
+        grad_input = _reduce_scatter_seq(grad.matmul(weight), ctx.group)
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_weight = g2.t().matmul(total.reshape(-1, total.shape[-1]))
+        grad_bias = g2.sum(0) if ctx.has_bias else None
+        return grad_input, grad_weight, grad_bias, None
+
+
+def linear_with_seq_gather(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group) -> torch.Tensor:
+    """Column-parallel linear on a sequence-split input (see `_LinearWithSeqGather`)."""
+    if group_size(group) == 1:
+        return torch.nn.functional.linear(x, weight, bias)
+    return _LinearWithSeqGather.apply(x, weight, bias, group)

@@ -1,0 +1,87 @@
+"""The tensor-parallel context: created once from the layout and passed to the model, which
+reads from it what each layer needs (the group, sequence parallelism, the dropout streams).
+
+`TPContext()` (no group) is the plain dense model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mbert_train.parallel.mappings import copy_to_tp, group_rank, group_size
+from mbert_train.parallel.random import local_dropout_keep, sharded_cuda_rng, sharded_dropout_mask
+
+
+@dataclass(frozen=True)
+class TPContext:
+    group: Any = None
+    """The tensor-parallel process group (None: TP=1)."""
+    sequence_parallel: bool = False
+    """Activations outside attention and MLP (LayerNorms, dropout, residuals) split along the
+    sequence over the group (Korthikanti et al. 2022)."""
+    invariant_dropout: bool = False
+    """Masks drawn for the whole tensor and sliced (`model.tp_invariant_dropout`), so TP and SP
+    degrees do not change which elements are dropped."""
+
+    @classmethod
+    def of(cls, tp: "TPContext | Any") -> "TPContext":
+        """A context from a context or a bare process group (or None)."""
+        return tp if isinstance(tp, TPContext) else cls(group=tp)
+
+    @property
+    def size(self) -> int:
+        return group_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return group_rank(self.group)
+
+    @property
+    def sp(self) -> bool:
+        """Sequence parallelism in effect (a group of one has nothing to split)."""
+        return self.sequence_parallel and self.size > 1
+
+    def without_sp(self) -> "TPContext":
+        return dataclasses.replace(self, sequence_parallel=False)
+
+    def replicated_param(self, p: torch.Tensor) -> torch.Tensor:
+        """A TP-replicated parameter used on this rank's sequence chunk: its gradient is only
+        this chunk's part, so the backward sums it over the group (identity forward)."""
+        return copy_to_tp(p, self.group) if self.sp else p
+
+    def hidden_dropout(self, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+        """Dropout on the residual stream: replicated without SP (the default stream, the same
+        mask on every TP rank); per rank with SP (its own stream, or the sliced whole-tensor mask
+        in the invariant mode, which is then exactly the mask without SP)."""
+        if not training or p == 0:
+            return x
+        if self.invariant_dropout:
+            keep = sharded_dropout_mask(tuple(x.shape), p, 1, self.group if self.sp else None, x.device)
+            return x * keep.to(x.dtype)
+        if not self.sp:
+            return F.dropout(x, p, True)
+        if x.is_cuda:
+            with sharded_cuda_rng(x.device, self.group):
+                return F.dropout(x, p, True)
+        keep = local_dropout_keep(tuple(x.shape), p, self.group, x.device)
+        return x.masked_fill(~keep, 0.0) * (1.0 / (1.0 - p))
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """nn.LayerNorm (same parameter names) that, under sequence parallelism, sums its gradients
+    over the TP group: each rank normalises only its chunk of the sequence."""
+
+    def __init__(self, hidden: int, eps: float, tp: TPContext):
+        super().__init__(hidden, eps=eps)
+        self.tp = tp
+        if tp.sp:
+            self.weight.sequence_parallel = self.bias.sequence_parallel = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.tp.replicated_param(self.weight),
+                            self.tp.replicated_param(self.bias), self.eps)

@@ -1,0 +1,71 @@
+"""Sequence parallelism: the model with SP is the reference model (and the model without SP) at
+TP=2 and 4, forward and backward; TP-invariant dropout drops the same elements with SP on and
+off; recomputation under activation checkpointing redraws the same masks."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from mbert_train.model import MegatronBert
+from mbert_train.model.weights import full_state_dict
+from mbert_train.parallel.context import TPContext
+from tests.dist import spawn
+from tests.test_model_reference import TOL, check_against_reference, make_batch, small_config
+
+
+def _loss_and_grads(tp: TPContext, cfg, *, checkpointing: bool = False):
+    torch.manual_seed(5)
+    model = MegatronBert(cfg, tp, activation_checkpointing=checkpointing).train()
+    torch.manual_seed(9)
+    out = model(**make_batch(cfg))
+    out.loss.backward()
+    return out.loss.detach(), full_state_dict(model, {n: p.grad for n, p in model.named_parameters()})
+
+
+def _sp_main():
+    group = dist.group.WORLD
+    # Against transformers' MegatronBertForPreTraining, both head paths, forward and backward.
+    check_against_reference(TPContext(group, sequence_parallel=True))
+    # TP-invariant masks: with SP each rank keeps its chunk of the whole-tensor mask, so SP on
+    # and off drop exactly the same elements.
+    cfg = dataclasses.replace(small_config(dropout=0.1), tp_invariant_dropout=True)
+    loss_off, grads_off = _loss_and_grads(TPContext(group, invariant_dropout=True), cfg)
+    loss_on, grads_on = _loss_and_grads(TPContext(group, sequence_parallel=True, invariant_dropout=True), cfg)
+    torch.testing.assert_close(loss_on, loss_off, **TOL)
+    for name, g in grads_off.items():
+        torch.testing.assert_close(grads_on[name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    # Per-rank streams (the default): recomputation redraws the same masks.
+    cfg = small_config(dropout=0.1)
+    for invariant in (False, True):
+        tp = TPContext(group, sequence_parallel=True, invariant_dropout=invariant)
+        loss, grads = _loss_and_grads(tp, cfg)
+        loss_ckpt, grads_ckpt = _loss_and_grads(tp, cfg, checkpointing=True)
+        assert torch.equal(loss_ckpt, loss)
+        for name, g in grads.items():
+            torch.testing.assert_close(grads_ckpt[name], g, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    # SP really splits: a LayerNorm of an SP layer sees this rank's chunk only.
+    model = MegatronBert(small_config(), TPContext(group, sequence_parallel=True))
+    seen = []
+    model.layers[0].attn_norm.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+    model(**make_batch(small_config()))
+    assert seen == [12 // dist.get_world_size()]
+    assert getattr(model.layers[0].attn_norm.weight, "sequence_parallel", False)
+    assert not getattr(model.layers[-1].attn_norm.weight, "sequence_parallel", False)  # the last layer is replicated
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_sequence_parallel_matches_reference_and_no_sp(tp):
+    spawn(_sp_main, tp)
+
+
+def test_tp1_context_is_the_dense_model():
+    cfg = small_config()
+    torch.manual_seed(0)
+    plain = MegatronBert(cfg)
+    torch.manual_seed(0)
+    ctx = MegatronBert(cfg, TPContext(None, sequence_parallel=True))
+    assert not ctx.tp.sp
+    batch = make_batch(cfg)
+    assert torch.equal(plain(**batch).loss, ctx(**batch).loss)
