@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from mbert_train.config import OptimConfig, TrainConfig
+from mbert_train.parallel.layers import sharding
 from mbert_train.parallel.layout import ParallelState
 
 
@@ -66,7 +67,8 @@ def lr_lambda(optim: OptimConfig, max_steps: int):
 
 def tp_grad_norm(params: list[torch.nn.Parameter], tp_group) -> torch.Tensor:
     """Global L2 norm of gradients under TP: sharded parameters summed over the TP group,
-    replicated ones counted once (they are identical on every TP rank)."""
+    replicated ones counted once (they are identical on every TP rank; sequence-parallel ones
+    too, since backward already summed their gradients over the group)."""
     device = params[0].device
     sharded = torch.zeros((), device=device, dtype=torch.float32)
     replicated = torch.zeros((), device=device, dtype=torch.float32)
@@ -74,7 +76,7 @@ def tp_grad_norm(params: list[torch.nn.Parameter], tp_group) -> torch.Tensor:
         if p.grad is None:
             continue
         sq = p.grad.detach().float().pow(2).sum()
-        if getattr(p, "tensor_model_parallel", False):
+        if sharding(p).sharded:
             sharded += sq
         else:
             replicated += sq
@@ -285,9 +287,8 @@ class Engine:
 
 
 def _sharding(p: torch.nn.Parameter) -> dict:
-    sharded = bool(getattr(p, "tensor_model_parallel", False))
-    return {"sharded": sharded, "partition_dim": getattr(p, "partition_dim", 0) if sharded else 0,
-            "partition_stride": getattr(p, "partition_stride", 1) if sharded else 1}
+    sh = sharding(p)
+    return {"sharded": sh.sharded, "partition_dim": sh.dim, "partition_stride": sh.stride}
 
 
 def _adam_state(states: dict, p: torch.Tensor) -> dict:

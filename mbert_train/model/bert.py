@@ -17,7 +17,8 @@ from mbert_train.arithmetic import padded_vocab_size
 from mbert_train.model.config import ModelConfig
 from mbert_train.parallel.cross_entropy import vocab_parallel_argmax, vocab_parallel_cross_entropy
 from mbert_train.parallel.context import LayerNorm, TPContext
-from mbert_train.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, normal_init
+from mbert_train.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                         mark_sharded, normal_init)
 from mbert_train.parallel.mappings import copy_to_tp, gather_from_tp, gather_seq_replicated, split_seq
 from mbert_train.parallel.random import local_dropout_keep, sharded_cuda_rng, sharded_dropout_mask
 
@@ -183,9 +184,7 @@ class MegatronBert(nn.Module):
         self.pooler = _dense(h, h, std) if cfg.binary_head else None
         self.mlm_dense = _dense(h, h, std)
         self.mlm_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
-        self.mlm_bias = nn.Parameter(torch.zeros(self.padded_vocab // tp.size))
-        self.mlm_bias.tensor_model_parallel = self.mlm_bias.model_parallel = True
-        self.mlm_bias.partition_dim, self.mlm_bias.partition_stride = 0, 1
+        self.mlm_bias = mark_sharded(nn.Parameter(torch.zeros(self.padded_vocab // tp.size)), 0)
         self.nsp = _dense(h, 2, std) if cfg.binary_head else None
         self._compiled_layers: list | None = None
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from mbert_train.arithmetic import padded_vocab_size
 from mbert_train.model.bert import MegatronBert
 from mbert_train.model.config import ModelConfig
-from mbert_train.parallel.layers import shard, unshard
+from mbert_train.parallel.layers import shard, sharding, unshard
 from mbert_train.parallel.mappings import group_rank, group_size
 from mbert_train.staging import process_umask
 
@@ -32,8 +32,7 @@ MODEL_CONFIG = "model_config.json"
 
 def shard_spec(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """name -> (partition dim, stride) for every sharded parameter (the same at every TP)."""
-    return {n: (p.partition_dim, p.partition_stride) for n, p in model.named_parameters()
-            if getattr(p, "tensor_model_parallel", False)}
+    return {n: (sh.dim, sh.stride) for n, p in model.named_parameters() if (sh := sharding(p)).sharded}
 
 
 def template(cfg: ModelConfig) -> MegatronBert:

@@ -8,6 +8,7 @@ so gradient-norm code counts replicated parameters once.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -39,11 +40,32 @@ def unshard(shards: list[torch.Tensor], dim: int, *, stride: int = 1) -> torch.T
 
 
 def mark_sharded(p: nn.Parameter, dim: int, stride: int = 1) -> nn.Parameter:
+    """Mark `p` as this rank's shard along `dim` (stride: stacked blocks each split, e.g. QKV).
+    `model_parallel` is the name DeepSpeed's gradient-norm code reads."""
     p.tensor_model_parallel = True
     p.model_parallel = True
     p.partition_dim = dim
     p.partition_stride = stride
     return p
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How a parameter lies over the TP group; the one reading of the markers, used by the
+    gradient norm, the checkpoint writer (`reshard`) and the weight converters (`weights`)."""
+
+    sharded: bool
+    """A shard per rank (along `dim`); otherwise the same tensor on every rank."""
+    dim: int = 0
+    stride: int = 1
+    sequence_parallel: bool = False
+    """Replicated, but used on a sequence chunk: its gradient is summed over TP in backward."""
+
+
+def sharding(p: torch.Tensor) -> Sharding:
+    if getattr(p, "tensor_model_parallel", False):
+        return Sharding(True, p.partition_dim, p.partition_stride)
+    return Sharding(False, sequence_parallel=bool(getattr(p, "sequence_parallel", False)))
 
 
 class ColumnParallelLinear(nn.Module):
