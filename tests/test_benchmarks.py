@@ -91,3 +91,19 @@ def test_bench_time_to_loss_smoke(dataset, tmp_path):
     assert (result["ratio"] is None) == (best > hf_loss) == (line.group(1) == "not reached")
     if result["ratio"] is not None:
         assert line.group(1) == f"{result['ratio']:.2f}x"
+
+
+def test_bench_sp_dry_run():
+    out = _run([sys.executable, str(BENCH / "bench_sp.py"), "--hidden", "32", "--heads", "4", "--intermediate", "64",
+                "--seq", "16"])
+    assert "SP on / off: activations" in out and "TP traffic" in out
+    result = json.loads(out.split("JSON ", 1)[1])
+    # Counted, not timed: SP must hold fewer activation bytes per rank than SP off.
+    assert result["on"]["activation_bytes_per_layer"] < result["off"]["activation_bytes_per_layer"]
+
+
+def test_bench_checkpoint_dry_run():
+    out = _run([sys.executable, str(BENCH / "bench_checkpoint.py"), "--shape", "tiny", "--repeats", "1"])
+    assert "save time new/old (slowest rank):" in out
+    result = json.loads(out.split("JSON ", 1)[1])
+    assert all(r["new_bytes"] > 0 and r["old_bytes"] > 0 for r in result["ranks"])
