@@ -36,8 +36,8 @@ from mbert_train import __version__
 from mbert_train.checkpoint import CHECKPOINTS_SUBDIR, find_latest
 from mbert_train.errors import UserError, describe_os_error, first_line
 from mbert_train.model.config import ModelConfig
-from mbert_train.model.weights import (MODEL_CONFIG, VOCAB_PARAMS, full_shapes, full_to_hf, hf_to_full,
-                                       load_full_from_dir, save_shard_tensors, shard_file, shard_full, template)
+from mbert_train.model.weights import (MODEL_CONFIG, full_shapes, full_to_hf, hf_to_full, load_full_from_dir,
+                                       save_shard_tensors, shard_file, shard_full)
 from mbert_train.parallel.layout import ParallelDims
 from mbert_train.staging import clean_leftovers, staged_dir
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex, StorageMeta,
@@ -297,9 +296,3 @@ def saved_keys(directory: Path) -> set[str]:
     """The tensor names in a saved optimizer state (reads only its metadata)."""
     _require_metadata(directory)
     return set(SafeReader(str(directory)).read_metadata().state_dict_metadata)
-
-
-def all_ranks_agree(value: int) -> bool:
-    t = torch.tensor([value, -value], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t[0]) == -int(t[1])
