@@ -2,26 +2,14 @@
 TP=2 and 4, forward and backward; TP-invariant dropout drops the same elements with SP on and
 off; recomputation under activation checkpointing redraws the same masks."""
 
-import dataclasses
-
 import pytest
 import torch
 import torch.distributed as dist
 
 from mbert_train.model import MegatronBert
-from mbert_train.model.weights import full_state_dict
 from mbert_train.parallel.context import TPContext
 from tests.dist import spawn
-from tests.test_model_reference import TOL, check_against_reference, make_batch, small_config
-
-
-def _loss_and_grads(tp: TPContext, cfg, *, checkpointing: bool = False):
-    torch.manual_seed(5)
-    model = MegatronBert(cfg, tp, activation_checkpointing=checkpointing).train()
-    torch.manual_seed(9)
-    out = model(**make_batch(cfg))
-    out.loss.backward()
-    return out.loss.detach(), full_state_dict(model, {n: p.grad for n, p in model.named_parameters()})
+from tests.test_model_reference import TOL, check_against_reference, dropout_loss, make_batch, small_config
 
 
 def _sp_main():
@@ -30,18 +18,16 @@ def _sp_main():
     check_against_reference(TPContext(group, sequence_parallel=True))
     # TP-invariant masks: with SP each rank keeps its chunk of the whole-tensor mask, so SP on
     # and off drop exactly the same elements.
-    cfg = dataclasses.replace(small_config(dropout=0.1), tp_invariant_dropout=True)
-    loss_off, grads_off = _loss_and_grads(TPContext(group, invariant_dropout=True), cfg)
-    loss_on, grads_on = _loss_and_grads(TPContext(group, sequence_parallel=True, invariant_dropout=True), cfg)
+    loss_off, grads_off = dropout_loss(TPContext(group, invariant_dropout=True))
+    loss_on, grads_on = dropout_loss(TPContext(group, sequence_parallel=True, invariant_dropout=True))
     torch.testing.assert_close(loss_on, loss_off, **TOL)
     for name, g in grads_off.items():
         torch.testing.assert_close(grads_on[name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
-    # Per-rank streams (the default): recomputation redraws the same masks.
-    cfg = small_config(dropout=0.1)
+    # Per-rank streams (the default) and invariant masks: recomputation redraws the same masks.
     for invariant in (False, True):
         tp = TPContext(group, sequence_parallel=True, invariant_dropout=invariant)
-        loss, grads = _loss_and_grads(tp, cfg)
-        loss_ckpt, grads_ckpt = _loss_and_grads(tp, cfg, checkpointing=True)
+        loss, grads = dropout_loss(tp, tp_invariant=invariant)
+        loss_ckpt, grads_ckpt = dropout_loss(tp, checkpointing=True, tp_invariant=invariant)
         assert torch.equal(loss_ckpt, loss)
         for name, g in grads.items():
             torch.testing.assert_close(grads_ckpt[name], g, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
