@@ -322,7 +322,15 @@ def hydra_record(dcfg: DictConfig, secrets: frozenset[str]) -> dict[str, object]
 
 
 def _fail(message: str) -> None:
-    print(f"mbert-train: error: {message}", file=sys.stderr, flush=True)
+    # One write of the whole line: ranks share the launcher's stderr, and print()'s separate
+    # writes of the text and the newline interleave between ranks (unbuffered under torchrun).
+    line = f"mbert-train: error: {message}\n"
+    sys.stderr.flush()
+    try:
+        os.write(sys.stderr.fileno(), line.encode())
+    except (AttributeError, OSError, ValueError):  # a captured or replaced stderr (tests, notebooks)
+        sys.stderr.write(line)
+        sys.stderr.flush()
     raise SystemExit(2)
 
 
