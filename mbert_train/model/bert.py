@@ -14,13 +14,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mbert_train.arithmetic import padded_vocab_size
+from mbert_train.model.attention import dropout_attention
 from mbert_train.model.config import ModelConfig
 from mbert_train.parallel.cross_entropy import vocab_parallel_argmax, vocab_parallel_cross_entropy
 from mbert_train.parallel.context import LayerNorm, TPContext
 from mbert_train.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                          mark_sharded, normal_init)
 from mbert_train.parallel.mappings import copy_to_tp, gather_from_tp, gather_seq_replicated, split_seq
-from mbert_train.parallel.random import local_dropout_keep, sharded_cuda_rng, sharded_dropout_mask
+from mbert_train.parallel.random import sharded_cuda_rng
 
 # The shape-specialised graphs `MegatronBert.compile_layers` may keep per layer: one per padded
 # batch length at data.pad_to_multiple_of 8 and seq 512, with room to spare.
@@ -45,6 +46,7 @@ class SelfAttention(nn.Module):
         group = tp.group
         self.group = group
         self.local_heads = cfg.num_heads // tp.size
+        self.tp_size, self.tp_rank = tp.size, tp.rank
         self.head_dim = cfg.head_dim
         self.dropout = cfg.attention_dropout
         self.tp_invariant_dropout = cfg.tp_invariant_dropout
@@ -59,32 +61,20 @@ class SelfAttention(nn.Module):
         qkv = self.qkv(x)  # (b, s, 3h/tp): the whole sequence, gathered under SP
         b, s, _ = qkv.shape
         qkv = qkv.view(b, s, 3, self.local_heads, self.head_dim)  # (b, s, 3, n/tp, d)
+        if self.training and self.dropout > 0 and not (qkv.is_cuda and not self.tp_invariant_dropout):
+            # CPU (and the TP-invariant mode): blockwise, no (s x s) tensor kept; see attention.py.
+            ctx = dropout_attention(qkv, mask, self.dropout, rows, heads_total=self.local_heads * self.tp_size,
+                                    head_offset=self.local_heads * self.tp_rank)  # (b, s|m, n/tp, d)
+            return self.out(ctx.reshape(b, ctx.shape[1], self.local_heads * self.head_dim))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (b, n/tp, s, d)
         if rows is not None:  # keys and values stay over all s positions
             q = q.gather(2, rows[:, None, :, None].expand(b, self.local_heads, rows.shape[1], self.head_dim))
-        if not (self.training and self.dropout > 0):
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        elif q.is_cuda and not self.tp_invariant_dropout:
+        if self.training and self.dropout > 0:  # CUDA: fused SDPA with dropout on this rank's stream
             ctx = _fused_attention_on_rank_stream(q, k, v, mask, self.dropout, self.group)
         else:
-            ctx = self._attention_with_dropout(q, k, v, mask)
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         ctx = ctx.transpose(1, 2).reshape(b, q.shape[2], self.local_heads * self.head_dim)  # (b, s|m, h/tp)
         return self.out(ctx)
-
-    def _attention_with_dropout(self, q, k, v, mask):
-        # Explicit softmax: on CPU, SDPA's dropout falls back to a slower math kernel, and the
-        # TP-invariant mode needs a mask drawn for all heads (see parallel/random.py).
-        scores = torch.matmul(q, k.transpose(-1, -2)) / self.head_dim ** 0.5  # (b, n/tp, s, s)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        probs = scores.softmax(dim=-1)
-        # A compiled layer cannot trace the rank's own torch.Generator: it draws every head's mask
-        # from the replicated stream and keeps its slice, as the TP-invariant mode does.
-        if self.tp_invariant_dropout or torch.compiler.is_compiling():
-            keep = sharded_dropout_mask(tuple(probs.shape), self.dropout, 1, self.group, probs.device)
-            return torch.matmul(probs * keep.to(probs.dtype), v)
-        keep = local_dropout_keep(tuple(probs.shape), self.dropout, self.group, probs.device)
-        return torch.matmul(probs.masked_fill(~keep, 0.0) * (1.0 / (1.0 - self.dropout)), v)
 
 
 @torch.compiler.disable  # in a compiled layer: a graph break (its RNG swap cannot be traced)

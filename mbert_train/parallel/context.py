@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from mbert_train.parallel.mappings import copy_to_tp, group_rank, group_size
-from mbert_train.parallel.random import local_dropout_keep, sharded_cuda_rng, sharded_dropout_mask
+from mbert_train.parallel.random import (apply_keep, keep_mask, local_dropout_keep, sharded_cuda_rng,
+                                         sharded_keep_mask)
 
 
 @dataclass(frozen=True)
@@ -61,15 +62,16 @@ class TPContext:
         if not training or p == 0:
             return x
         if self.invariant_dropout:
-            keep = sharded_dropout_mask(tuple(x.shape), p, 1, self.group if self.sp else None, x.device)
-            return x * keep.to(x.dtype)
+            keep = sharded_keep_mask(tuple(x.shape), p, 1, self.group if self.sp else None, x.device)
+            return apply_keep(x, keep, p)
         if not self.sp:
-            return F.dropout(x, p, True)
+            if x.is_cuda:
+                return F.dropout(x, p, True)
+            return apply_keep(x, keep_mask(x.shape, p, x.device), p)
         if x.is_cuda:
             with sharded_cuda_rng(x.device, self.group):
                 return F.dropout(x, p, True)
-        keep = local_dropout_keep(tuple(x.shape), p, self.group, x.device)
-        return x.masked_fill(~keep, 0.0) * (1.0 / (1.0 - p))
+        return apply_keep(x, local_dropout_keep(tuple(x.shape), p, self.group, x.device), p)
 
 
 class LayerNorm(torch.nn.LayerNorm):

@@ -4,25 +4,30 @@
   default generator of their device. All TP ranks of one DP replica are seeded alike, so their
   masks are identical, as they must be for the replicas to stay in sync.
 - Sharded activations (attention probabilities, split by heads) need a different mask on every
-  TP rank. By default each rank draws them from its own stream, as Megatron's model-parallel
-  RNG tracker does: `sharded_stream_seed` takes one number from the replicated default CPU
-  generator (the same draw on every TP rank, so the replicated stream stays in sync) and adds
-  the TP rank. The draw comes from the default generator, so activation checkpointing (which
-  restores that generator before recomputing) redraws the same masks, and a checkpoint's RNG
-  state covers it. Only the local heads' mask is drawn, and on CUDA the dropout runs inside
-  fused SDPA (flash / memory-efficient kernels).
-- `model.tp_invariant_dropout=true` instead draws the mask of the *whole* tensor from the
-  default generator and keeps the local slice: the mask of a head then does not depend on the
-  TP degree (TP=N with seed s drops exactly what TP=1 drops), at the cost of the explicit
-  softmax path and a full-size mask on every rank. Tests use it to prove TP=1 == TP=2 with
-  dropout on.
+  TP rank.
+  - CPU (`model.attention.dropout_attention`): every (sample, global head) slab draws from its
+    own generator, seeded from one draw of the replicated default generator plus the slab's
+    global index. Ranks holding different heads get different masks, and a head's mask does not
+    depend on the TP degree: TP-invariant at no cost.
+  - CUDA: fused SDPA draws the local heads' mask from the default CUDA generator, reseeded for
+    the call with `sharded_stream_seed` (one replicated draw plus the TP rank), as Megatron's
+    model-parallel RNG tracker does; the replicated stream is put back afterwards.
+  Every stream starts from a draw of the default generator, so activation checkpointing (which
+  restores it before recomputing) redraws the same masks, and a checkpoint's RNG state covers
+  them.
+- `model.tp_invariant_dropout=true` draws the masks of *whole* tensors from the replicated
+  stream and keeps the local slice (residual-stream dropout under sequence parallelism; on CUDA
+  attention leaves fused SDPA for the blockwise path above), so the TP and SP degrees do not
+  change which elements are dropped. Tests use it to prove TP=1 == TP=2 with dropout on.
+- Masks come from `keep_mask`: 15-bit lanes of 64-bit random words (see below).
 - DP replicas see different data and get different dropout: the training seed is offset by the
   DP rank (`training_seed`), while weight initialisation uses the same seed everywhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -41,14 +46,64 @@ def seed_for_training(seed: int, dp_rank: int) -> None:
     torch.manual_seed(training_seed(seed, dp_rank))
 
 
-def sharded_dropout_mask(shape: tuple[int, ...], p: float, dim: int, group, device) -> torch.Tensor:
-    """Keep-mask scaled by 1/(1-p) for the local shard of a tensor split along `dim`."""
+# Keep-masks come from 15-bit lanes of 64-bit random words: four lanes per draw of the
+# generator, about 6x faster on CPU than `bernoulli_` (1.8 against 11 ns per element). The
+# dropout rate is p rounded to a multiple of 2^-15 (0.1 -> 0.100006), and kept values are scaled
+# by the exact 1 / (1 - that rate), so the expectation is unchanged.
+_LANE = 1 << 15
+
+
+def _drop_threshold(p: float) -> int:
+    return round(p * _LANE)
+
+
+def keep_scale(p: float) -> float:
+    """1 / (1 - the rate `keep_mask` drops at)."""
+    return _LANE / (_LANE - _drop_threshold(p))
+
+
+def _lanes_to_keep(words: torch.Tensor, numel: int, p: float) -> torch.Tensor:
+    lanes = words.view(torch.int16).view(-1)[:numel]
+    return torch.bitwise_and(lanes, _LANE - 1) >= _drop_threshold(p)
+
+
+def keep_mask(shape: Sequence[int], p: float, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Boolean keep-mask (True with probability 1 - p) from `generator` (default: the device's)."""
+    numel = math.prod(shape)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(generator=generator)
+    return _lanes_to_keep(words, numel, p).view(tuple(shape))
+
+
+def drop_mask_from_seeds(seeds: Sequence[int], shape: Sequence[int], p: float, device) -> torch.Tensor:
+    """Boolean drop-mask (True with probability p) of `shape` (len(seeds), ...), whose slab i is
+    drawn from a generator seeded seeds[i]."""
+    per_slab = math.prod(shape[1:])
+    words = torch.empty(len(seeds), (per_slab + 3) // 4, dtype=torch.int64, device=device)
+    gen = torch.Generator(device=device)
+    for i, seed in enumerate(seeds):
+        gen.manual_seed(seed)
+        words[i].random_(generator=gen)
+    lanes = torch.bitwise_and(words.view(torch.int16)[:, :per_slab], _LANE - 1)
+    return (lanes < _drop_threshold(p)).view(tuple(shape))
+
+
+def apply_keep(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout with a given keep-mask (autograd saves only the boolean mask)."""
+    return torch.where(keep, x, 0.0) * keep_scale(p)
+
+
+def slab_seed_base() -> int:
+    """One draw from the replicated default CPU generator (the same on every TP rank)."""
+    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+
+
+def sharded_keep_mask(shape: tuple[int, ...], p: float, dim: int, group, device) -> torch.Tensor:
+    """Keep-mask of the local shard of a tensor split along `dim`: drawn for the whole tensor from
+    the default generator (the same on every TP rank) and sliced, so it does not depend on TP."""
     tp = group_size(group)
     full_shape = list(shape)
     full_shape[dim] *= tp
-    keep = torch.rand(full_shape, device=device) >= p
-    keep = keep.chunk(tp, dim=dim)[group_rank(group)]
-    return keep.to(torch.float32).mul_(1.0 / (1.0 - p))
+    return keep_mask(full_shape, p, device).chunk(tp, dim=dim)[group_rank(group)]
 
 
 def sharded_stream_seed(group) -> int:
@@ -61,7 +116,7 @@ def local_dropout_keep(shape: tuple[int, ...], p: float, group, device) -> torch
     """Boolean keep-mask of this rank's shard, from the rank's own stream."""
     gen = torch.Generator(device=device)
     gen.manual_seed(sharded_stream_seed(group))
-    return torch.rand(shape, device=device, generator=gen) >= p
+    return keep_mask(shape, p, device, gen)
 
 
 @contextmanager

@@ -1,0 +1,129 @@
+"""Attention with dropout that stores no (s x s) tensor: the CPU training path.
+
+SDPA's CPU kernels have no fused dropout, and the explicit path (scores, softmax, mask, dropped
+probabilities) keeps three (b, n, s, s) tensors per layer for backward: at BERT-base seq 512
+that is most of the step's activation memory, and streaming them through DRAM is much of
+attention's time. `dropout_attention` does what flash attention does on GPUs, in blocks (one
+sample, a few heads) sized to stay in cache:
+
+- forward: scores, softmax, dropout and the product with V, block by block; it saves only the
+  QKV projection (kept anyway), the padding bias and the read rows;
+- backward: recomputes each block's scores and softmax, redraws its mask and forms the
+  gradients of Q, K and V, written straight into the gradient of the QKV projection.
+
+It reads Q, K and V from the QKV projection's (b, s, 3, n, d) layout and writes the context in
+(b, s, n, d), so no head transposes are copied either way.
+
+Each (sample, global head) slab draws its mask from its own generator seeded `base + sample *
+heads + global head`, where `base` is one draw from the replicated default generator. So the
+masks differ across heads, TP ranks, layers, steps and DP ranks; a head's mask does not depend
+on which TP rank holds it (TP-invariant at no cost); and activation checkpointing, which
+restores the default generator before recomputing, redraws them exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mbert_train.parallel.random import drop_mask_from_seeds, keep_scale, slab_seed_base
+
+# Elements of one block's (heads x sq x sk) scores: 2^18 floats = 1 MiB, about an L2 cache.
+_BLOCK_ELEMENTS = 1 << 18
+
+
+def _heads_per_block(sq: int, sk: int, n: int) -> int:
+    return max(1, min(n, _BLOCK_ELEMENTS // max(1, sq * sk)))
+
+
+def _queries(qkv: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """(b, sq, n, d): every position's queries, or only those at `rows` (b, m)."""
+    q = qkv[:, :, 0]
+    if rows is None:
+        return q
+    b, _, n, d = q.shape
+    return q.gather(1, rows[:, :, None, None].expand(b, rows.shape[1], n, d))
+
+
+def _block_probs(qb, kb, bias_row, scale: float) -> torch.Tensor:
+    """Softmax of one block's scores (heads, sq, sk); fp32 for low-precision inputs."""
+    if bias_row is None:
+        scores = torch.bmm(qb, kb.transpose(1, 2)).mul_(scale)
+    else:
+        scores = torch.baddbmm(bias_row, qb, kb.transpose(1, 2), alpha=scale)
+    return scores.softmax(-1, dtype=None if scores.dtype in (torch.float32, torch.float64) else torch.float32)
+
+
+class _DropoutAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, rows, bias, p: float, base: int, heads_total: int, head_offset: int):
+        b, sk, _, n, d = qkv.shape
+        q, k, v = _queries(qkv, rows), qkv[:, :, 1], qkv[:, :, 2]
+        sq = q.shape[1]
+        scale, drop_scale = d ** -0.5, keep_scale(p)
+        hn = _heads_per_block(sq, sk, n)
+        out = torch.empty(b, sq, n, d, dtype=qkv.dtype, device=qkv.device)
+        drops = torch.empty(b, n, sq, sk, dtype=torch.bool, device=qkv.device)
+        for i in range(b):
+            bias_row = None if bias is None else bias[i]
+            for h0 in range(0, n, hn):
+                h1 = min(h0 + hn, n)
+                qb, kb, vb = (t[i, :, h0:h1].transpose(0, 1) for t in (q, k, v))  # (hn, s, d)
+                probs = _block_probs(qb, kb, bias_row, scale)
+                drop = drop_mask_from_seeds(_seeds(base, i, h0, h1, heads_total, head_offset), probs.shape, p,
+                                            qkv.device)
+                drops[i, h0:h1] = drop
+                probs = probs.mul_(drop_scale).masked_fill_(drop, 0.0).to(qkv.dtype)
+                out[i, :, h0:h1] = torch.bmm(probs, vb).transpose(0, 1)
+        ctx.save_for_backward(qkv, rows, bias, drops)
+        ctx.args = (p, base, heads_total, head_offset)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qkv, rows, bias, drops = ctx.saved_tensors
+        p, base, heads_total, head_offset = ctx.args
+        b, sk, _, n, d = qkv.shape
+        q, k, v = _queries(qkv, rows), qkv[:, :, 1], qkv[:, :, 2]
+        sq = q.shape[1]
+        scale, drop_scale = d ** -0.5, keep_scale(p)
+        hn = _heads_per_block(sq, sk, n)
+        d_qkv = torch.empty_like(qkv) if rows is None else torch.zeros_like(qkv)
+        dq = d_qkv[:, :, 0] if rows is None else torch.empty_like(q)
+        for i in range(b):
+            bias_row = None if bias is None else bias[i]
+            for h0 in range(0, n, hn):
+                h1 = min(h0 + hn, n)
+                qb, kb, vb, gb = (t[i, :, h0:h1].transpose(0, 1) for t in (q, k, v, grad_out))
+                probs = _block_probs(qb, kb, bias_row, scale)
+                drop = drops[i, h0:h1]
+                dropped = probs.masked_fill(drop, 0.0).mul_(drop_scale).to(qkv.dtype)
+                d_qkv[i, :, 2, h0:h1] = torch.bmm(dropped.transpose(1, 2), gb).transpose(0, 1)
+                d_probs = torch.bmm(gb, vb.transpose(1, 2)).to(probs.dtype).masked_fill_(drop, 0.0).mul_(drop_scale)
+                d_scores = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype).to(qkv.dtype).mul_(scale)
+                dq[i, :, h0:h1] = torch.bmm(d_scores, kb).transpose(0, 1)
+                d_qkv[i, :, 1, h0:h1] = torch.bmm(d_scores.transpose(1, 2), qb).transpose(0, 1)
+        if rows is not None:
+            index = rows[:, :, None, None].expand(b, rows.shape[1], n, d)
+            d_qkv[:, :, 0].scatter_add_(1, index, dq)
+        return d_qkv, None, None, None, None, None, None
+
+
+def _seeds(base: int, i: int, h0: int, h1: int, heads_total: int, head_offset: int) -> range:
+    """Seeds of sample i's local heads [h0, h1): base + i * heads_total + global head."""
+    first = base + i * heads_total + head_offset
+    return range(first + h0, first + h1)
+
+
+@torch.compiler.disable  # inside a compiled layer: a graph break (its generators cannot be traced)
+def dropout_attention(qkv: torch.Tensor, mask: torch.Tensor | None, p: float, rows: torch.Tensor | None = None,
+                      *, heads_total: int | None = None, head_offset: int = 0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + padding) with dropout p, times v, from the QKV projection
+    `qkv` (b, s, 3, n, d); queries at `rows` (b, m) only when given. `mask` (b, 1, 1, s) bool,
+    True = attend. This rank's heads are global heads [head_offset, head_offset + n) of
+    `heads_total` (default n). Returns the context (b, s|m, n, d)."""
+    b, s, _, n, _ = qkv.shape
+    bias = None
+    if mask is not None:
+        bias = torch.zeros(b, 1, s, dtype=qkv.dtype, device=qkv.device)
+        bias.masked_fill_(~mask.view(b, 1, s), torch.finfo(qkv.dtype).min)
+    return _DropoutAttention.apply(qkv, rows, bias, p, slab_seed_base(), heads_total or n, head_offset)
