@@ -22,9 +22,11 @@ Accounting, all per GPU:
   Transformer Models", Sec. 4: sbh(10 + 24/t + 5as/(ht)) bytes per layer with 16-bit
   activations and TP without sequence parallelism (sbh(34 + 5as/h) at t=1), generalised
   here to any activation width and MLP width; full recomputation keeps only each layer's
-  input (2sbh) plus one layer's working set. The 5as/h score term counts only with
-  tp_invariant_dropout and attention dropout: otherwise the GPU runs attention and its dropout
-  in fused SDPA, which keeps no s x s matrix.
+  input (2sbh) plus one layer's working set. The paper's 5as/h score term (softmax output,
+  dropout mask and output) is what an explicit softmax keeps; ours never keeps it: by default
+  the GPU runs attention and its dropout in fused SDPA (an fp32 log-sum-exp per query and head),
+  and with tp_invariant_dropout the blockwise path of `model/attention.py` keeps only the
+  1-byte dropout mask (as/h).
 """
 
 from __future__ import annotations
@@ -131,18 +133,19 @@ def _activation_bytes(model: ModelConfig, *, t: int, b: int, s: int, vocab: int,
     # and the two residual dropout masks (2); e=2 gives the paper's 10.
     replicated = sbh * (4 * e + 2)
     # Sharded: Q, K, V and the out-proj input (4e sbh) and GELU input and output (2e sbI);
-    # with I=4h and e=2 this is the paper's 24sbh. Attention scores: softmax output,
-    # its dropout mask and dropout output, (2e+1) a s^2 b, the paper's 5as^2b, where the model
-    # materialises them: with `tp_invariant_dropout` (masks drawn for all heads). Otherwise
-    # the GPU runs attention, dropout included, in fused SDPA (flash / memory-efficient
-    # kernels), which keeps no s x s matrix, only an fp32 log-sum-exp per query and head (4 a s b).
+    # with I=4h and e=2 this is the paper's 24sbh. Attention scores: the paper counts softmax
+    # output, dropout mask and dropout output, (2e+1) a s^2 b; the model never keeps them. With
+    # `tp_invariant_dropout` it runs the blockwise path of model/attention.py, which keeps only
+    # the 1-byte dropout mask (a s^2 b). Otherwise the GPU runs attention, dropout included, in
+    # fused SDPA (flash / memory-efficient kernels), which keeps only an fp32 log-sum-exp per
+    # query and head (4 a s b).
     if model.attention_dropout > 0 and model.tp_invariant_dropout:
-        scores = (2 * e + 1) * a * s * s * b
+        scores = a * s * s * b
     else:
         scores = 4 * a * s * b
     sharded = 4 * e * sbh + 2 * e * s * b * i + scores
     per_layer = replicated + sharded // t
-    # Sequence parallelism splits the replicated part too: sbh(10/t + 24/t + 5as/(ht)), every
+    # Sequence parallelism splits the replicated part too: sbh(10/t + 24/t + as/(ht)), every
     # layer but the last (which runs replicated, on the positions the heads read).
     sp_layer = (replicated + sharded) // t if sequence_parallel and t > 1 else per_layer
     # Outside the layers: embedding dropout mask, final-LN input, MLM transform input, GELU

@@ -143,22 +143,23 @@ def _with_layers(cfg: ModelConfig, n: int) -> ModelConfig:
 
 @pytest.mark.parametrize("t", [1, 2, 4])
 def test_activation_bytes_per_layer_follow_korthikanti(t):
-    # With TP-invariant masks the model materialises the s x s scores, as the paper counts.
+    # With TP-invariant masks the model keeps the s x s dropout mask (1 byte), not the paper's
+    # softmax output and dropout output as well (its 5as/(ht) term is as/(ht) here).
     cfg = ModelConfig(**(BERT_BASE.to_dict() | {"tp_invariant_dropout": True}))
     s, b, h, a = 512, 4, cfg.hidden_size, cfg.num_heads
     kw = dict(micro_batch_size=b, seq_len=s, tensor_parallel=t)
     one, two = _plan(_with_layers(cfg, 1), **kw), _plan(_with_layers(cfg, 2), **kw)
     per_layer = two.activation_bytes_no_ckpt - one.activation_bytes_no_ckpt
     # Korthikanti et al. 2022, Eq. 2: sbh(10 + 24/t + 5as/(ht)) bytes with 16-bit activations.
-    assert per_layer == pytest.approx(s * b * h * (10 + 24 / t + 5 * a * s / (h * t)), rel=1e-9)
+    assert per_layer == pytest.approx(s * b * h * (10 + 24 / t + a * s / (h * t)), rel=1e-9)
     if t == 1:
-        assert per_layer == s * b * h * (34 + 5 * a * s // h)
+        assert per_layer == s * b * h * (34 + a * s // h)
     # Full recomputation keeps only each layer's 2sbh input.
     assert two.activation_bytes_ckpt - one.activation_bytes_ckpt == 2 * s * b * h
     assert one.activation_bytes_ckpt > one.activation_bytes_no_ckpt - per_layer
     # fp32 activations: 4-byte tensors, dropout masks still 1 byte.
     fp32 = [_plan(_with_layers(cfg, n), precision="fp32", **kw).activation_bytes_no_ckpt for n in (1, 2)]
-    assert fp32[1] - fp32[0] == pytest.approx(s * b * h * (18 + 48 / t + 9 * a * s / (h * t)), rel=1e-9)
+    assert fp32[1] - fp32[0] == pytest.approx(s * b * h * (18 + 48 / t + a * s / (h * t)), rel=1e-9)
     assert two.activation_bytes == two.activation_bytes_no_ckpt
     assert _plan(_with_layers(cfg, 2), activation_checkpointing=True, **kw).activation_bytes == \
         two.activation_bytes_ckpt
@@ -284,13 +285,14 @@ def test_console_script():
 @pytest.mark.parametrize("t", [2, 4])
 def test_sequence_parallel_activations_follow_korthikanti(t):
     """With SP every layer but the last (which runs replicated for the heads) holds
-    sbh(10/t + 24/t + 5as/(ht)) bytes (Korthikanti et al. 2022, Eq. 4); TP traffic is the same."""
+    sbh(10/t + 24/t + as/(ht)) bytes (Korthikanti et al. 2022, Eq. 4, with the 1-byte mask as the
+    only s x s term); TP traffic is the same."""
     cfg = ModelConfig(**(BERT_BASE.to_dict() | {"tp_invariant_dropout": True}))
     s, b, h, a = 512, 4, cfg.hidden_size, cfg.num_heads
     kw = dict(micro_batch_size=b, seq_len=s, tensor_parallel=t)
     two, three = (_plan(_with_layers(cfg, n), sequence_parallel=True, **kw) for n in (2, 3))
     per_layer = three.activation_bytes_no_ckpt - two.activation_bytes_no_ckpt
-    assert per_layer == pytest.approx(s * b * h * (10 / t + 24 / t + 5 * a * s / (h * t)), rel=1e-9)
+    assert per_layer == pytest.approx(s * b * h * (10 / t + 24 / t + a * s / (h * t)), rel=1e-9)
     off = _plan(_with_layers(cfg, 3), **kw)
     assert three.sequence_parallel and not off.sequence_parallel
     assert three.activation_bytes_no_ckpt < off.activation_bytes_no_ckpt
