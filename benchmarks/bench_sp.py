@@ -1,17 +1,31 @@
 """Sequence parallelism: activation bytes per rank and TP traffic per layer, SP on against off,
-at TP=2 (2 gloo processes), in one run.
+at TP=2 (2 gloo processes), in one run, in two configurations.
 
     python benchmarks/bench_sp.py                          # BERT-large layers, S=512, dropout 0.1
-    python benchmarks/bench_sp.py --hidden 64 --heads 4 --intermediate 256 --seq 64   # a dry run
+    python benchmarks/bench_sp.py --hidden 64 --heads 4 --intermediate 256 --seq 64 --layers 4   # a dry run
 
-Activation bytes are counted, not sampled: every tensor autograd saves for backward during one
-training forward is recorded through `torch.autograd.graph.saved_tensors_hooks` (each storage
-once, parameters excluded). The per-layer figure is the difference between models of 3 and 2
-layers (the added layer is a sequence-parallel one; the last layer runs replicated either way).
+1. One layer, no recomputation. Activation bytes are counted, not sampled: every tensor autograd
+   saves for backward during one training forward is recorded through
+   `torch.autograd.graph.saved_tensors_hooks` (each storage once, parameters excluded). The
+   per-layer figure is the difference between models of 3 and 2 layers (the added layer is a
+   sequence-parallel one; the last layer runs replicated either way).
+2. A stack of `--layers` layers with full activation checkpointing (`activation_checkpointing=True`:
+   torch.utils.checkpoint, non-reentrant, per layer), whose saved tensors those hooks cannot see.
+   Measured from real allocations: torch.profiler (profile_memory, record_shapes, with_stack) logs every
+   allocation and free of one forward+backward, and its memory profile (`prof._memory_profile()`)
+   names the parameter gradients (the tensors `AccumulateGrad` stores). The peak is the largest
+   sum, over the step, of the bytes live in tensors allocated during the step, parameter
+   gradients excluded: the checkpoints of all layers, one layer's recomputed activations, the
+   activation gradients and every temporary, plus the embeddings and the heads (a small
+   vocabulary: they are not what is measured). Parameters, existing before the step, are not in
+   it. The stack is also measured at about half its depth; the difference per layer is the
+   checkpoint a layer holds (its input) and cross-checks the method.
+
 TP traffic counts, per layer, the bytes each rank sends in a ring for every collective of the
 forward and backward (all-reduce 2(t-1)/t x size; all-gather and reduce-scatter (t-1)/t x the
-full size). Dropout masks are those of the default mode (per-rank streams); on CPU the
-attention probabilities with dropout are materialised, so their s x s term is in both figures.
+full size). Dropout masks are those of the default mode (per-rank streams); on CPU attention
+with dropout is blockwise (`mbert_train/model/attention.py`): it keeps a bool (s x s) drop mask
+per local head and no (s x s) float tensor.
 """
 
 from __future__ import annotations
@@ -82,6 +96,64 @@ def _measure(cfg, tp, batch) -> tuple[int, int]:
     return sum(seen.values()), traffic.bytes - before
 
 
+def _allocations(prof) -> list[tuple[int, int, int]]:
+    """(time ns, address, bytes: + allocated, - freed) of every CPU allocator event in a profile
+    taken with profile_memory=True, in time order."""
+    from torch._C._profiler import _EventType
+
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.typed[0] == _EventType.Allocation and event.typed[1].device.type == "cpu":
+            events.append((event.start_time_ns, event.typed[1].ptr, event.typed[1].alloc_size))
+    return sorted(events, key=lambda e: e[0])
+
+
+def _peak_step_bytes(events, gradients: set[int]) -> tuple[int, int]:
+    """(peak bytes live in allocations made during the step, bytes of the parameter gradients).
+
+    The gradients are the allocations at the addresses of the `.grad` storages (`gradients`)
+    that are still live at the end; they are left out of the peak, as is everything allocated
+    before the step (parameters, the batch)."""
+    last_alloc = {ptr: i for i, (_, ptr, size) in enumerate(events) if size > 0}
+    freed_after = {ptr for i, (_, ptr, size) in enumerate(events) if size < 0 and i > last_alloc.get(ptr, -1)}
+    grad_events = {last_alloc[ptr] for ptr in gradients if ptr in last_alloc and ptr not in freed_after}
+    live: dict[int, int] = {}
+    total = peak = 0
+    for i, (_, ptr, size) in enumerate(events):
+        if i in grad_events:
+            continue
+        if size > 0:
+            live[ptr] = size
+            total += size
+            peak = max(peak, total)
+        elif ptr in live:  # a free of something allocated before the step is not counted
+            total -= live.pop(ptr)
+    return peak, sum(events[i][2] for i in grad_events)
+
+
+def _measure_checkpointed(cfg, tp, batch) -> tuple[int, int, int]:
+    """(peak activation bytes, ring bytes sent, parameter-gradient bytes left out) of one
+    forward+backward of the model with per-layer activation checkpointing."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mbert_train.model import MegatronBert
+
+    torch.manual_seed(0)
+    model = MegatronBert(cfg, tp, activation_checkpointing=True).train()
+    before = _TRAFFIC.bytes
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model(**batch).loss.backward()
+    sent = _TRAFFIC.bytes - before
+    grads = {p.grad.untyped_storage().data_ptr(): p.grad.untyped_storage().nbytes() for p in model.parameters()}
+    peak, gradient_bytes = _peak_step_bytes(_allocations(prof), set(grads))
+    if gradient_bytes != sum(grads.values()):  # the gradients must be exactly what is left out
+        raise RuntimeError(f"found {gradient_bytes} gradient bytes among the allocations, the .grad storages "
+                           f"hold {sum(grads.values())}")
+    return peak, sent, gradient_bytes
+
+
 _TRAFFIC: _Traffic | None = None
 
 
@@ -109,13 +181,21 @@ def rank_main(rank: int, world: int, args, port: int, out_dir: str) -> None:
     labels[pick] = ids[pick]
     batch = dict(input_ids=ids, token_type_ids=torch.zeros_like(ids), attention_mask=torch.ones_like(ids),
                  mlm_labels=labels, nsp_labels=torch.zeros(args.batch, dtype=torch.long))
+    short = max(2, args.layers // 2)
     result = {}
     for sp in (False, True):
         tp = TPContext(dist.group.WORLD, sequence_parallel=sp)
         two = _measure(base, tp, batch)
         three = _measure(dataclasses.replace(base, num_layers=3), tp, batch)
-        result["on" if sp else "off"] = {"activation_bytes_per_layer": three[0] - two[0],
-                                        "ring_bytes_per_layer": three[1] - two[1]}
+        full = _measure_checkpointed(dataclasses.replace(base, num_layers=args.layers), tp, batch)
+        half = _measure_checkpointed(dataclasses.replace(base, num_layers=short), tp, batch)
+        result["on" if sp else "off"] = {
+            "activation_bytes_per_layer": three[0] - two[0], "ring_bytes_per_layer": three[1] - two[1],
+            "checkpointed": {"layers": args.layers, "peak_activation_bytes": full[0],
+                             "gradient_bytes_excluded": full[2], "half_layers": short,
+                             "half_peak_activation_bytes": half[0],
+                             "checkpoint_bytes_per_layer": (full[0] - half[0]) / (args.layers - short),
+                             "ring_bytes_per_layer": (full[1] - half[1]) / (args.layers - short)}}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
@@ -129,28 +209,68 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--vocab", type=int, default=1024, help="small: the heads are not what is measured")
     parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--layers", type=int, default=24, help="depth of the checkpointed stack (>= 3)")
     args = parser.parse_args()
+    if args.layers < 3:
+        parser.error(f"--layers {args.layers}: the checkpointed stack needs at least 3 layers")
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(rank_main, args=(2, args, _free_port(), out), nprocs=2, start_method="spawn")
         r = json.loads(Path(out, "rank0.json").read_text())
-    s, b, h, a, t = args.seq, args.batch, args.hidden, args.heads, 2
     off, on = r["off"], r["on"]
-    print(f"one layer h{h} x {a} heads x I{args.intermediate}, S={s}, b={b}, fp32, dropout {args.dropout}, TP=2")
+    ratio, traffic, formula = _report_layer(args, off, on)
+    stack_ratio, stack_traffic = _report_stack(args, off["checkpointed"], on["checkpointed"])
+    print("JSON " + json.dumps({"off": off, "on": on, "activation_ratio": ratio, "traffic_ratio": traffic,
+                                "formula_ratio": formula, "checkpointed_activation_ratio": stack_ratio,
+                                "checkpointed_traffic_ratio": stack_traffic, "load_average": os.getloadavg()}))
+    return 0
+
+
+TARGET = 0.65  # issue 9: activation bytes per rank, SP on <= 0.65x SP off
+
+
+def _verdict(ratio: float) -> str:
+    return f"target <= {TARGET}x {'met' if ratio <= TARGET else 'NOT met'}"
+
+
+def _report_layer(args, off: dict, on: dict) -> tuple[float, float, float]:
+    s, b, h, a, t = args.seq, args.batch, args.hidden, args.heads, 2
+    sbh = s * b * h
+    print(f"1. one layer, no recomputation: h{h} x {a} heads x I{args.intermediate}, S={s}, b={b}, fp32, "
+          f"dropout {args.dropout}, TP=2")
     for name, row in (("SP off", off), ("SP on", on)):
         print(f"  {name:<7} activations {row['activation_bytes_per_layer'] / 2**20:8.1f} MiB/rank "
-              f"({row['activation_bytes_per_layer'] / (s * b * h):5.1f} sbh) | TP traffic "
+              f"({row['activation_bytes_per_layer'] / sbh:5.1f} sbh) | TP traffic "
               f"{row['ring_bytes_per_layer'] / 2**20:7.1f} MiB sent/rank")
     ratio = on["activation_bytes_per_layer"] / off["activation_bytes_per_layer"]
     traffic = on["ring_bytes_per_layer"] / off["ring_bytes_per_layer"]
-    # Korthikanti et al. 2022 with 4-byte activations and 1-byte masks, attention scores included.
+    # Korthikanti et al. 2022 in sbh units, 4-byte activations and 1-byte masks: replicated without
+    # SP are the two LayerNorm inputs, the two column-parallel inputs and two dropout masks; split
+    # by t either way the QKV output, the context, the two MLP activations, and (blockwise attention
+    # keeps no score tensor) the bool attention drop mask, a*s/h, in place of the paper's 5as/h.
     e = 4
-    repl, shard = (4 * e + 2), 4 * e + 2 * e * args.intermediate / h + (2 * e + 1) * a * s / h
+    repl = 4 * e + 2
+    shard = 4 * e + 2 * e * args.intermediate / h + (a * s / h if args.dropout > 0 else 0)
     formula = ((repl + shard) / t) / (repl + shard / t)
-    print(f"SP on / off: activations {ratio:.3f}x (the paper's formula for this shape: {formula:.3f}x), "
+    print(f"SP on / off (one layer): activations {ratio:.3f}x (Korthikanti et al.'s count for what this code "
+          f"keeps: {formula:.3f}x; {_verdict(ratio)}), TP traffic {traffic:.3f}x")
+    return ratio, traffic, formula
+
+
+def _report_stack(args, off: dict, on: dict) -> tuple[float, float]:
+    sbh = args.seq * args.batch * args.hidden
+    print(f"2. {args.layers} layers, full activation checkpointing (non-reentrant, per layer), same shape: "
+          f"peak over forward+backward")
+    for name, row in (("SP off", off), ("SP on", on)):
+        print(f"  {name:<7} peak activations {row['peak_activation_bytes'] / 2**20:8.1f} MiB/rank "
+              f"({row['peak_activation_bytes'] / sbh:6.1f} sbh; {row['half_layers']} layers: "
+              f"{row['half_peak_activation_bytes'] / 2**20:.1f} MiB) | checkpoint per layer "
+              f"{row['checkpoint_bytes_per_layer'] / sbh:4.2f} sbh | TP traffic "
+              f"{row['ring_bytes_per_layer'] / 2**20:5.1f} MiB sent/rank/layer")
+    ratio = on["peak_activation_bytes"] / off["peak_activation_bytes"]
+    traffic = on["ring_bytes_per_layer"] / off["ring_bytes_per_layer"]
+    print(f"SP on / off ({args.layers} layers, checkpointed): peak activations {ratio:.3f}x ({_verdict(ratio)}), "
           f"TP traffic {traffic:.3f}x")
-    print("JSON " + json.dumps({"off": off, "on": on, "activation_ratio": ratio, "traffic_ratio": traffic,
-                                "formula_ratio": formula, "load_average": os.getloadavg()[0]}))
-    return 0
+    return ratio, traffic
 
 
 if __name__ == "__main__":

@@ -49,7 +49,9 @@ def seed_for_training(seed: int, dp_rank: int) -> None:
 # Keep-masks come from 15-bit lanes of 64-bit random words: four lanes per draw of the
 # generator, about 6x faster on CPU than `bernoulli_` (1.8 against 11 ns per element). The
 # dropout rate is p rounded to a multiple of 2^-15 (0.1 -> 0.100006), and kept values are scaled
-# by the exact 1 / (1 - that rate), so the expectation is unchanged.
+# by the exact 1 / (1 - that rate), so the expectation is unchanged. Masks are 0/1 bytes
+# (viewed as bool where a boolean is wanted): on CPU, multiplying by them is vectorised where
+# comparisons producing bools and `masked_fill` are not (about 5x slower).
 _LANE = 1 << 15
 
 
@@ -62,34 +64,44 @@ def keep_scale(p: float) -> float:
     return _LANE / (_LANE - _drop_threshold(p))
 
 
-def _lanes_to_keep(words: torch.Tensor, numel: int, p: float) -> torch.Tensor:
-    lanes = words.view(torch.int16).view(-1)[:numel]
-    return torch.bitwise_and(lanes, _LANE - 1) >= _drop_threshold(p)
+def _keep_bytes(lanes: torch.Tensor, p: float) -> torch.Tensor:
+    """0/1 uint8 keep-mask of 16-bit random lanes: 1 where the low 15 bits >= the threshold."""
+    lanes = torch.bitwise_and(lanes, _LANE - 1)
+    return lanes.sub_(_drop_threshold(p) - 1).clamp_(0, 1).to(torch.uint8)
+
+
+def keep_bytes(shape: Sequence[int], p: float, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """0/1 uint8 keep-mask (1 with probability 1 - p) from `generator` (default: the device's)."""
+    numel = math.prod(shape)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(generator=generator)
+    return _keep_bytes(words.view(torch.int16)[:numel], p).view(tuple(shape))
 
 
 def keep_mask(shape: Sequence[int], p: float, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Boolean keep-mask (True with probability 1 - p) from `generator` (default: the device's)."""
-    numel = math.prod(shape)
-    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(generator=generator)
-    return _lanes_to_keep(words, numel, p).view(tuple(shape))
+    """Boolean keep-mask (True with probability 1 - p): `keep_bytes` viewed as bool."""
+    return keep_bytes(shape, p, device, generator).view(torch.bool)
 
 
-def drop_mask_from_seeds(seeds: Sequence[int], shape: Sequence[int], p: float, device) -> torch.Tensor:
-    """Boolean drop-mask (True with probability p) of `shape` (len(seeds), ...), whose slab i is
-    drawn from a generator seeded seeds[i]."""
+def keep_bytes_from_seeds(seeds: Sequence[int], shape: Sequence[int], p: float, device) -> torch.Tensor:
+    """0/1 uint8 keep-mask of `shape` (len(seeds), ...), whose slab i is drawn from a generator
+    seeded seeds[i] (the same draw as `keep_bytes` from that generator)."""
     per_slab = math.prod(shape[1:])
     words = torch.empty(len(seeds), (per_slab + 3) // 4, dtype=torch.int64, device=device)
     gen = torch.Generator(device=device)
     for i, seed in enumerate(seeds):
         gen.manual_seed(seed)
         words[i].random_(generator=gen)
-    lanes = torch.bitwise_and(words.view(torch.int16)[:, :per_slab], _LANE - 1)
-    return (lanes < _drop_threshold(p)).view(tuple(shape))
+    return _keep_bytes(words.view(torch.int16)[:, :per_slab], p).view(tuple(shape))
+
+
+def drop_mask_from_seeds(seeds: Sequence[int], shape: Sequence[int], p: float, device) -> torch.Tensor:
+    """Boolean drop-mask (True with probability p): the complement of `keep_bytes_from_seeds`."""
+    return keep_bytes_from_seeds(seeds, shape, p, device) == 0
 
 
 def apply_keep(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
-    """Dropout with a given keep-mask (autograd saves only the boolean mask)."""
-    return torch.where(keep, x, 0.0) * keep_scale(p)
+    """Dropout with a given keep-mask (bool or 0/1 bytes; autograd saves only the mask)."""
+    return (x * keep.view(torch.uint8)).mul_(keep_scale(p))
 
 
 def slab_seed_base() -> int:
