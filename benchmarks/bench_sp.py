@@ -2,7 +2,8 @@
 at TP=2 (2 gloo processes), in one run, in two configurations.
 
     python benchmarks/bench_sp.py                          # BERT-large layers, S=512, dropout 0.1
-    python benchmarks/bench_sp.py --hidden 64 --heads 4 --intermediate 256 --seq 64 --layers 4   # a dry run
+    # a dry run:
+    python benchmarks/bench_sp.py --hidden 64 --heads 4 --intermediate 256 --seq 64 --vocab 64 --layers 6
 
 1. One layer, no recomputation. Activation bytes are counted, not sampled: every tensor autograd
    saves for backward during one training forward is recorded through
@@ -11,15 +12,17 @@ at TP=2 (2 gloo processes), in one run, in two configurations.
    sequence-parallel one; the last layer runs replicated either way).
 2. A stack of `--layers` layers with full activation checkpointing (`activation_checkpointing=True`:
    torch.utils.checkpoint, non-reentrant, per layer), whose saved tensors those hooks cannot see.
-   Measured from real allocations: torch.profiler (profile_memory, record_shapes, with_stack) logs every
-   allocation and free of one forward+backward, and its memory profile (`prof._memory_profile()`)
-   names the parameter gradients (the tensors `AccumulateGrad` stores). The peak is the largest
-   sum, over the step, of the bytes live in tensors allocated during the step, parameter
-   gradients excluded: the checkpoints of all layers, one layer's recomputed activations, the
-   activation gradients and every temporary, plus the embeddings and the heads (a small
-   vocabulary: they are not what is measured). Parameters, existing before the step, are not in
-   it. The stack is also measured at about half its depth; the difference per layer is the
-   checkpoint a layer holds (its input) and cross-checks the method.
+   Measured from real allocations: torch.profiler with profile_memory=True logs every CPU
+   allocator allocation and free (address, bytes) of one forward+backward. The peak is the
+   largest sum, over the step, of the bytes live in allocations made during the step: the
+   checkpoints of all layers, one layer's recomputed activations, the activation gradients,
+   every temporary, and the embeddings and heads (a small vocabulary: not what is measured).
+   Left out: the parameters (allocated before the step) and the parameter gradients (the
+   allocations at the `.grad` addresses still live at the end; checked to be exactly the
+   gradients' bytes), and the staging buffers of the collectives (`_StagedCollectives`). The
+   stack is also measured at about half its depth; the difference per layer is what a layer's
+   checkpoint holds (its input: 4 sbh bytes in fp32 without SP, 4/t with), which cross-checks
+   the method and gives the figure at any depth.
 
 TP traffic counts, per layer, the bytes each rank sends in a ring for every collective of the
 forward and backward (all-reduce 2(t-1)/t x size; all-gather and reduce-scatter (t-1)/t x the
@@ -96,6 +99,45 @@ def _measure(cfg, tp, batch) -> tuple[int, int]:
     return sum(seen.values()), traffic.bytes - before
 
 
+class _StagedCollectives:
+    """Runs gloo's all-reduce and all-gather on buffers of this object's own (one per shape and
+    slot, kept for the whole run), copying in and out.
+
+    gloo's worker thread often holds the last reference to the tensors of a collective, so they
+    are freed on that thread, where the profiler does not record the free: they would look live
+    to the end of the step. Staged, the model's own tensors are allocated and freed on the main
+    thread like any other; the buffers (what NCCL's internal buffers are on GPUs) are left out
+    of the peak by address, as the gradients are."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.buffers: dict[tuple, torch.Tensor] = {}
+        all_reduce, all_gather = dist.all_reduce, dist.all_gather
+
+        def staged_all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+            buf = self._buffer(tensor, "in").copy_(tensor)
+            all_reduce(buf, op=op, group=group)
+            tensor.copy_(buf)
+
+        def staged_all_gather(tensor_list, tensor, group=None, async_op=False):
+            outs = [self._buffer(t, i) for i, t in enumerate(tensor_list)]
+            all_gather(outs, self._buffer(tensor, "in").copy_(tensor), group=group)
+            for t, o in zip(tensor_list, outs):
+                t.copy_(o)
+
+        dist.all_reduce, dist.all_gather = staged_all_reduce, staged_all_gather
+
+    def _buffer(self, like: torch.Tensor, slot) -> torch.Tensor:
+        key = (tuple(like.shape), like.dtype, slot)
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty_like(like, memory_format=torch.contiguous_format)
+        return self.buffers[key]
+
+    def addresses(self) -> set[int]:
+        return {b.untyped_storage().data_ptr() for b in self.buffers.values()}
+
+
 def _allocations(prof) -> list[tuple[int, int, int]]:
     """(time ns, address, bytes: + allocated, - freed) of every CPU allocator event in a profile
     taken with profile_memory=True, in time order."""
@@ -110,19 +152,19 @@ def _allocations(prof) -> list[tuple[int, int, int]]:
     return sorted(events, key=lambda e: e[0])
 
 
-def _peak_step_bytes(events, gradients: set[int]) -> tuple[int, int]:
-    """(peak bytes live in allocations made during the step, bytes of the parameter gradients).
+def _peak_step_bytes(events, excluded: set[int]) -> tuple[int, dict[int, int]]:
+    """(peak bytes live in allocations made during the step, bytes left out per address).
 
-    The gradients are the allocations at the addresses of the `.grad` storages (`gradients`)
-    that are still live at the end; they are left out of the peak, as is everything allocated
-    before the step (parameters, the batch)."""
+    Left out are the allocations at the `excluded` addresses (the `.grad` storages, the staging
+    buffers) still live at the end, and everything allocated before the step (parameters, the
+    batch)."""
     last_alloc = {ptr: i for i, (_, ptr, size) in enumerate(events) if size > 0}
     freed_after = {ptr for i, (_, ptr, size) in enumerate(events) if size < 0 and i > last_alloc.get(ptr, -1)}
-    grad_events = {last_alloc[ptr] for ptr in gradients if ptr in last_alloc and ptr not in freed_after}
+    left_out = {last_alloc[ptr]: ptr for ptr in excluded if ptr in last_alloc and ptr not in freed_after}
     live: dict[int, int] = {}
     total = peak = 0
     for i, (_, ptr, size) in enumerate(events):
-        if i in grad_events:
+        if i in left_out:
             continue
         if size > 0:
             live[ptr] = size
@@ -130,7 +172,7 @@ def _peak_step_bytes(events, gradients: set[int]) -> tuple[int, int]:
             peak = max(peak, total)
         elif ptr in live:  # a free of something allocated before the step is not counted
             total -= live.pop(ptr)
-    return peak, sum(events[i][2] for i in grad_events)
+    return peak, {ptr: events[i][2] for i, ptr in left_out.items()}
 
 
 def _measure_checkpointed(cfg, tp, batch) -> tuple[int, int, int]:
@@ -147,7 +189,8 @@ def _measure_checkpointed(cfg, tp, batch) -> tuple[int, int, int]:
         model(**batch).loss.backward()
     sent = _TRAFFIC.bytes - before
     grads = {p.grad.untyped_storage().data_ptr(): p.grad.untyped_storage().nbytes() for p in model.parameters()}
-    peak, gradient_bytes = _peak_step_bytes(_allocations(prof), set(grads))
+    peak, left_out = _peak_step_bytes(_allocations(prof), set(grads) | _STAGED.addresses())
+    gradient_bytes = sum(left_out.get(ptr, 0) for ptr in grads)
     if gradient_bytes != sum(grads.values()):  # the gradients must be exactly what is left out
         raise RuntimeError(f"found {gradient_bytes} gradient bytes among the allocations, the .grad storages "
                            f"hold {sum(grads.values())}")
@@ -155,6 +198,7 @@ def _measure_checkpointed(cfg, tp, batch) -> tuple[int, int, int]:
 
 
 _TRAFFIC: _Traffic | None = None
+_STAGED: _StagedCollectives | None = None
 
 
 def rank_main(rank: int, world: int, args, port: int, out_dir: str) -> None:
@@ -165,12 +209,13 @@ def rank_main(rank: int, world: int, args, port: int, out_dir: str) -> None:
     from mbert_train.model.config import ModelConfig
     from mbert_train.parallel.context import TPContext
 
-    global _TRAFFIC
+    global _TRAFFIC, _STAGED
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     _TRAFFIC = _Traffic(world)
+    _STAGED = _StagedCollectives()
     base = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=2, num_heads=args.heads,
                        intermediate_size=args.intermediate, max_position_embeddings=args.seq,
                        hidden_dropout=args.dropout, attention_dropout=args.dropout)

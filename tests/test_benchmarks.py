@@ -94,12 +94,19 @@ def test_bench_time_to_loss_smoke(dataset, tmp_path):
 
 
 def test_bench_sp_dry_run():
-    out = _run([sys.executable, str(BENCH / "bench_sp.py"), "--hidden", "32", "--heads", "4", "--intermediate", "64",
-                "--seq", "16"])
-    assert "SP on / off: activations" in out and "TP traffic" in out
+    out = _run([sys.executable, str(BENCH / "bench_sp.py"), "--hidden", "64", "--heads", "4", "--intermediate", "256",
+                "--seq", "64", "--vocab", "64", "--layers", "6"])
+    assert "SP on / off (one layer): activations" in out and "TP traffic" in out
+    assert "SP on / off (6 layers, checkpointed): peak activations" in out
     result = json.loads(out.split("JSON ", 1)[1])
-    # Counted, not timed: SP must hold fewer activation bytes per rank than SP off.
-    assert result["on"]["activation_bytes_per_layer"] < result["off"]["activation_bytes_per_layer"]
+    off, on = result["off"], result["on"]
+    # Counted, not timed: SP must hold fewer activation bytes per rank than SP off, per layer and
+    # at the peak of the checkpointed stack, where each layer keeps less (its input's chunk).
+    assert on["activation_bytes_per_layer"] < off["activation_bytes_per_layer"]
+    assert on["checkpointed"]["peak_activation_bytes"] < off["checkpointed"]["peak_activation_bytes"]
+    assert on["checkpointed"]["checkpoint_bytes_per_layer"] < off["checkpointed"]["checkpoint_bytes_per_layer"]
+    # What the peak leaves out is exactly the parameter gradients, the same with SP on and off.
+    assert on["checkpointed"]["gradient_bytes_excluded"] == off["checkpointed"]["gradient_bytes_excluded"] > 0
 
 
 def test_bench_checkpoint_dry_run():

@@ -104,7 +104,9 @@ SEQ_DIM = 1
 
 
 def _split_seq(x: torch.Tensor, group) -> torch.Tensor:
-    return x.chunk(group_size(group), dim=SEQ_DIM)[group_rank(group)].contiguous()
+    # A copy even where the chunk is already contiguous (b=1): a view would keep the whole
+    # sequence's storage alive for as long as the chunk lives.
+    return x.chunk(group_size(group), dim=SEQ_DIM)[group_rank(group)].clone(memory_format=torch.contiguous_format)
 
 
 def _gather_seq(x: torch.Tensor, group) -> torch.Tensor:
