@@ -31,7 +31,11 @@ class ParallelConfig:
     """Process-group timeout: a hung collective fails after this long instead of never."""
     sequence_parallel: bool = False
     """Split LayerNorms, dropouts and residuals along the sequence over the TP group
-    (Korthikanti et al. 2022): their activation memory / TP, no extra communication."""
+    (Korthikanti et al. 2022): their activation memory / TP."""
+    sp_keep_gathered: bool = False
+    """Under sequence parallelism, column-parallel linears keep their all-gathered input for
+    backward (the TP bytes of SP off) instead of keeping their chunk and all-gathering it again in
+    backward (Megatron-LM's choice, the default: 1.25x the bytes, less memory)."""
 
     def __post_init__(self) -> None:
         if self.tensor_parallel < 1:
@@ -44,6 +48,9 @@ class ParallelConfig:
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise UserError("parallel.sequence_parallel=true needs parallel.tensor_parallel>1: it splits the "
                             "sequence over the tensor-parallel group; set tensor_parallel or turn it off")
+        if self.sp_keep_gathered and not self.sequence_parallel:
+            raise UserError("parallel.sp_keep_gathered=true only changes sequence parallelism; set "
+                            "parallel.sequence_parallel=true or leave sp_keep_gathered off")
         if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
             # 0 would fail every collective at once; torch cannot represent an infinite timeout.
             raise UserError(f"parallel.timeout_s={self.timeout_s} must be a positive number of seconds "

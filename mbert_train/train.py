@@ -189,6 +189,7 @@ def run(cfg: TrainConfig, run_dir_candidate: str, record: dict[str, object] | No
     torch.manual_seed(cfg.trainer.seed)  # same on every rank: TP shards cut from one master weight
     with device:  # initialise on the GPU itself: no full-size host copies of large models
         tp = TPContext(state.tp_group, sequence_parallel=cfg.parallel.sequence_parallel,
+                       sp_keep_gathered=cfg.parallel.sp_keep_gathered,
                        invariant_dropout=cfg.model.tp_invariant_dropout)
         model = MegatronBert(cfg.model, tp, activation_checkpointing=cfg.trainer.activation_checkpointing,
                              mlm_masked_only=cfg.trainer.mlm_masked_only)

@@ -229,3 +229,14 @@ def test_plot_of_a_binary_metrics_file_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mbert_train.plot", str(tmp_path)], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 1 and "metrics.jsonl is not UTF-8 text" in _one_error_line(proc, "mbert-plot")
+
+
+@pytest.mark.parametrize("overrides, needles", [
+    (["parallel.sequence_parallel=true"], ("parallel.sequence_parallel=true", "tensor_parallel>1")),
+    (["parallel.tensor_parallel=2", "parallel.sp_keep_gathered=true"],
+     ("parallel.sp_keep_gathered=true", "parallel.sequence_parallel=true")),
+])
+def test_sequence_parallel_settings(overrides, needles):
+    with pytest.raises(ValueError) as exc:
+        compose_config(overrides)
+    assert all(n in message(exc) for n in needles), message(exc)

@@ -46,6 +46,41 @@ def test_sequence_parallel_matches_reference_and_no_sp(tp):
     spawn(_sp_main, tp)
 
 
+def _keep_gathered_main():
+    """`sp_keep_gathered`: the same numbers, and backward no longer all-gathers the column-parallel
+    linears' inputs again (two per SP layer: QKV and MLP-in)."""
+    import mbert_train.parallel.mappings as mappings
+
+    group = dist.group.WORLD
+    gathers = []
+    real = mappings.dist.all_gather
+
+    def counting(parts, x, group=None):
+        gathers.append(x.numel())
+        return real(parts, x, group=group)
+
+    results = {}
+    mappings.dist.all_gather = counting
+    try:
+        for keep in (False, True):
+            gathers.clear()
+            tp = TPContext(group, sequence_parallel=True, sp_keep_gathered=keep, invariant_dropout=True)
+            results[keep] = (dropout_loss(tp), len(gathers))
+    finally:
+        mappings.dist.all_gather = real
+    (loss, grads), n_default = results[False]
+    (loss_keep, grads_keep), n_keep = results[True]
+    assert torch.equal(loss_keep, loss)
+    for name, g in grads.items():
+        assert torch.equal(grads_keep[name], g), name
+    sp_layers = small_config().num_layers - 1  # the last layer runs replicated
+    assert n_default - n_keep == 2 * sp_layers, (n_default, n_keep)
+
+
+def test_sp_keep_gathered_saves_the_backward_gathers():
+    spawn(_keep_gathered_main, 2)
+
+
 def test_tp1_context_is_the_dense_model():
     cfg = small_config()
     torch.manual_seed(0)

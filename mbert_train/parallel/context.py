@@ -25,6 +25,9 @@ class TPContext:
     sequence_parallel: bool = False
     """Activations outside attention and MLP (LayerNorms, dropout, residuals) split along the
     sequence over the group (Korthikanti et al. 2022)."""
+    sp_keep_gathered: bool = False
+    """Under SP, column-parallel linears keep their gathered input for backward instead of
+    gathering it again there (`parallel.sp_keep_gathered`): TP's traffic, more memory."""
     invariant_dropout: bool = False
     """Masks drawn for the whole tensor and sliced (`model.tp_invariant_dropout`), so TP and SP
     degrees do not change which elements are dropped."""

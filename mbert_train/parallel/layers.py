@@ -87,7 +87,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.sp:  # all-gathered along the sequence; only this rank's chunk is kept for backward
-            y = linear_with_seq_gather(x, self.weight, self.bias, self.group)
+            y = linear_with_seq_gather(x, self.weight, self.bias, self.group, self.tp.sp_keep_gathered)
         else:
             y = F.linear(copy_to_tp(x, self.group), self.weight, self.bias)  # (..., out/tp)
         return gather_from_tp(y, self.group) if self.gather_output else y

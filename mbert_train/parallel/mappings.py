@@ -166,29 +166,32 @@ def split_seq(x: torch.Tensor, group) -> torch.Tensor:
 
 
 class _LinearWithSeqGather(torch.autograd.Function):
-    """y = gather_seq(x) W^T + b, saving only this rank's chunk x: backward gathers it again for
-    the weight gradient (Megatron-LM's sequence-parallel column linear). Saving the gathered
-    input instead would keep a full-sequence copy per layer and undo most of SP's saving."""
+    """y = gather_seq(x) W^T + b. By default it saves only this rank's chunk x and backward
+    gathers it again for the weight gradient (Megatron-LM's sequence-parallel column linear:
+    one more all-gather per linear). `keep_gathered` saves the gathered input instead: the
+    traffic of TP without SP, for a full-sequence copy per linear."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, group):
-        ctx.group, ctx.has_bias = group, bias is not None
-        ctx.save_for_backward(x, weight)
-        return torch.nn.functional.linear(_gather_seq(x, group), weight, bias)
+    def forward(ctx, x, weight, bias, group, keep_gathered):
+        ctx.group, ctx.has_bias, ctx.keep_gathered = group, bias is not None, keep_gathered
+        total = _gather_seq(x, group)
+        ctx.save_for_backward(total if keep_gathered else x, weight)
+        return torch.nn.functional.linear(total, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        total = _gather_seq(x, ctx.group)
+        saved, weight = ctx.saved_tensors
+        total = saved if ctx.keep_gathered else _gather_seq(saved, ctx.group)
         grad_input = _reduce_scatter_seq(grad.matmul(weight), ctx.group)
         g2 = grad.reshape(-1, grad.shape[-1])
         grad_weight = g2.t().matmul(total.reshape(-1, total.shape[-1]))
         grad_bias = g2.sum(0) if ctx.has_bias else None
-        return grad_input, grad_weight, grad_bias, None
+        return grad_input, grad_weight, grad_bias, None, None
 
 
-def linear_with_seq_gather(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group) -> torch.Tensor:
+def linear_with_seq_gather(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group,
+                           keep_gathered: bool = False) -> torch.Tensor:
     """Column-parallel linear on a sequence-split input (see `_LinearWithSeqGather`)."""
     if group_size(group) == 1:
         return torch.nn.functional.linear(x, weight, bias)
-    return _LinearWithSeqGather.apply(x, weight, bias, group)
+    return _LinearWithSeqGather.apply(x, weight, bias, group, keep_gathered)
