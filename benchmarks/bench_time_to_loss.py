@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default 10%% of --steps)")
-    p.add_argument("--eval-every", type=int, default=None, help="steps between our checkpoints (default 10%%)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="steps between the saved (and scored) models of both runs (default 10%%)")
     p.add_argument("--eval-batches", type=int, default=16, help="held-out micro-batches of the evaluator")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -306,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     result = dict(setup=s.__dict__, threads=args.threads, compile=args.compile, vocab=vocab, load_average=load,
                   evaluator=dict(batches=len(held), masked_tokens=int(initial.numel()),
                                  difference_sem=sem(ours_final - hf_final)),
-                  hf=dict(hf, train_s=sum(hf["step_s"]), heldout_loss=float(hf_final.mean()), heldout_sem=sem(hf_final)),
+                  hf=dict(hf, train_s=sum(hf["step_s"]), heldout_loss=float(hf_final.mean()),
+                          heldout_sem=sem(hf_final)),
                   ours=dict(train_s=sum(ours_steps), step_s=ours_steps, curve=curve,
                             heldout_loss=float(ours_final.mean()), heldout_sem=sem(ours_final)),
                   ratios=ratios(hf["curve"], curve, hf["step_s"], ours_steps))

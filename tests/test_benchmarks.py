@@ -73,24 +73,46 @@ def test_gpu_script_refuses_a_machine_without_cuda(tmp_path):
 
 
 def test_bench_time_to_loss_smoke(dataset, tmp_path):
-    """Both training paths run on the same windows and one evaluator scores both; the ratio line
-    and the JSON agree (the ratio may be 'not reached' on so few steps; nothing asserts on time)."""
+    """Both training paths run on the same windows, both are scored along the way by one evaluator,
+    and the ratio lines agree with the JSON (the first may be 'not reached' on so few steps;
+    nothing asserts on time)."""
     target = tmp_path / "ttl.json"
     out = _run([sys.executable, str(BENCH / "bench_time_to_loss.py"), "--data", str(dataset), "--smoke",
                 "--threads", "1", "--json", str(target)])
-    assert re.search(r"^\| HF Trainer \| 4 \| [\d.]+ \| \d+ \| \d+\.\d{4} \|$", out, re.M), out
-    assert re.search(r"^\| mbert-train \| 4 \| [\d.]+ \| \d+ \| \d+\.\d{4} \|$", out, re.M), out
-    line = re.search(r"^ratio: time to HF's final held-out loss ours/HF (\d+\.\d+x|not reached)", out, re.M)
-    assert line, out
+    assert re.search(r"^\| HF Trainer \| 4 \| [\d.]+ \| \d+ \| \d+\.\d{4} \| 0\.\d{4} \|$", out, re.M), out
+    assert re.search(r"^\| mbert-train \| 4 \| [\d.]+ \| \d+ \| \d+\.\d{4} \| 0\.\d{4} \|$", out, re.M), out
+    assert re.search(r"^evaluator noise: standard error of the mean held-out loss .* HF 0\.\d{4}, ours 0\.\d{4}; "
+                     r"of the paired difference", out, re.M), out
+    first = re.search(r"^ratio: time to HF's final held-out loss ours/HF (\d+\.\d+x|not reached)", out, re.M)
+    common = re.search(r"^ratio at a common target loss (\d+\.\d{4}) \(the larger final loss\): ours/HF "
+                       r"(\d+\.\d+x) \(ours .* linear interpolation", out, re.M)
+    step = re.search(r"^ratio: median step time ours/HF (\d+\.\d+x)", out, re.M)
+    assert first and common and step, out
     result = json.loads(target.read_text())
-    assert [point["step"] for point in result["ours"]["curve"]] == [2, 4]
-    assert len(result["hf"]["step_s"]) == len(result["ours"]["step_s"]) == 4
-    hf_loss, best = result["hf"]["heldout_loss"], min(p["loss"] for p in result["ours"]["curve"])
+    hf, ours, ratios = result["hf"], result["ours"], result["ratios"]
+    assert [p["step"] for p in hf["curve"]] == [p["step"] for p in ours["curve"]] == [0, 2, 4]
+    assert hf["curve"][0]["loss"] == ours["curve"][0]["loss"]  # one init, one evaluator
+    assert len(hf["step_s"]) == len(ours["step_s"]) == 4
+    for run in (hf, ours):
+        assert run["curve"][-1]["loss"] == run["heldout_loss"] and 0 < run["heldout_sem"] < 1
+        assert run["curve"][-1]["time_s"] == pytest.approx(run["train_s"]) == pytest.approx(sum(run["step_s"]))
+    # HF's train_runtime counts its two model saves as well, which its step times leave out.
+    assert hf["save_s"] > 0 and hf["runtime_s"] + 1e-3 >= hf["train_s"] + hf["save_s"]
     # A model that learned nothing scores about ln(vocab) = ln(512) = 6.24 on masked tokens.
-    assert 0 < hf_loss < 7 and 0 < best < 7
-    assert (result["ratio"] is None) == (best > hf_loss) == (line.group(1) == "not reached")
+    best = min(p["loss"] for p in ours["curve"][1:])
+    assert 0 < hf["heldout_loss"] < 7 and 0 < best < 7
+    assert (result["ratio"] is None) == (best > hf["heldout_loss"]) == (first.group(1) == "not reached")
     if result["ratio"] is not None:
-        assert line.group(1) == f"{result['ratio']:.2f}x"
+        assert first.group(1) == f"{result['ratio']:.2f}x"
+    # The common target both reach, each run's crossing inside the bracket of its first evaluation at or below it.
+    shared = ratios["common_target"]
+    assert shared["target"] == max(hf["heldout_loss"], ours["heldout_loss"])
+    assert common.group(1) == f"{shared['target']:.4f}" and common.group(2) == f"{shared['ratio']:.2f}x"
+    for run, at in ((hf, shared["hf"]), (ours, shared["ours"])):
+        i = next(i for i, p in enumerate(run["curve"]) if p["loss"] <= shared["target"])
+        assert i > 0 and run["curve"][i - 1]["time_s"] < at["time_s"] <= run["curve"][i]["time_s"]
+    assert shared["ratio"] == pytest.approx(shared["ours"]["time_s"] / shared["hf"]["time_s"])
+    assert step.group(1) == f"{ratios['step_time']:.2f}x"
 
 
 def test_bench_sp_dry_run():
