@@ -26,7 +26,6 @@ from filelock import FileLock, Timeout
 
 from data_prep import format as fmt
 from data_prep.config import PrepConfig
-from data_prep.prep import prepare
 from mbert_train.data.config import DataConfig
 from mbert_train.errors import UserError, describe_os_error
 
@@ -85,6 +84,8 @@ def _build(root: str, key: str, cfg: DataConfig) -> str:
     staging = tempfile.mkdtemp(dir=root, prefix=f".{key}.staging-{os.getpid()}-")
     try:
         built = os.path.join(staging, "dataset")
+        from data_prep.prep import prepare  # datasets (1 s to import) only when the cache is built
+
         prepare(PrepConfig(inputs=[text], output=built, vocab_size=cfg.default_vocab_size,
                            lowercase=True, heldout_fraction=HELDOUT_FRACTION, num_proc=1,
                            quiet=True))

@@ -117,7 +117,6 @@ def _seeds(base: int, i: int, h0: int, h1: int, heads_total: int, head_offset: i
     return range(first + h0, first + h1)
 
 
-@torch.compiler.disable  # inside a compiled layer: a graph break (its generators cannot be traced)
 def dropout_attention(qkv: torch.Tensor, mask: torch.Tensor | None, p: float, rows: torch.Tensor | None = None,
                       *, heads_total: int | None = None, head_offset: int = 0) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + padding) with dropout p, times v, from the QKV projection

@@ -54,6 +54,10 @@ class SelfAttention(nn.Module):
         # The master weight is [Q; K; V] stacked (3h, h); stride 3 shards each block by heads.
         self.qkv = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, tp, stride=3, init=init)
         self.out = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, tp, init=init)
+        # The attention-with-dropout paths manage RNG streams that torch.compile cannot trace;
+        # `MegatronBert.compile_layers` wraps them in torch.compiler.disable (a graph break). Not
+        # at import: the decorator imports torch._dynamo, 2 s of every start-up.
+        self._dropout_attention, self._fused_attention = dropout_attention, _fused_attention_on_rank_stream
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """(b, s, h) -> (b, s, h); with `rows` (b, m) only those query positions: (b, m, h).
@@ -63,21 +67,20 @@ class SelfAttention(nn.Module):
         qkv = qkv.view(b, s, 3, self.local_heads, self.head_dim)  # (b, s, 3, n/tp, d)
         if self.training and self.dropout > 0 and not (qkv.is_cuda and not self.tp_invariant_dropout):
             # CPU (and the TP-invariant mode): blockwise, no (s x s) tensor kept; see attention.py.
-            ctx = dropout_attention(qkv, mask, self.dropout, rows, heads_total=self.local_heads * self.tp_size,
-                                    head_offset=self.local_heads * self.tp_rank)  # (b, s|m, n/tp, d)
+            ctx = self._dropout_attention(qkv, mask, self.dropout, rows, heads_total=self.local_heads * self.tp_size,
+                                          head_offset=self.local_heads * self.tp_rank)  # (b, s|m, n/tp, d)
             return self.out(ctx.reshape(b, ctx.shape[1], self.local_heads * self.head_dim))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (b, n/tp, s, d)
         if rows is not None:  # keys and values stay over all s positions
             q = q.gather(2, rows[:, None, :, None].expand(b, self.local_heads, rows.shape[1], self.head_dim))
         if self.training and self.dropout > 0:  # CUDA: fused SDPA with dropout on this rank's stream
-            ctx = _fused_attention_on_rank_stream(q, k, v, mask, self.dropout, self.group)
+            ctx = self._fused_attention(q, k, v, mask, self.dropout, self.group)
         else:
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         ctx = ctx.transpose(1, 2).reshape(b, q.shape[2], self.local_heads * self.head_dim)  # (b, s|m, h/tp)
         return self.out(ctx)
 
 
-@torch.compiler.disable  # in a compiled layer: a graph break (its RNG swap cannot be traced)
 def _fused_attention_on_rank_stream(q, k, v, mask, p: float, group) -> torch.Tensor:
     """SDPA with dropout on this TP rank's stream: flash / memory-efficient kernels on CUDA."""
     with sharded_cuda_rng(q.device, group):
@@ -192,6 +195,9 @@ class MegatronBert(nn.Module):
         import torch._dynamo.config
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MAX_COMPILED_SHAPES)
+        for layer in self.layers:
+            layer.attn._dropout_attention = torch.compiler.disable(dropout_attention)
+            layer.attn._fused_attention = torch.compiler.disable(_fused_attention_on_rank_stream)
         self._compiled_layers = [torch.compile(layer, dynamic=False) for layer in self.layers]
 
     def encode(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
