@@ -29,12 +29,16 @@ def _counted_flops_per_token(cfg: ModelConfig, b: int, s: int, masked_per_row: i
     with FlopCounterMode(display=False) as counter:
         out = model(ids, mlm_labels=labels, nsp_labels=torch.zeros(b, dtype=torch.long))
         out.loss.backward()
-    return counter.get_total_flops() / (b * s)
+    # The blockwise attention recomputes its scores (q k^T) in backward: recomputation, not model
+    # FLOPs. Every layer's queries cover the sequence but the last one's (read rows, with [CLS]).
+    last_rows = masked_per_row + 1 if masked_only else s
+    recomputed = 2 * cfg.hidden_size * s * ((cfg.num_layers - 1) * s + last_rows) * b
+    return (counter.get_total_flops() - recomputed) / (b * s)
 
 
-# Attention dropout > 0 in train mode takes the explicit-softmax path on CPU, whose score and
-# context matmuls the counter sees (it does not count CPU flash attention). A vocabulary that
-# is a multiple of 128 has no padding, so the counted decoder has the real width.
+# Attention dropout > 0 in train mode takes the blockwise path on CPU, whose score and context
+# matmuls the counter sees (it does not count CPU flash attention). A vocabulary that is a
+# multiple of 128 has no padding, so the counted decoder has the real width.
 FLOP_MODEL = ModelConfig(vocab_size=1024, hidden_size=64, num_layers=3, num_heads=4, intermediate_size=256,
                          max_position_embeddings=128, attention_dropout=0.1, hidden_dropout=0.1)
 
