@@ -12,9 +12,13 @@ from mbert_train.model import MegatronBert
 from mbert_train.model.attention import dropout_attention
 from mbert_train.model.bert import SelfAttention, read_positions
 from mbert_train.parallel.context import TPContext
-from mbert_train.parallel.random import (apply_keep, drop_mask_from_seeds, keep_mask, keep_scale,
-                                         slab_seed_base)
+from mbert_train.parallel.random import apply_keep, keep_bytes_from_seeds, keep_mask, keep_scale, replicated_seed
 from tests.test_model_reference import make_batch, small_config
+
+def drop_mask_from_seeds(seeds, shape, p, device) -> torch.Tensor:
+    """Boolean drop-mask (True with probability p) whose slab i comes from a generator seeded seeds[i]."""
+    return keep_bytes_from_seeds(seeds, shape, p, device) == 0
+
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 
@@ -66,7 +70,7 @@ def run_both(qkv, mask, p, rows, seed=11):
         if fn == "ours":
             out = dropout_attention(x, mask, p, rows)
         else:
-            out = reference_attention(x, mask, p, rows, slab_seed_base())  # the draw ours made
+            out = reference_attention(x, mask, p, rows, replicated_seed())  # the draw ours made
         if grad_out is None:
             grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=out.dtype)
         out.backward(grad_out)
@@ -120,14 +124,14 @@ def test_bfloat16_close_to_fp32_reference():
     torch.manual_seed(4)
     out = dropout_attention(qkv.bfloat16(), mask, 0.1)
     torch.manual_seed(4)
-    ref = reference_attention(qkv.bfloat16().float(), mask, 0.1, None, slab_seed_base())
+    ref = reference_attention(qkv.bfloat16().float(), mask, 0.1, None, replicated_seed())
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("with_rows", [False, True], ids=["all", "rows"])
 def test_gradcheck(monkeypatch, with_rows):
-    monkeypatch.setattr(attention, "slab_seed_base", lambda: 12345)  # every call: the same masks
+    monkeypatch.setattr(attention, "replicated_seed", lambda: 12345)  # every call: the same masks
     qkv, mask = make_inputs(2, 6, 3, 4, torch.float64, padded=True, seed=3)
     rows = torch.tensor([[0, 2, 5], [0, 1, 3]]) if with_rows else None
     sq = 6 if rows is None else rows.shape[1]
@@ -221,7 +225,7 @@ def test_self_attention_trains_through_dropout_attention(monkeypatch):
     cfg = small_config(dropout=0.1)
     torch.manual_seed(0)
     layer = SelfAttention(cfg, TPContext()).train().double()
-    monkeypatch.setattr(attention, "slab_seed_base", lambda: 99)
+    monkeypatch.setattr(attention, "replicated_seed", lambda: 99)
     b, s, n, d = 2, 10, cfg.num_heads, cfg.head_dim
     x = torch.randn(b, s, cfg.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     mask = (torch.arange(s)[None] < torch.tensor([[s], [6]])).view(b, 1, 1, s)

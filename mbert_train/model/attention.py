@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from mbert_train.parallel.random import keep_bytes_from_seeds, keep_scale, slab_seed_base
+from mbert_train.parallel.random import keep_bytes_from_seeds, keep_scale, replicated_seed
 
 # Elements of one block's (heads x sq x sk) scores: 2^18 floats = 1 MiB, about an L2 cache.
 _BLOCK_ELEMENTS = 1 << 18
@@ -128,4 +128,4 @@ def dropout_attention(qkv: torch.Tensor, mask: torch.Tensor | None, p: float, ro
     if mask is not None:
         bias = torch.zeros(b, 1, s, dtype=qkv.dtype, device=qkv.device)
         bias.masked_fill_(~mask.view(b, 1, s), torch.finfo(qkv.dtype).min)
-    return _DropoutAttention.apply(qkv, rows, bias, p, slab_seed_base(), heads_total or n, head_offset)
+    return _DropoutAttention.apply(qkv, rows, bias, p, replicated_seed(), heads_total or n, head_offset)

@@ -94,18 +94,14 @@ def keep_bytes_from_seeds(seeds: Sequence[int], shape: Sequence[int], p: float, 
     return _keep_bytes(words.view(torch.int16)[:, :per_slab], p).view(tuple(shape))
 
 
-def drop_mask_from_seeds(seeds: Sequence[int], shape: Sequence[int], p: float, device) -> torch.Tensor:
-    """Boolean drop-mask (True with probability p): the complement of `keep_bytes_from_seeds`."""
-    return keep_bytes_from_seeds(seeds, shape, p, device) == 0
-
-
 def apply_keep(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
     """Dropout with a given keep-mask (bool or 0/1 bytes; autograd saves only the mask)."""
     return (x * keep.view(torch.uint8)).mul_(keep_scale(p))
 
 
-def slab_seed_base() -> int:
-    """One draw from the replicated default CPU generator (the same on every TP rank)."""
+def replicated_seed() -> int:
+    """One draw from the replicated default CPU generator (the same on every TP rank): the root
+    of every stream of sharded regions."""
     return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
 
 
@@ -119,9 +115,8 @@ def sharded_keep_mask(shape: tuple[int, ...], p: float, dim: int, group, device)
 
 
 def sharded_stream_seed(group) -> int:
-    """Seed of this TP rank's stream for sharded regions; one draw from the default CPU generator."""
-    base = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
-    return base + group_rank(group)
+    """Seed of this TP rank's stream for sharded regions: `replicated_seed()` plus the TP rank."""
+    return replicated_seed() + group_rank(group)
 
 
 def local_dropout_keep(shape: tuple[int, ...], p: float, group, device) -> torch.Tensor:
