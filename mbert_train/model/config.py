@@ -55,9 +55,11 @@ class ModelConfig:
     attention_dropout: float = 0.1
     """Dropout on attention probabilities."""
     tp_invariant_dropout: bool = False
-    """Draw attention-dropout masks for all heads on every TP rank, so TP=N drops exactly what
-    TP=1 drops (slower: explicit softmax, full-size masks). Off: each TP rank draws its own
-    heads' masks from its own stream, and CUDA runs the dropout inside fused SDPA."""
+    """Masks that do not depend on the TP or SP degree, so TP=N drops exactly what TP=1 drops:
+    on CUDA attention leaves fused SDPA for the blockwise path (per-head streams), and under
+    sequence parallelism residual-stream masks are drawn for the whole sequence and sliced. Off:
+    CUDA draws each TP rank's heads' masks inside fused SDPA from the rank's own stream (on CPU
+    attention masks are per head, hence TP-invariant, either way)."""
     initializer_range: float = 0.02
     """Std of the normal initialisation of weights."""
     pad_token_id: int = 0
