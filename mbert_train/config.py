@@ -126,6 +126,10 @@ class TrainerConfig:
     step pays the warm-up (logged as compile_s), and each new padded batch length compiles once."""
     mlm_masked_only: bool = True
     """Run the MLM decoder on masked positions only (same loss and gradients, far less work)."""
+    unpad: bool = True
+    """Run the layers on the real tokens only: a batch's padding is removed and its samples laid
+    end to end (same loss and gradients). Not under sequence parallelism or `compile`, where
+    batches keep their padded shape."""
     seed: int = 1234
     """Seed of weights, data order, masks and dropout."""
     max_bad_steps: int = 5

@@ -192,7 +192,7 @@ def run(cfg: TrainConfig, run_dir_candidate: str, record: dict[str, object] | No
                        sp_keep_gathered=cfg.parallel.sp_keep_gathered,
                        invariant_dropout=cfg.model.tp_invariant_dropout)
         model = MegatronBert(cfg.model, tp, activation_checkpointing=cfg.trainer.activation_checkpointing,
-                             mlm_masked_only=cfg.trainer.mlm_masked_only)
+                             mlm_masked_only=cfg.trainer.mlm_masked_only, unpad=cfg.trainer.unpad)
     if cfg.trainer.compile:
         model.compile_layers()  # the graphs are built by the first step (compile_s)
     seed_for_training(cfg.trainer.seed, state.dp_rank)

@@ -256,3 +256,40 @@ def test_model_dropout_is_a_function_of_the_seed():
         assert torch.equal(grads_again[name], g), name
     other, _ = model_loss(10)
     assert not torch.equal(other, loss)
+
+
+@pytest.mark.parametrize("with_rows", [False, True], ids=["all", "rows"])
+def test_packed_samples_are_each_their_own_attention(monkeypatch, with_rows):
+    """On a packed batch (padding removed, samples end to end) each sample attends to its own
+    tokens only, with the masks it would draw alone as sample i (seed base + i * heads + head):
+    output and d(qkv) equal per-sample calls on the unpadded samples."""
+    monkeypatch.setattr(attention, "_BLOCK_ELEMENTS", 2 * 9 * 9)  # several blocks per sample
+    monkeypatch.setattr(attention, "replicated_seed", lambda: 77)
+    b, s, n, d, p = 3, 9, 3, 4, 0.3
+    lengths = torch.tensor([9, 4, 7])
+    real = torch.arange(s)[None] < lengths[:, None]
+    labels = torch.where(torch.rand(b, s, generator=torch.Generator().manual_seed(4)) < 0.4, 5, -100)
+    read = (labels != -100) & real
+    read[:, 0] = True
+    read[2] = False
+    read[2, 0] = True  # a sample that reads [CLS] only
+    packing, rows = attention.Packing.from_masks(real.long(), read)
+    assert packing.starts == (0, 9, 13, 20) and packing.read_starts[-1] == rows.shape[1] == int(read.sum())
+    qkv = torch.randn(b, s, 3, n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    packed = qkv.reshape(b * s, 3, n, d)[packing.index][None].requires_grad_()
+    out = dropout_attention(packed, packing, p, rows if with_rows else None)
+    grad_out = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(6))
+    out.backward(grad_out)
+    outs, grads, g0 = [], [], 0
+    for i in range(b):
+        x = qkv[i: i + 1, : lengths[i]].clone().requires_grad_()
+        sample_rows = read[i, : lengths[i]].nonzero().view(1, -1) if with_rows else None
+        o = dropout_attention(x, None, p, sample_rows, heads_total=n, head_offset=i * n)
+        g1 = g0 + o.shape[1]
+        o.backward(grad_out[:, g0:g1])
+        g0 = g1
+        outs.append(o.detach()[0])
+        grads.append(x.grad[0])
+    assert g0 == out.shape[1]
+    torch.testing.assert_close(out.detach()[0], torch.cat(outs), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(packed.grad[0], torch.cat(grads), rtol=1e-12, atol=1e-12)

@@ -147,9 +147,43 @@ def test_dropout_streams_differ_per_tp_rank():
     spawn(per_rank_streams_main, 2)
 
 
+def check_packed(group) -> None:
+    """Batches with padding run packed (the real tokens end to end, `unpad=True`, the default):
+    the same losses, logits and gradients as the padded path, through SDPA on the padded layout
+    (dropout 0) and through the blockwise attention (dropout 1e-9, which rounds to dropping
+    nothing), within 1e-5."""
+    for dropout in (0.0, 1e-9):
+        cfg = small_config(dropout)
+        ref = reference_model(cfg)
+        batch = make_batch(cfg, b=4, s=16)
+        lengths = torch.tensor([16, 9, 12, 5])
+        real = torch.arange(16)[None] < lengths[:, None]
+        batch["attention_mask"] = real.long()
+        batch["input_ids"][~real] = cfg.pad_token_id
+        batch["mlm_labels"][~real] = -100
+        batch["mlm_labels"][3] = -100  # a sample with nothing masked still feeds the NSP head
+        batch["nsp_labels"] = torch.tensor([0, 1, 1, 0])
+        results = []
+        for unpad in (False, True):
+            model = ours_from_reference(ref, cfg, group, unpad=unpad).train()
+            seen = []
+            model.layers[0].register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
+            out = model(**batch)
+            out.loss.backward()
+            assert seen == [(1, int(lengths.sum()), cfg.hidden_size) if unpad else (4, 16, cfg.hidden_size)]
+            results.append((out, {n: p.grad for n, p in model.named_parameters()}))
+        (padded, grads), (packed, packed_grads) = results
+        for field in ("loss", "mlm_loss", "nsp_loss", "mlm_logits", "nsp_logits"):
+            torch.testing.assert_close(getattr(packed, field), getattr(padded, field), **TOL, msg=field)
+        assert packed.mlm_correct == padded.mlm_correct and packed.mlm_count == padded.mlm_count
+        for name, g in grads.items():
+            torch.testing.assert_close(packed_grads[name], g, **TOL, msg=lambda m: f"{name}: {m}")
+
+
 def _ranks_main():
     check_against_reference(dist.group.WORLD)
     check_dropout(dist.group.WORLD)
+    check_packed(dist.group.WORLD)
 
 
 def test_tp1_matches_reference():
@@ -158,6 +192,10 @@ def test_tp1_matches_reference():
 
 def test_tp1_dropout_and_checkpointing():
     check_dropout(None)
+
+
+def test_tp1_packed_batches_match_the_padded_path():
+    check_packed(None)
 
 
 def test_dropout_changes_the_loss():

@@ -25,6 +25,9 @@ restores the default generator before recomputing, redraws them exactly.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
 from mbert_train.parallel.random import keep_bytes_from_seeds, keep_scale, replicated_seed
@@ -37,13 +40,48 @@ def _heads_per_block(sq: int, sk: int, n: int) -> int:
     return max(1, min(n, _BLOCK_ELEMENTS // max(1, sq * sk)))
 
 
-def _queries(qkv: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """(b, sq, n, d): every position's queries, or only those at `rows` (b, m)."""
-    q = qkv[:, :, 0]
-    if rows is None:
-        return q
-    b, _, n, d = q.shape
-    return q.gather(1, rows[:, :, None, None].expand(b, rows.shape[1], n, d))
+@dataclass(frozen=True)
+class Packing:
+    """A batch with its padding removed: the real tokens of its samples laid end to end, as
+    NVIDIA's BERT recipe and MosaicBERT run them, so the dense layers do no work on padding.
+
+    `index` (T,) holds the flat positions (sample * s + position) of the real tokens, sample
+    after sample in ascending order; sample i's tokens are [starts[i], starts[i + 1]) of the
+    packed sequence. `read_starts` bounds, likewise, each sample's read positions ([CLS] and
+    the masked ones) among the last layer's queries. The model's hidden states are then
+    (1, T, h): every layer but attention is per token and sees one long sample."""
+
+    index: torch.Tensor
+    starts: tuple[int, ...]
+    read_starts: tuple[int, ...]
+    batch: int
+    seq: int
+
+    @classmethod
+    def from_masks(cls, attention_mask: torch.Tensor, read: torch.Tensor) -> tuple["Packing", torch.Tensor]:
+        """From (b, s) masks of the real and the read tokens: the packing and the read tokens'
+        packed positions (1, M), sample after sample, ascending."""
+        b, s = attention_mask.shape
+        real = attention_mask.bool()
+        read = read & real
+        index = real.view(-1).nonzero().view(-1)
+        packed_position = real.view(-1).cumsum(0) - 1  # of each real token
+        rows = packed_position[read.view(-1)].view(1, -1)
+        return cls(index, _bounds(real.sum(1)), _bounds(read.sum(1)), b, s), rows
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, ...) packed -> (b, s, ...) padded, zeros at padding."""
+        out = x.new_zeros(self.batch * self.seq, *x.shape[1:])
+        return out.index_copy_(0, self.index, x).view(self.batch, self.seq, *x.shape[1:])
+
+    def attention_mask(self) -> torch.Tensor:
+        """(b, 1, 1, s) bool, True = attend: the padded layout's mask."""
+        real = torch.zeros(self.batch * self.seq, dtype=torch.bool, device=self.index.device)
+        return real.index_fill_(0, self.index, True).view(self.batch, 1, 1, self.seq)
+
+
+def _bounds(counts: torch.Tensor) -> tuple[int, ...]:
+    return (0, *torch.cumsum(counts, 0).tolist())
 
 
 def _block_probs(qb, kb, bias_row, scale: float) -> torch.Tensor:
@@ -55,60 +93,70 @@ def _block_probs(qb, kb, bias_row, scale: float) -> torch.Tensor:
     return scores.softmax(-1, dtype=None if scores.dtype in (torch.float32, torch.float64) else torch.float32)
 
 
-class _DropoutAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, qkv, rows, bias, p: float, base: int, heads_total: int, head_offset: int):
-        b, sk, _, n, d = qkv.shape
-        q, k, v = _queries(qkv, rows), qkv[:, :, 1], qkv[:, :, 2]
-        sq = q.shape[1]
-        scale, drop_scale = d ** -0.5, keep_scale(p)
+def _slabs(k_starts, q_starts, n: int):
+    """Per sample and block of heads: (sample, key range, query range, heads, offset of the
+    block's mask in the flat keep buffer)."""
+    offset = 0
+    for i in range(len(k_starts) - 1):
+        k0, k1, q0, q1 = k_starts[i], k_starts[i + 1], q_starts[i], q_starts[i + 1]
+        sq, sk = q1 - q0, k1 - k0
         hn = _heads_per_block(sq, sk, n)
-        out = torch.empty(b, sq, n, d, dtype=qkv.dtype, device=qkv.device)
-        keeps = torch.empty(b, n, sq, sk, dtype=torch.uint8, device=qkv.device)
-        for i in range(b):
-            bias_row = None if bias is None else bias[i]
-            for h0 in range(0, n, hn):
-                h1 = min(h0 + hn, n)
-                qb, kb, vb = (t[i, :, h0:h1].transpose(0, 1) for t in (q, k, v))  # (hn, s, d)
-                probs = _block_probs(qb, kb, bias_row, scale)
-                keep = keep_bytes_from_seeds(_seeds(base, i, h0, h1, heads_total, head_offset), probs.shape, p,
-                                             qkv.device)
-                keeps[i, h0:h1] = keep
-                # The 1/(1-p) scale goes on the (s, d) product rather than the (s, s) probabilities.
-                out[i, :, h0:h1] = torch.bmm(probs.mul_(keep).to(qkv.dtype), vb).mul_(drop_scale).transpose(0, 1)
-        ctx.save_for_backward(qkv, rows, bias, keeps)
-        ctx.args = (p, base, heads_total, head_offset)
+        for h0 in range(0, n, hn):
+            h1 = min(h0 + hn, n)
+            yield i, slice(k0, k1), slice(q0, q1), slice(h0, h1), offset, (h1 - h0, sq, sk)
+            offset += (h1 - h0) * sq * sk
+
+
+class _DropoutAttention(torch.autograd.Function):
+    """On flat tokens: `qkv` (T, 3, n, d), sample i's keys [k_starts[i], k_starts[i+1]), its
+    queries the rows [q_starts[i], q_starts[i+1]) of Q, or of Q at `q_index` (Tq,) when given."""
+
+    @staticmethod
+    def forward(ctx, qkv, q_index, bias, k_starts, q_starts, p: float, base: int, heads_total: int, head_offset: int):
+        _, _, n, d = qkv.shape
+        q = qkv[:, 0] if q_index is None else qkv[:, 0].index_select(0, q_index)
+        k, v = qkv[:, 1], qkv[:, 2]
+        scale, drop_scale = d ** -0.5, keep_scale(p)
+        out = torch.empty(q.shape, dtype=qkv.dtype, device=qkv.device)
+        slabs = list(_slabs(k_starts, q_starts, n))
+        keeps = torch.empty(slabs[-1][4] + math.prod(slabs[-1][5]) if slabs else 0, dtype=torch.uint8,
+                            device=qkv.device)
+        for i, ks, qs, hs, offset, shape in slabs:
+            qb, kb, vb = q[qs, hs].transpose(0, 1), k[ks, hs].transpose(0, 1), v[ks, hs].transpose(0, 1)
+            probs = _block_probs(qb, kb, None if bias is None else bias[i], scale)
+            keep = keep_bytes_from_seeds(_seeds(base, i, hs.start, hs.stop, heads_total, head_offset), shape, p,
+                                         qkv.device)
+            keeps[offset: offset + keep.numel()] = keep.view(-1)
+            # The 1/(1-p) scale goes on the (s, d) product rather than the (s, s) probabilities.
+            out[qs, hs] = torch.bmm(probs.mul_(keep).to(qkv.dtype), vb).mul_(drop_scale).transpose(0, 1)
+        ctx.save_for_backward(qkv, q_index, bias, keeps)
+        ctx.args = (k_starts, q_starts, p)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        qkv, rows, bias, keeps = ctx.saved_tensors
-        p, base, heads_total, head_offset = ctx.args
-        b, sk, _, n, d = qkv.shape
-        q, k, v = _queries(qkv, rows), qkv[:, :, 1], qkv[:, :, 2]
-        sq = q.shape[1]
+        qkv, q_index, bias, keeps = ctx.saved_tensors
+        k_starts, q_starts, p = ctx.args
+        _, _, n, d = qkv.shape
+        q = qkv[:, 0] if q_index is None else qkv[:, 0].index_select(0, q_index)
+        k, v = qkv[:, 1], qkv[:, 2]
         scale, drop_scale = d ** -0.5, keep_scale(p)
-        hn = _heads_per_block(sq, sk, n)
-        d_qkv = torch.empty_like(qkv) if rows is None else torch.zeros_like(qkv)
-        dq = d_qkv[:, :, 0] if rows is None else torch.empty_like(q)
-        for i in range(b):
-            bias_row = None if bias is None else bias[i]
-            for h0 in range(0, n, hn):
-                h1 = min(h0 + hn, n)
-                qb, kb, vb, gb = (t[i, :, h0:h1].transpose(0, 1) for t in (q, k, v, grad_out))
-                probs = _block_probs(qb, kb, bias_row, scale)
-                keep = keeps[i, h0:h1]
-                dropped = (probs * keep).to(qkv.dtype)  # the scale is applied to the (s, d) results
-                d_qkv[i, :, 2, h0:h1] = torch.bmm(dropped.transpose(1, 2), gb).mul_(drop_scale).transpose(0, 1)
-                d_probs = torch.bmm(gb, vb.transpose(1, 2)).to(probs.dtype).mul_(keep)
-                d_scores = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype).to(qkv.dtype) \
-                    .mul_(scale * drop_scale)
-                dq[i, :, h0:h1] = torch.bmm(d_scores, kb).transpose(0, 1)
-                d_qkv[i, :, 1, h0:h1] = torch.bmm(d_scores.transpose(1, 2), qb).transpose(0, 1)
-        if rows is not None:
-            index = rows[:, :, None, None].expand(b, rows.shape[1], n, d)
-            d_qkv[:, :, 0].scatter_add_(1, index, dq)
-        return d_qkv, None, None, None, None, None, None
+        d_qkv = torch.empty_like(qkv) if q_index is None else torch.zeros_like(qkv)
+        dq = d_qkv[:, 0] if q_index is None else torch.empty_like(q)
+        for i, ks, qs, hs, offset, shape in _slabs(k_starts, q_starts, n):
+            qb, kb, vb, gb = (t.transpose(0, 1) for t in (q[qs, hs], k[ks, hs], v[ks, hs], grad_out[qs, hs]))
+            probs = _block_probs(qb, kb, None if bias is None else bias[i], scale)
+            keep = keeps[offset: offset + math.prod(shape)].view(shape)
+            dropped = (probs * keep).to(qkv.dtype)  # the scale is applied to the (s, d) results
+            d_qkv[ks, 2, hs] = torch.bmm(dropped.transpose(1, 2), gb).mul_(drop_scale).transpose(0, 1)
+            d_probs = torch.bmm(gb, vb.transpose(1, 2)).to(probs.dtype).mul_(keep)
+            d_scores = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype).to(qkv.dtype) \
+                .mul_(scale * drop_scale)
+            dq[qs, hs] = torch.bmm(d_scores, kb).transpose(0, 1)
+            d_qkv[ks, 1, hs] = torch.bmm(d_scores.transpose(1, 2), qb).transpose(0, 1)
+        if q_index is not None:
+            d_qkv[:, 0].index_add_(0, q_index, dq)
+        return d_qkv, None, None, None, None, None, None, None, None
 
 
 def _seeds(base: int, i: int, h0: int, h1: int, heads_total: int, head_offset: int) -> range:
@@ -117,15 +165,29 @@ def _seeds(base: int, i: int, h0: int, h1: int, heads_total: int, head_offset: i
     return range(first + h0, first + h1)
 
 
-def dropout_attention(qkv: torch.Tensor, mask: torch.Tensor | None, p: float, rows: torch.Tensor | None = None,
-                      *, heads_total: int | None = None, head_offset: int = 0) -> torch.Tensor:
+def dropout_attention(qkv: torch.Tensor, mask: torch.Tensor | Packing | None, p: float,
+                      rows: torch.Tensor | None = None, *, heads_total: int | None = None,
+                      head_offset: int = 0) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + padding) with dropout p, times v, from the QKV projection
     `qkv` (b, s, 3, n, d); queries at `rows` (b, m) only when given. `mask` (b, 1, 1, s) bool,
-    True = attend. This rank's heads are global heads [head_offset, head_offset + n) of
-    `heads_total` (default n). Returns the context (b, s|m, n, d)."""
-    b, s, _, n, _ = qkv.shape
+    True = attend; or a `Packing`, when `qkv` is (1, T, 3, n, d) packed tokens and `rows`
+    (1, M) their read positions. This rank's heads are global heads [head_offset, head_offset +
+    n) of `heads_total` (default n). Returns the context (b, s|m, n, d)."""
+    b, s, _, n, d = qkv.shape
+    flat = qkv.reshape(b * s, 3, n, d)
     bias = None
-    if mask is not None:
-        bias = torch.zeros(b, 1, s, dtype=qkv.dtype, device=qkv.device)
-        bias.masked_fill_(~mask.view(b, 1, s), torch.finfo(qkv.dtype).min)
-    return _DropoutAttention.apply(qkv, rows, bias, p, replicated_seed(), heads_total or n, head_offset)
+    q_index = None if rows is None else rows.reshape(-1)
+    if isinstance(mask, Packing):  # no padding left: sample i is its own stretch of keys
+        k_starts = mask.starts
+        q_starts = k_starts if rows is None else mask.read_starts
+    else:
+        k_starts = tuple(range(0, b * s + 1, s))
+        q_starts = k_starts if rows is None else tuple(range(0, rows.numel() + 1, rows.shape[1]))
+        if rows is not None:
+            q_index = (rows + torch.arange(0, b * s, s, device=rows.device)[:, None]).view(-1)
+        if mask is not None:
+            bias = torch.zeros(b, 1, s, dtype=qkv.dtype, device=qkv.device)
+            bias.masked_fill_(~mask.view(b, 1, s), torch.finfo(qkv.dtype).min)
+    out = _DropoutAttention.apply(flat, q_index, bias, k_starts, q_starts, p, replicated_seed(), heads_total or n,
+                                  head_offset)
+    return out.view(b, -1, n, d)

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mbert_train.arithmetic import padded_vocab_size
-from mbert_train.model.attention import dropout_attention
+from mbert_train.model.attention import Packing, dropout_attention
 from mbert_train.model.config import ModelConfig
 from mbert_train.parallel.cross_entropy import vocab_parallel_argmax, vocab_parallel_cross_entropy
 from mbert_train.parallel.context import LayerNorm, TPContext
@@ -59,9 +59,11 @@ class SelfAttention(nn.Module):
         # at import: the decorator imports torch._dynamo, 2 s of every start-up.
         self._dropout_attention, self._fused_attention = dropout_attention, _fused_attention_on_rank_stream
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | Packing | None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         """(b, s, h) -> (b, s, h); with `rows` (b, m) only those query positions: (b, m, h).
-        Under sequence parallelism x and the output are this rank's chunk (b, s/tp, h)."""
+        Under sequence parallelism x and the output are this rank's chunk (b, s/tp, h). With a
+        `Packing` as the mask, x is the packed real tokens (1, T, h) and `rows` (1, M)."""
         qkv = self.qkv(x)  # (b, s, 3h/tp): the whole sequence, gathered under SP
         b, s, _ = qkv.shape
         qkv = qkv.view(b, s, 3, self.local_heads, self.head_dim)  # (b, s, 3, n/tp, d)
@@ -69,7 +71,18 @@ class SelfAttention(nn.Module):
             # CPU (and the TP-invariant mode): blockwise, no (s x s) tensor kept; see attention.py.
             ctx = self._dropout_attention(qkv, mask, self.dropout, rows, heads_total=self.local_heads * self.tp_size,
                                           head_offset=self.local_heads * self.tp_rank)  # (b, s|m, n/tp, d)
-            return self.out(ctx.reshape(b, ctx.shape[1], self.local_heads * self.head_dim))
+        elif isinstance(mask, Packing):
+            # SDPA has no variable-length form: it runs on the padded layout, and the real
+            # tokens' (or the read positions') rows of its output are kept.
+            ctx = self._sdpa(mask.unpack(qkv[0]), mask.attention_mask(), None).flatten(0, 1)
+            ctx = ctx.index_select(0, mask.index if rows is None else mask.index[rows[0]])[None]
+        else:
+            ctx = self._sdpa(qkv, mask, rows)
+        return self.out(ctx.reshape(b, ctx.shape[1], self.local_heads * self.head_dim))
+
+    def _sdpa(self, qkv: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor:
+        """(b, s, 3, n, d) -> context (b, s|m, n, d) by torch's SDPA."""
+        b = qkv.shape[0]
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (b, n/tp, s, d)
         if rows is not None:  # keys and values stay over all s positions
             q = q.gather(2, rows[:, None, :, None].expand(b, self.local_heads, rows.shape[1], self.head_dim))
@@ -77,8 +90,7 @@ class SelfAttention(nn.Module):
             ctx = self._fused_attention(q, k, v, mask, self.dropout, self.group)
         else:
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        ctx = ctx.transpose(1, 2).reshape(b, q.shape[2], self.local_heads * self.head_dim)  # (b, s|m, h/tp)
-        return self.out(ctx)
+        return ctx.transpose(1, 2)
 
 
 def _fused_attention_on_rank_stream(q, k, v, mask, p: float, group) -> torch.Tensor:
@@ -120,11 +132,17 @@ class Layer(nn.Module):
         return x + self.tp.hidden_dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training)
 
 
+def read_mask(mlm_labels: torch.Tensor) -> torch.Tensor:
+    """(b, s) bool: the positions the heads read, 0 ([CLS], for the pooler) and every masked one."""
+    read = mlm_labels != IGNORE_INDEX
+    read[:, 0] = True
+    return read
+
+
 def read_positions(mlm_labels: torch.Tensor) -> torch.Tensor:
     """(b, m) positions the heads read, ascending per row: 0 ([CLS], for the pooler) and every
     masked position; rows with fewer are padded with unread positions (their labels are ignored)."""
-    read = mlm_labels != IGNORE_INDEX
-    read[:, 0] = True
+    read = read_mask(mlm_labels)
     m = int(read.sum(1).max())
     # A stable sort of "not read" puts each row's read positions first, in ascending order.
     return torch.argsort((~read).to(torch.int8), dim=1, stable=True)[:, :m]
@@ -152,13 +170,14 @@ class MegatronBert(nn.Module):
     sequence, so the chunks are gathered before it and they run replicated, as without SP."""
 
     def __init__(self, cfg: ModelConfig, tp=None, *, activation_checkpointing: bool = False,
-                 mlm_masked_only: bool = True):
+                 mlm_masked_only: bool = True, unpad: bool = True):
         super().__init__()
         if not isinstance(tp, TPContext):
             tp = TPContext(tp, invariant_dropout=cfg.tp_invariant_dropout)
         self.cfg, self.tp, self.group = cfg, tp, tp.group
         self.activation_checkpointing = activation_checkpointing
         self.mlm_masked_only = mlm_masked_only
+        self.unpad = unpad
         self.padded_vocab = padded_vocab_size(cfg.vocab_size, tp.size)
         std, h = cfg.initializer_range, cfg.hidden_size
         init = normal_init(std)
@@ -201,18 +220,26 @@ class MegatronBert(nn.Module):
         self._compiled_layers = [torch.compile(layer, dynamic=False) for layer in self.layers]
 
     def encode(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-               attention_mask: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+               attention_mask: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+               packing: Packing | None = None) -> torch.Tensor:
         """Final hidden states (b, s, h); with `rows` (b, m), only at those positions (b, m, h).
 
         Only the heads read the last layer's output, so with `rows` the last layer runs its
         attention queries, output projection, MLP and LayerNorms on those positions alone (keys
-        and values still cover the whole sequence), as MosaicBERT does: the same values there."""
+        and values still cover the whole sequence), as MosaicBERT does: the same values there.
+        With a `packing` (no sequence parallelism) the layers run on the real tokens only,
+        (1, T, h), `rows` (1, M) are packed positions, and the result is (1, T|M, h)."""
         b, s = input_ids.shape
         tp = self.tp
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         positions = torch.arange(s, device=input_ids.device)
-        if tp.sp:
+        if packing is not None:
+            if tp.sp:
+                raise ValueError("packed batches do not combine with sequence parallelism")
+            input_ids, token_type_ids = (t.reshape(-1)[packing.index][None] for t in (input_ids, token_type_ids))
+            positions = (packing.index % s)[None]
+        elif tp.sp:
             if s % tp.size:
                 raise ValueError(f"sequence length {s} is not divisible by TP={tp.size}, which sequence "
                                  f"parallelism needs; pad batches to a multiple of it (data.pad_to_multiple_of)")
@@ -223,8 +250,8 @@ class MegatronBert(nn.Module):
              + F.embedding(token_type_ids, tp.replicated_param(self.token_type_embeddings.weight))
              + F.embedding(positions, tp.replicated_param(self.position_embeddings.weight)))
         x = tp.hidden_dropout(x, self.cfg.hidden_dropout, self.training)
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        mask = packing
+        if packing is None and attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask.bool().view(b, 1, 1, s)  # True = attend
         compiled = self._compiled_layers if self.training else None
         for i, layer in enumerate(self.layers):
@@ -238,6 +265,13 @@ class MegatronBert(nn.Module):
             else:
                 x = layer(x, mask, last_rows)
         return self.final_norm(x)
+
+    def _packs(self, attention_mask: torch.Tensor | None) -> bool:
+        """Whether this batch runs packed: it has padding, and neither sequence parallelism nor
+        compiled layers (static shapes: a packed length would compile for nearly every batch)
+        are in the way."""
+        return (self.unpad and attention_mask is not None and not self.tp.sp
+                and not (self.training and self._compiled_layers is not None) and not bool(attention_mask.all()))
 
     def mlm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocab-shard logits (..., V_pad/tp); the decoder is tied to the word embeddings."""
@@ -253,22 +287,31 @@ class MegatronBert(nn.Module):
                 nsp_labels: torch.Tensor | None = None) -> PretrainOutput:
         out = PretrainOutput()
         if mlm_labels is not None and self.mlm_masked_only:
-            rows = read_positions(mlm_labels)  # (b, m): [CLS] first, then the masked positions
-            hidden = self.encode(input_ids, token_type_ids, attention_mask, rows)  # (b, m, h)
-            labels = mlm_labels.gather(1, rows)
+            if self._packs(attention_mask):  # the layers run on the real tokens only
+                read = read_mask(mlm_labels)
+                packing, rows = Packing.from_masks(attention_mask, read)  # rows (1, M): packed read positions
+                hidden = self.encode(input_ids, token_type_ids, attention_mask, rows, packing)[0]  # (M, h)
+                labels = mlm_labels[read & attention_mask.bool()]  # (M,) sample after sample
+                cls = hidden[list(packing.read_starts[:-1])]  # each sample's first read position is 0
+            else:
+                rows = read_positions(mlm_labels)  # (b, m): [CLS] first, then the masked positions
+                hidden = self.encode(input_ids, token_type_ids, attention_mask, rows)  # (b, m, h)
+                labels = mlm_labels.gather(1, rows)
+                cls = hidden[:, 0]
             selected = labels != IGNORE_INDEX  # the masked positions, in the full path's order
             out.mlm_logits = self.mlm_head(hidden[selected])  # (n_masked, V_pad/tp)
             targets = labels[selected]
             logits_flat = out.mlm_logits
         else:
             hidden = self.encode(input_ids, token_type_ids, attention_mask)  # (b, s, h)
+            cls = hidden[:, 0]
             out.mlm_logits = self.mlm_head(hidden)  # (b, s, V_pad/tp)
             if mlm_labels is not None:
                 selected = (mlm_labels != IGNORE_INDEX).view(-1)
                 logits_flat = out.mlm_logits.view(-1, out.mlm_logits.shape[-1])[selected]
                 targets = mlm_labels.view(-1)[selected]
         if self.nsp is not None:
-            out.nsp_logits = self.nsp(torch.tanh(self.pooler(hidden[:, 0])))  # (b, 2)
+            out.nsp_logits = self.nsp(torch.tanh(self.pooler(cls)))  # (b, 2)
         if mlm_labels is None:
             return out
         count = targets.numel()
