@@ -45,8 +45,9 @@ def test_bench_model_dry_run_on_our_pipelines_batches(dataset):
                 "--data", str(dataset)])
     assert f"batches: our data pipeline on {dataset}" in out and "dropout=0.1" in out
     assert re.search(r"^ratio tiny: time ref/ours \d+\.\d+x, step memory ref/ours \d+\.\d+x, "
-                     r"ref/floor \d+\.\d+x, ours/floor \d+\.\d+x", out, re.M), out
-    assert "| tiny | floor (GEMMs + AdamW) |" in out and " ok |" in out  # dropout-0 losses agree
+                     r"ref/floor \d+\.\d+x, ours/floor \d+\.\d+x, ours/real floor \d+\.\d+x", out, re.M), out
+    assert "| tiny | floor (GEMMs + AdamW) |" in out and "| tiny | floor on real tokens |" in out
+    assert " ok |" in out  # dropout-0 losses agree
 
 
 def test_bench_tp_dry_run():
