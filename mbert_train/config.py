@@ -128,8 +128,8 @@ class TrainerConfig:
     """Run the MLM decoder on masked positions only (same loss and gradients, far less work)."""
     unpad: bool = True
     """Run the layers on the real tokens only: a batch's padding is removed and its samples laid
-    end to end (same loss and gradients). Not under sequence parallelism or `compile`, where
-    batches keep their padded shape."""
+    end to end (same loss and gradients). Not under sequence parallelism, `compile` or
+    `model.tp_invariant_dropout`, where batches keep their padded shape."""
     seed: int = 1234
     """Seed of weights, data order, masks and dropout."""
     max_bad_steps: int = 5

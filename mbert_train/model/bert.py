@@ -267,10 +267,12 @@ class MegatronBert(nn.Module):
         return self.final_norm(x)
 
     def _packs(self, attention_mask: torch.Tensor | None) -> bool:
-        """Whether this batch runs packed: it has padding, and neither sequence parallelism nor
-        compiled layers (static shapes: a packed length would compile for nearly every batch)
-        are in the way."""
-        return (self.unpad and attention_mask is not None and not self.tp.sp
+        """Whether this batch runs packed: it has padding, and none of these is in the way:
+        sequence parallelism, compiled layers (static shapes: a packed length would compile for
+        nearly every batch), TP-invariant dropout (its masks are those of the padded tensors,
+        so they stay the same with SP on or off)."""
+        tp = self.tp
+        return (self.unpad and attention_mask is not None and not tp.sp and not tp.invariant_dropout
                 and not (self.training and self._compiled_layers is not None) and not bool(attention_mask.all()))
 
     def mlm_head(self, hidden: torch.Tensor) -> torch.Tensor:
