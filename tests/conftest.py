@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from tests.train_util import LAYOUTS, SECRET, STEPS, train
+from tests.train_util import LAYOUTS, ONE_STEP, SECRET, STEPS, train
 
 
 @pytest.fixture(scope="session")
@@ -15,9 +15,19 @@ def corpus_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory, corpus_cache):
-    """One 20-step run per layout, shared by every test that compares against them."""
+    """One 20-step run per layout, shared by every test that compares against them. Only tp1's
+    W&B files are checked (test_run_artifacts); the others leave W&B off (3 s a run)."""
     root = tmp_path_factory.mktemp("layouts")
     for name, (nproc, overrides) in LAYOUTS.items():
-        train(root / name, corpus_cache, [*STEPS, *overrides], nproc=nproc,
+        wandb = [] if name == "tp1" else ["logging.wandb_mode=disabled"]
+        train(root / name, corpus_cache, [*STEPS, *overrides, *wandb], nproc=nproc,
               extra_env={"WANDB_API_KEY": SECRET} if name == "tp1" else None)
     return root
+
+
+@pytest.fixture(scope="session")
+def one_step_run(tmp_path_factory, corpus_cache):
+    """A 1-step run with its step-1 checkpoint; copy it before changing anything."""
+    run_dir = tmp_path_factory.mktemp("one-step") / "run"
+    train(run_dir, corpus_cache, ["trainer.max_steps=1", *ONE_STEP], timeout=300)
+    return run_dir

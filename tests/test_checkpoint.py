@@ -29,7 +29,7 @@ from mbert_train.errors import UserError
 from mbert_train.rng import capture_rng_state, restore_rng_state, seed_everything
 from mbert_train.trainer import Trainer, TrainingDiverged, checked_trainer_state
 from tests.dist import spawn
-from tests.train_util import train
+from tests.train_util import ONE_STEP, train
 
 
 def _save(ckpt: CheckpointDir, step: int, value: float | None = None) -> Path:
@@ -553,13 +553,12 @@ def test_checkpoint_failures_on_one_rank_stop_every_rank(tmp_path):
     spawn(_two_ranks_fail_together, 2, str(tmp_path))
 
 
-def test_truncated_trainer_file_stops_mbert_train_with_one_line(tmp_path, corpus_cache):
+def test_truncated_trainer_file_stops_mbert_train_with_one_line(one_step_run, tmp_path, corpus_cache):
     run_dir = tmp_path / "run"
-    tiny = ["trainer.checkpoint_every=1", "trainer.eval_every=0", "trainer.export_hf=false", "data.num_workers=0"]
-    train(run_dir, corpus_cache, ["trainer.max_steps=1", *tiny], timeout=300)
+    shutil.copytree(one_step_run, run_dir)
     state = run_dir / "checkpoints" / "step_00000001" / "trainer_state.pt"
     state.write_bytes(state.read_bytes()[:1000])
-    proc = train(run_dir, corpus_cache, ["trainer.max_steps=2", *tiny], check=False, timeout=300)
+    proc = train(run_dir, corpus_cache, ["trainer.max_steps=2", *ONE_STEP], check=False, timeout=300)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (

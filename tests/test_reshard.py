@@ -20,7 +20,7 @@ from mbert_train.model.config import ModelConfig
 from mbert_train.model.weights import full_shapes, read_model_meta, shard_full, template
 from mbert_train.reshard import Fragment, chunks
 from tests.dist import spawn
-from tests.train_util import losses, train
+from tests.train_util import ONE_STEP, losses, train
 
 TINY = ModelConfig(vocab_size=301, hidden_size=16, num_layers=1, num_heads=4, intermediate_size=32,
                    max_position_embeddings=32)
@@ -212,21 +212,19 @@ def test_a_pickle_in_the_optimizer_metadata_is_refused_without_running(tmp_path)
                                "no checkpoint holds; refusing to load it")
 
 
-def test_truncated_optimizer_state_stops_mbert_train_with_one_line(tmp_path, corpus_cache):
+def test_truncated_optimizer_state_stops_mbert_train_with_one_line(one_step_run, tmp_path, corpus_cache):
     run_dir = tmp_path / "run"
-    tiny = ["trainer.checkpoint_every=1", "trainer.eval_every=0", "trainer.export_hf=false", "data.num_workers=0",
-            "logging.wandb_mode=disabled"]
-    train(run_dir, corpus_cache, ["trainer.max_steps=1", *tiny], timeout=300)
+    shutil.copytree(one_step_run, run_dir)
     optim = run_dir / "checkpoints" / "step_00000001" / OPTIM_DIR
     data = next(optim.glob("__0_*.distcp"))
     data.write_bytes(data.read_bytes()[:100])
-    proc = train(run_dir, corpus_cache, ["trainer.max_steps=2", *tiny], check=False, timeout=300)
+    proc = train(run_dir, corpus_cache, ["trainer.max_steps=2", *ONE_STEP], check=False, timeout=300)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"mbert-train: error: checkpoint optimizer state {optim} is truncated or corrupt"), last
     (optim / ".metadata").unlink()
-    proc = train(run_dir, corpus_cache, ["trainer.max_steps=2", *tiny], check=False, timeout=300)
+    proc = train(run_dir, corpus_cache, ["trainer.max_steps=2", *ONE_STEP], check=False, timeout=300)
     assert proc.stderr.strip().splitlines()[-1] == (
         f"mbert-train: error: checkpoint file {optim / '.metadata'} is missing; "
         "delete the checkpoint dir or point run.dir elsewhere"), proc.stderr[-2000:]

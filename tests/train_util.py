@@ -50,6 +50,11 @@ def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
     return out
 
 
+# The tiny run the truncated-checkpoint tests damage (each a copy of its own).
+ONE_STEP = ["trainer.checkpoint_every=1", "trainer.eval_every=0", "trainer.export_hf=false", "data.num_workers=0",
+            "logging.wandb_mode=disabled"]
+
+
 STEPS = ["trainer.max_steps=20", "trainer.checkpoint_every=10", "trainer.eval_every=10"]
 SECRET = "sekrit-wandb-key-123"
 
