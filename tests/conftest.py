@@ -19,7 +19,7 @@ def runs(tmp_path_factory, corpus_cache):
     W&B files are checked (test_run_artifacts); the others leave W&B off (3 s a run)."""
     root = tmp_path_factory.mktemp("layouts")
     for name, (nproc, overrides) in LAYOUTS.items():
-        wandb = [] if name == "tp1" else ["logging.wandb_mode=disabled"]
+        wandb = ["logging.wandb_mode=offline"] if name == "tp1" else []
         train(root / name, corpus_cache, [*STEPS, *overrides, *wandb], nproc=nproc,
               extra_env={"WANDB_API_KEY": SECRET} if name == "tp1" else None)
     return root
