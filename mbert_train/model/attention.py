@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -74,8 +75,10 @@ class Packing:
         out = x.new_zeros(self.batch * self.seq, *x.shape[1:])
         return out.index_copy_(0, self.index, x).view(self.batch, self.seq, *x.shape[1:])
 
+    @cached_property
     def attention_mask(self) -> torch.Tensor:
-        """(b, 1, 1, s) bool, True = attend: the padded layout's mask."""
+        """(b, 1, 1, s) bool, True = attend: the padded layout's mask (built once per batch,
+        not per layer)."""
         real = torch.zeros(self.batch * self.seq, dtype=torch.bool, device=self.index.device)
         return real.index_fill_(0, self.index, True).view(self.batch, 1, 1, self.seq)
 

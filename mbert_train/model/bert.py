@@ -74,7 +74,7 @@ class SelfAttention(nn.Module):
         elif isinstance(mask, Packing):
             # SDPA has no variable-length form: it runs on the padded layout, and the real
             # tokens' (or the read positions') rows of its output are kept.
-            ctx = self._sdpa(mask.unpack(qkv[0]), mask.attention_mask(), None).flatten(0, 1)
+            ctx = self._sdpa(mask.unpack(qkv[0]), mask.attention_mask, None).flatten(0, 1)
             ctx = ctx.index_select(0, mask.index if rows is None else mask.index[rows[0]])[None]
         else:
             ctx = self._sdpa(qkv, mask, rows)
