@@ -7,9 +7,13 @@ from tests.train_util import LAYOUTS, ONE_STEP, SECRET, STEPS, train
 
 @pytest.fixture(scope="session")
 def corpus_cache(tmp_path_factory):
-    """One embedded-corpus cache for the whole session (built on first use, then reused)."""
+    """One embedded-corpus cache for the whole session, the corpus built here, once: no rank
+    builds it under a collective's (short) timeout, and every later run finds it."""
+    from mbert_train.data import DataConfig, prepare_default_corpus
+
     path = os.environ.get("MBERT_TEST_CACHE") or str(tmp_path_factory.mktemp("mbert-cache"))
     os.environ["MBERT_CACHE"] = path
+    prepare_default_corpus(DataConfig(cache_dir=path))
     return path
 
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from mbert_train.data import DataConfig, build_loaders
 from tests.dist import spawn
 from tests.test_data_corpus import embedded_corpus
-from tests.train_util import FAST, LAYOUTS, STEPS, command, env, losses, train
+from tests.train_util import FAST, LAYOUTS, STEPS, command, env, losses, start, train, train_cli
 
 TIMEOUT_S = 8  # parallel.timeout_s of the stalled-rank test; start-up collectives must fit in it
 
@@ -41,6 +41,16 @@ def _running(pid: int) -> bool:
         return False
 
 
+def _wait_for_steps(run_dir: Path, n: int, poll, stderr, timeout: float = 240) -> None:
+    """Until rank 0 has logged `n` training steps (a metrics line is written after its step)."""
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while not (metrics.exists() and metrics.read_text().count('"loss"') >= n):
+        assert poll() is None, f"exited early ({poll()}):\n{stderr()[-3000:]}"
+        assert time.monotonic() < deadline, "no training step logged"
+        time.sleep(0.05)
+
+
 class Run:
     """`mbert-train` (or torchrun) in a session of its own, output in files."""
 
@@ -50,14 +60,8 @@ class Run:
             self.proc = subprocess.Popen(command(nproc, [*FAST, f"run.dir={run_dir}", *overrides]), env=env(cache),
                                          stdout=out, stderr=err, start_new_session=True)
 
-    def wait_for_steps(self, n: int, timeout: float = 240) -> None:
-        """Until rank 0 has logged `n` training steps (a metrics line is written after its step)."""
-        metrics = self.run_dir / "metrics.jsonl"
-        deadline = time.monotonic() + timeout
-        while not (metrics.exists() and metrics.read_text().count('"loss"') >= n):
-            assert self.proc.poll() is None, f"exited early ({self.proc.returncode}):\n{self.err.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no training step logged"
-            time.sleep(0.05)
+    def wait_for_steps(self, n: int) -> None:
+        _wait_for_steps(self.run_dir, n, self.proc.poll, self.err.read_text)
 
     def children(self) -> list[int]:
         return _children(self.proc.pid)
@@ -114,6 +118,7 @@ def _resumes_exactly(runs: Path, run_dir: Path, cache: str, layout: str, stopped
     assert [resumed[s] for s in range(stopped_at + 1, 21)] == [reference[s] for s in range(stopped_at + 1, 21)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["tp1", "dp2_zero1"])
 def test_sigterm_to_the_process_group_checkpoints_and_resumes_exactly(runs, tmp_path, corpus_cache, layout):
     """The DataLoader workers get the signal too; they leave the stop to the main process."""
@@ -132,6 +137,7 @@ def test_sigterm_to_the_process_group_checkpoints_and_resumes_exactly(runs, tmp_
     _resumes_exactly(runs, run.run_dir, corpus_cache, layout, step)
 
 
+@pytest.mark.slow
 def test_stop_survives_dataloader_workers_dying_with_it(runs, tmp_path, corpus_cache):
     """Workers SIGKILLed together with the SIGTERM: the stop still checkpoints the last
     completed step (not a half-fetched one) and exits 0."""
@@ -143,24 +149,26 @@ def test_stop_survives_dataloader_workers_dying_with_it(runs, tmp_path, corpus_c
     _resumes_exactly(runs, run.run_dir, corpus_cache, "tp1", step)
 
 
+@pytest.mark.slow
 def test_a_stalled_rank_ends_the_job_with_one_line_naming_the_timeout(tmp_path, corpus_cache):
     overrides = [*LAYOUTS["dp2_zero0"][1], "trainer.max_steps=100000", "trainer.eval_every=0",
                  "trainer.checkpoint_every=100000", "trainer.export_hf=false", "logging.wandb_mode=disabled",
                  f"parallel.timeout_s={TIMEOUT_S}"]
-    run = Run(tmp_path, tmp_path / "stalled", corpus_cache, overrides, 2)
+    run = start(tmp_path / "stalled", corpus_cache, overrides, nproc=2)
     try:
-        run.wait_for_steps(2)
-        rank0, rank1 = run.rank_pid(0), run.rank_pid(1)
+        _wait_for_steps(tmp_path / "stalled", 2, run.ranks.poll, lambda: run.output("err"))
+        rank0, rank1 = run.ranks.pids
         os.kill(rank1, signal.SIGSTOP)
         stopped = time.monotonic()
         while _running(rank0):
             assert time.monotonic() - stopped < 3 * TIMEOUT_S, "rank 0 still waits for the stopped rank"
             time.sleep(0.1)
-        os.kill(rank1, signal.SIGKILL)  # torchrun would wait its shutdown timeout for it
-        rc, _, err = run.finish(timeout=60)
+        os.kill(rank1, signal.SIGKILL)
+        proc = run.result(timeout=60)
     finally:
-        run.kill()
-    assert rc != 0
+        run.ranks.kill()
+    assert proc.returncode != 0
+    err = proc.stderr
     errors = [line for line in err.splitlines() if line.startswith("mbert-train: error:")]
     assert len(errors) == 1 and f"parallel.timeout_s={TIMEOUT_S} " in errors[0], err
     assert [line for line in err.splitlines() if "Timed out" in line] == errors, "no traceback of the timeout"
@@ -209,15 +217,17 @@ def test_timeout_must_be_positive(tmp_path, corpus_cache, value):
         assert proc.stderr.strip().splitlines()[0].startswith("mbert-train: error: parallel.timeout_s=0"), proc.stderr
 
 
+@pytest.mark.slow
 def test_a_stale_extension_lock_does_not_block_start(tmp_path, corpus_cache):
     """A run killed while DeepSpeed built its shm_comm extension leaves its lock behind; torch
     would wait on it forever. Nothing on the CPU path builds an extension at all."""
     extensions = tmp_path / "torch_extensions"
     (extensions / "deepspeed_shm_comm").mkdir(parents=True)
     (extensions / "deepspeed_shm_comm" / "lock").touch()
-    train(tmp_path / "run", corpus_cache, ["trainer.max_steps=1", "trainer.eval_every=0", "trainer.export_hf=false",
-                                           "logging.wandb_mode=disabled"],
-          extra_env={"TORCH_EXTENSIONS_DIR": str(extensions)}, timeout=150)
+    # A new interpreter: the extension directory must be in the environment when DeepSpeed is imported.
+    train_cli(tmp_path / "run", corpus_cache, ["trainer.max_steps=1", "trainer.eval_every=0", "trainer.export_hf=false",
+                                               "logging.wandb_mode=disabled"],
+              extra_env={"TORCH_EXTENSIONS_DIR": str(extensions)}, timeout=150)
     built = sorted(str(p.relative_to(extensions)) for p in extensions.rglob("*"))
     assert built == ["deepspeed_shm_comm", "deepspeed_shm_comm/lock"], built
 
