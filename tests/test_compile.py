@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train_util import losses, start, train
+from tests.train_util import losses, start, train, train_cli
 
 pytestmark = pytest.mark.slow
 
@@ -77,8 +77,9 @@ def test_compiled_resume_after_sigkill_is_exact(tmp_path, corpus_cache):
 
 
 def test_missing_compiler_is_one_line(tmp_path, corpus_cache):
-    proc = train(tmp_path / "nocc", corpus_cache, [*ONE_SHAPE, *COMPILE, *STEPS], check=False, timeout=120,
-                 extra_env={"CXX": str(tmp_path / "no-such-c++")})
+    # A new interpreter: inductor reads $CXX when it is imported.
+    proc = train_cli(tmp_path / "nocc", corpus_cache, [*ONE_SHAPE, *COMPILE, *STEPS], check=False, timeout=120,
+                     extra_env={"CXX": str(tmp_path / "no-such-c++")})
     assert proc.returncode != 0
     first = proc.stderr.strip().splitlines()[0]
     assert "trainer.compile=true needs a C++ compiler" in first and "trainer.compile=false" in first, proc.stderr

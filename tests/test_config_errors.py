@@ -157,6 +157,7 @@ def test_non_finite_setting_names_the_key(override):
     assert message(exc).startswith(f"{override} is not a finite number") and f"set {key} to" in message(exc)
 
 
+@pytest.mark.slow
 def test_non_finite_lr_through_the_cli(tmp_path, corpus_cache):
     """The real console entry in a new interpreter (the other run tests fork a preloaded one):
     exit status 2 and one line on stderr."""

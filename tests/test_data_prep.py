@@ -181,6 +181,7 @@ def test_existing_tokenizer_files_and_datasets_inputs(tmp_path):
     assert open_dataset(str(out)).metadata["sources"][0]["kind"] == "hf"
 
 
+@pytest.mark.slow
 def test_killed_prep_leaves_nothing_finished(tmp_path):
     inputs = write_bad_corpus(tmp_path)
     out = tmp_path / "ds"

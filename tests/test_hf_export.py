@@ -18,6 +18,8 @@ from mbert_train.convert import main
 from mbert_train.hf_export import TOKENIZER_FILES, dataset_of_run
 from tests.train_util import losses, train
 
+pytestmark = pytest.mark.slow
+
 STEPS = 3
 TEXT = "Return the value of the named attribute of an object."
 
