@@ -2,9 +2,9 @@
 
 The ranks are forked from a forkserver that imported torch, transformers' MegatronBERT,
 DeepSpeed, Hydra and mbert_train once per session (tests/preload.py): a spawned interpreter
-re-imports them (4-6 s per rank, the larger part of a test's time on 2 cores). The forkserver itself is a fresh
-interpreter that only imported modules (no threads, no process group), so each rank still
-starts clean; it is handed this process's environment, as spawn would inherit it.
+re-imports them (4-6 s per rank, the larger part of a test's time on 2 cores). The forkserver
+itself is a fresh interpreter that only imported modules (no threads, no process group), so
+each rank still starts clean; it is handed this process's environment, as spawn would inherit it.
 
 `spawn` runs a function on ranks that joined a process group; `Ranks` starts ranks with only a
 launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...), for code that joins the group
@@ -18,6 +18,8 @@ import signal
 import socket
 import time
 import traceback
+from multiprocessing.connection import wait as wait_any
+from pathlib import Path
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -37,7 +39,7 @@ def children(pid: int) -> list[int]:
     found = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
-            stat = open(f"/proc/{entry}/stat").read()
+            stat = Path("/proc", entry, "stat").read_text()
         except OSError:
             continue
         if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
@@ -111,6 +113,7 @@ class Ranks:
                  grace_s: float = 10.0):
         ctx, port = _context(), free_port()
         self.grace_s = grace_s
+        self._failure: int | None = None
         self.procs = [ctx.Process(target=_rank_entry, args=(r, world, port, dict(environ or os.environ), cwd, fn, args),
                                   name=f"rank{r}") for r in range(world)]
         for proc in self.procs:
@@ -121,34 +124,29 @@ class Ranks:
         return [proc.pid for proc in self.procs]
 
     def poll(self) -> int | None:
-        """None while a rank runs and none failed; else the exit status (the first failure's)."""
+        """None while a rank runs and none failed; else the exit status: the first failure's
+        (not that of a peer killed after it), or 0."""
         codes = [proc.exitcode for proc in self.procs]
-        failed = [c for c in codes if c not in (None, 0)]
-        if failed:
-            return failed[0]
+        if self._failure is None:
+            self._failure = next((c for c in codes if c not in (None, 0)), None)
+        if self._failure is not None:
+            return self._failure
         return None if None in codes else 0
 
-    def signal(self, sig: int) -> None:
-        for pid in self.pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-
     def wait(self, timeout: float) -> int:
-        """The exit status once every rank ended: 0, the first failure's status, or -SIGKILL for
-        ranks killed `grace_s` after another failed. Raises TimeoutError (all ranks killed)."""
+        """The exit status once every rank ended (see `poll`). Raises TimeoutError, all ranks
+        killed, after `timeout` seconds."""
         deadline, failed_at = time.monotonic() + timeout, None
-        while any(proc.exitcode is None for proc in self.procs):
+        while running := [proc for proc in self.procs if proc.exitcode is None]:
             now = time.monotonic()
             if failed_at is None and self.poll() not in (None, 0):
                 failed_at = now
-            if now > deadline or (failed_at is not None and now > failed_at + self.grace_s):
+            if now > deadline:
                 self.kill()
-                if now > deadline:
-                    raise TimeoutError(f"ranks still running after {timeout} s")
-            for proc in self.procs:
-                proc.join(0.05)
+                raise TimeoutError(f"ranks still running after {timeout} s")
+            if failed_at is not None and now > failed_at + self.grace_s:
+                self.kill()
+            wait_any([proc.sentinel for proc in running], timeout=0.1)
         return self.poll()
 
     def kill(self) -> None:
