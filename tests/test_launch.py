@@ -192,6 +192,11 @@ def test_torchrun_single(fakebin, tmp_path):
                             "-m", "mbert_train.train", f"run.dir={tmp_path / 'r'}", "model=tiny",
                             "parallel.tensor_parallel=2"]
     torchrun_parser().parse_args(call["argv"])
+    # Restarts on request: torchrun then restarts a failed group, which resumes from RUN_DIR.
+    restarts = subprocess.run([str(LAUNCH / "torchrun_single.sh")], cwd=tmp_path,
+                              env=env | {"MAX_RESTARTS": "1"}, capture_output=True, text=True, timeout=60)
+    (call,) = _fake_calls(restarts.stdout)
+    assert "--max-restarts=1" in call["argv"] and f"run.dir={tmp_path / 'r'}" in call["argv"]
     default = subprocess.run([str(LAUNCH / "torchrun_single.sh")], cwd=tmp_path, env=_env(fakebin),
                              capture_output=True, text=True, timeout=60)
     (call,) = _fake_calls(default.stdout)
