@@ -61,13 +61,6 @@ class Run:
         cmdline = Path(f"/proc/{self.proc.pid}/cmdline").read_bytes()
         return [pid for pid in self.children() if Path(f"/proc/{pid}/cmdline").read_bytes() == cmdline]
 
-    def rank_pid(self, rank: int) -> int:
-        """A torchrun rank (its own session: torchrun starts each in one)."""
-        for pid in self.children():
-            if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                return pid
-        raise AssertionError(f"rank {rank} not found")
-
     def finish(self, timeout: float = 180) -> tuple[int, str, str]:
         rc = self.proc.wait(timeout=timeout)
         return rc, self.out.read_text(), self.err.read_text()
