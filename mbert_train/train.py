@@ -82,9 +82,8 @@ def run_dir_problem(run_dir: Path) -> str | None:
             f"point run.dir at a new or empty folder, or at an existing run to resume it")
 
 
-def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, record: dict[str, object], secrets: frozenset[str]) -> None:
-    """Mark `run_dir` as ours, then write Hydra's record and the config (both redacted)."""
-    from mbert_train.metrics import redact
+def _prepare_run_dir(run_dir: Path, record: dict[str, object]) -> None:
+    """Mark `run_dir` as ours, then write Hydra's record (redacted)."""
     from mbert_train.staging import write_text_atomic
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -95,28 +94,48 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, record: dict[str, object],
         (run_dir / HYDRA_SUBDIR).mkdir(exist_ok=True)
         for name, content in record.items():
             write_text_atomic(run_dir / HYDRA_SUBDIR / name, OmegaConf.to_yaml(OmegaConf.create(content)))
+
+
+def _write_config(run_dir: Path, cfg: TrainConfig, secrets: frozenset[str]) -> None:
+    """RUN_DIR/config.yaml: the resolved config (the vocabulary size the dataset gave), redacted."""
+    from mbert_train.metrics import redact
+    from mbert_train.staging import write_text_atomic
+
     config = redact(dataclasses.asdict(cfg), values=secrets)
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
 
 
-def _shared_run_dir(candidate: str, cfg: TrainConfig, record: dict[str, object], secrets: frozenset[str]) -> Path:
-    """Rank 0's run dir for every rank (ranks may start a second apart and name dirs by time),
-    checked and prepared by rank 0; a refusal there stops every rank with the same line."""
-    box: list[str | None] = [None, None]
+def _on_rank0(action, where: str):
+    """`action()` on rank 0, its result on every rank. A refusal or a file-system error there
+    stops every rank with the same line, instead of leaving the others at the next collective."""
+    box: list[object] = [None, None]
     if dist.get_rank() == 0:
-        run_dir = Path(candidate).resolve()
-        problem = run_dir_problem(run_dir)
-        if problem is None:
-            try:
-                _prepare_run_dir(run_dir, cfg, record, secrets)
-            except OSError as exc:
-                problem = f"run.dir={run_dir}: {describe_os_error(exc, exc.filename or run_dir)}"
-        box = [str(run_dir), problem]
+        try:
+            box[0] = action()
+        except UserError as exc:
+            box[1] = str(exc)
+        except OSError as exc:
+            box[1] = f"{where}: {describe_os_error(exc, exc.filename or where)}"
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(box, src=0)
     if box[1] is not None:
         raise UserError(box[1])
-    return Path(box[0])
+    return box[0]
+
+
+def _shared_run_dir(candidate: str, record: dict[str, object]) -> Path:
+    """Rank 0's run dir for every rank (ranks may start a second apart and name dirs by time),
+    checked and prepared by rank 0."""
+    run_dir = Path(candidate).resolve()
+
+    def check_and_prepare() -> str:
+        problem = run_dir_problem(run_dir)
+        if problem is not None:
+            raise UserError(problem)
+        _prepare_run_dir(run_dir, record)
+        return str(run_dir)
+
+    return Path(_on_rank0(check_and_prepare, f"run.dir={run_dir}"))
 
 
 def _dataset_dir(cfg: TrainConfig, rank: int) -> str:
@@ -157,7 +176,7 @@ def _check_same_tokenizer(digest: str | None, dataset_dir: str) -> None:
 
 def run(cfg: TrainConfig, run_dir_candidate: str, record: dict[str, object] | None = None,
         secrets: frozenset[str] = frozenset()) -> Path:
-    from mbert_train.data import build_loaders, check_vocab, open_dataset
+    from mbert_train.data import build_loaders, open_dataset, resolve_vocab
     from mbert_train.engine import build_engine
     from mbert_train.metrics import MetricsLogger
     from mbert_train.model import MegatronBert
@@ -179,11 +198,13 @@ def run(cfg: TrainConfig, run_dir_candidate: str, record: dict[str, object] | No
         raise ValueError("optim=lamb needs a GPU (DeepSpeed's FusedLamb); on CPU use optim=adamw")
     if cfg.trainer.compile and device.type == "cpu":
         _require_cpp_compiler()
-    run_dir = _shared_run_dir(run_dir_candidate, cfg, record or {}, secrets)
+    run_dir = _shared_run_dir(run_dir_candidate, record or {})
 
     dataset_dir = _dataset_dir(cfg, state.rank)
     metadata = open_dataset(dataset_dir).metadata
-    check_vocab(metadata, cfg.model.vocab_size, dataset_dir)
+    vocab_size = resolve_vocab(metadata, cfg.model.vocab_size, dataset_dir)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
+    _on_rank0(lambda: _write_config(run_dir, cfg, secrets), str(run_dir / "config.yaml"))
     _check_same_tokenizer(metadata.get("tokenizer_sha256"), dataset_dir)
 
     torch.manual_seed(cfg.trainer.seed)  # same on every rank: TP shards cut from one master weight
