@@ -138,6 +138,14 @@ class TrainerConfig:
     """Start from these weights (an `mbert-convert from-hf` output or any checkpoint, any TP)."""
     export_hf: bool = True
     """Write a Hugging Face export to RUN_DIR/hf at the end."""
+    resume: str = "auto"
+    """Which checkpoint a start continues from: `auto` (the run dir's latest, if any), `none`
+    (step 0; refused if the run dir holds checkpoints, so nothing is overwritten) or a step
+    number (`checkpoints/step_STEP`; checkpoints of later steps are moved into
+    `checkpoints/set_aside_DATE_TIME/`, never deleted)."""
+    eval_only: bool = False
+    """Evaluate the run dir's checkpoint (as `resume` chooses it) or else `init_from` on the
+    held-out split, append the result to metrics.jsonl and exit: no training, no checkpoint."""
     inject_nan_at: list[int] = field(default_factory=list)
     """Fault injection for tests: make the loss NaN at these steps."""
     deepspeed: dict[str, Any] = field(default_factory=dict)
@@ -153,6 +161,9 @@ class TrainerConfig:
         if self.global_batch_size < 0 or self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"trainer.global_batch_size={self.global_batch_size} must be 0 (off) or a multiple "
                              f"of trainer.micro_batch_size={self.micro_batch_size}")
+        if self.resume not in ("auto", "none") and not self.resume.isdigit():
+            raise UserError(f"trainer.resume={self.resume} must be auto, none or a checkpoint's step number "
+                            f"(e.g. trainer.resume=1000 for checkpoints/step_00001000)")
         if self.grad_clip < 0 or self.eval_every < 0:
             raise ValueError(f"trainer.grad_clip={self.grad_clip} and trainer.eval_every={self.eval_every} "
                              f"must be >= 0")

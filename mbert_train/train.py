@@ -184,7 +184,7 @@ def run(cfg: TrainConfig, run_dir_candidate: str, record: dict[str, object] | No
     from mbert_train.parallel.layout import init_parallel
     from mbert_train.parallel.random import seed_for_training, training_seed
     from mbert_train.checkpoint import CheckpointDir, read_run_record, step_of
-    from mbert_train.trainer import Trainer, locate_checkpoint
+    from mbert_train.trainer import Trainer, checkpoint_to_evaluate, choose_checkpoint
 
     state = init_parallel(cfg.parallel.tensor_parallel, timeout_s=cfg.parallel.timeout_s)
     state.dims.check_model(cfg.model)
@@ -204,7 +204,8 @@ def run(cfg: TrainConfig, run_dir_candidate: str, record: dict[str, object] | No
     metadata = open_dataset(dataset_dir).metadata
     vocab_size = resolve_vocab(metadata, cfg.model.vocab_size, dataset_dir)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
-    _on_rank0(lambda: _write_config(run_dir, cfg, secrets), str(run_dir / "config.yaml"))
+    if not (cfg.trainer.eval_only and (run_dir / "config.yaml").exists()):  # keep the training run's
+        _on_rank0(lambda: _write_config(run_dir, cfg, secrets), str(run_dir / "config.yaml"))
     _check_same_tokenizer(metadata.get("tokenizer_sha256"), dataset_dir)
 
     torch.manual_seed(cfg.trainer.seed)  # same on every rank: TP shards cut from one master weight
@@ -227,25 +228,35 @@ def run(cfg: TrainConfig, run_dir_candidate: str, record: dict[str, object] | No
     # The checkpoint to resume from is found first: the logger it is built with continues the
     # W&B run that checkpoint recorded and cuts metrics.jsonl back to its step.
     ckpt = CheckpointDir(run_dir, rank=state.rank, keep_last=cfg.trainer.keep_last)
-    resume_from = locate_checkpoint(ckpt, device)
+    if cfg.trainer.eval_only:
+        resume_from, note = checkpoint_to_evaluate(ckpt, cfg.trainer), ""
+    else:
+        resume_from, note = choose_checkpoint(ckpt, cfg.trainer.resume, device)
     record = read_run_record(resume_from)
+    resume_step = step_of(resume_from) if resume_from is not None else 0
     log = MetricsLogger(run_dir, rank=state.rank, wandb_mode=cfg.logging.wandb_mode,
                         project=cfg.logging.project, run_name=cfg.logging.run_name or run_dir.name,
                         config=OmegaConf.to_container(OmegaConf.structured(cfg)),
                         wandb_run_id=record.get("wandb_run_id"),
-                        resume_step=step_of(resume_from) if resume_from is not None else 0, secrets=secrets)
+                        resume_step=None if cfg.trainer.eval_only else resume_step, secrets=secrets)
     trainer = Trainer(cfg, state, engine, train_loader, eval_loader, run_dir, device, log,
                       dataset={"path": str(Path(dataset_dir).resolve()),
                                "tokenizer_sha256": metadata.get("tokenizer_sha256")})
+    layout = (f" | world {state.dims.world_size} = TP {state.dims.tensor_parallel} x DP {state.dims.data_parallel}"
+              f" | ZeRO-{cfg.parallel.zero_stage}{' + SP' if cfg.parallel.sequence_parallel else ''}"
+              f" | {cfg.trainer.precision} on {device.type}")
     try:
+        if cfg.trainer.eval_only:
+            evaluate_only(trainer, resume_from, layout)
+            return run_dir
         resumed = trainer.resume(resume_from) if resume_from is not None else False
         if not resumed and cfg.trainer.init_from:
             trainer.load_weights(cfg.trainer.init_from)
         if state.rank == 0:
-            print(f"[mbert-train] run dir {run_dir} | {'resumed at step ' + str(trainer.step) if resumed else 'new run'}"
-                  f" | world {state.dims.world_size} = TP {state.dims.tensor_parallel} x DP {state.dims.data_parallel}"
-                  f" | ZeRO-{cfg.parallel.zero_stage}{' + SP' if cfg.parallel.sequence_parallel else ''}"
-                  f" | {cfg.trainer.precision} on {device.type}"
+            start = f"resumed at step {trainer.step}" if resumed else "new run"
+            if resumed and cfg.trainer.resume != "auto":
+                start += f" (trainer.resume={cfg.trainer.resume}{'; ' + note if note else ''})"
+            print(f"[mbert-train] run dir {run_dir} | {start}{layout}"
                   f" | global batch {train_loader.global_batch} = micro {cfg.trainer.micro_batch_size}"
                   f" x accum {cfg.trainer.grad_accum} x DP {state.dims.data_parallel}", flush=True)
         trainer.install_signal_handlers()
@@ -254,6 +265,25 @@ def run(cfg: TrainConfig, run_dir_candidate: str, record: dict[str, object] | No
     finally:
         log.finish()
     return run_dir
+
+
+def evaluate_only(trainer, checkpoint: Path | None, layout: str) -> dict:
+    """`trainer.eval_only=true`: the weights of `checkpoint` (else `trainer.init_from`), one
+    held-out evaluation logged at the checkpoint's step, printed on rank 0; nothing written
+    but the metrics."""
+    from mbert_train.checkpoint import step_of
+
+    source = checkpoint if checkpoint is not None else trainer.cfg.trainer.init_from
+    trainer.load_weights(source)
+    trainer.step = step_of(checkpoint) if checkpoint is not None else 0
+    if trainer.state.rank == 0:
+        print(f"[mbert-train] run dir {trainer.run_dir} | evaluating {source}{layout}", flush=True)
+    result = trainer.evaluate()
+    if trainer.state.rank == 0:
+        shown = " ".join(f"{k}={v:.4f}" for k, v in result.items())
+        print(f"[mbert-train] eval at step {trainer.step}: {shown} (appended to {trainer.run_dir / 'metrics.jsonl'})",
+              flush=True)
+    return result
 
 
 def finish(trainer, run_dir: Path, dataset_dir: str | None = None) -> None:
