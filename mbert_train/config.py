@@ -187,7 +187,7 @@ class TrainerConfig:
 
 @dataclass
 class LoggingConfig:
-    """Weights & Biases (rank 0 only) and the progress bar."""
+    """Weights & Biases, TensorBoard (both rank 0 only) and the progress bar."""
 
     wandb_mode: str = "offline"
     """offline (files under RUN_DIR/wandb), online (needs WANDB_API_KEY in the env) or disabled."""
@@ -197,6 +197,9 @@ class LoggingConfig:
     """W&B run name; default: the run directory's name."""
     progress_bar: bool = True
     """tqdm bar on rank 0."""
+    tensorboard: bool = False
+    """Also write every value of metrics.jsonl as TensorBoard scalars under RUN_DIR/tensorboard (rank 0;
+    independent of W&B). Needs the `tensorboard` package (the `[tensorboard]` extra)."""
 
     def __post_init__(self) -> None:
         if self.wandb_mode not in ("offline", "online", "disabled"):

@@ -176,9 +176,13 @@ def _check_same_tokenizer(digest: str | None, dataset_dir: str) -> None:
 
 def run(cfg: TrainConfig, run_dir_candidate: str, record: dict[str, object] | None = None,
         secrets: frozenset[str] = frozenset()) -> Path:
+    from mbert_train.metrics import MetricsLogger, require_tensorboard
+
+    # First, on every rank (all stop with the same line), before the imports below (~4 s).
+    if cfg.logging.tensorboard:
+        require_tensorboard()
     from mbert_train.data import build_loaders, open_dataset, resolve_vocab
     from mbert_train.engine import build_engine
-    from mbert_train.metrics import MetricsLogger
     from mbert_train.model import MegatronBert
     from mbert_train.parallel.context import TPContext
     from mbert_train.parallel.layout import init_parallel
@@ -238,7 +242,8 @@ def run(cfg: TrainConfig, run_dir_candidate: str, record: dict[str, object] | No
                         project=cfg.logging.project, run_name=cfg.logging.run_name or run_dir.name,
                         config=OmegaConf.to_container(OmegaConf.structured(cfg)),
                         wandb_run_id=record.get("wandb_run_id"),
-                        resume_step=None if cfg.trainer.eval_only else resume_step, secrets=secrets)
+                        resume_step=None if cfg.trainer.eval_only else resume_step, secrets=secrets,
+                        tensorboard=cfg.logging.tensorboard)
     trainer = Trainer(cfg, state, engine, train_loader, eval_loader, run_dir, device, log,
                       dataset={"path": str(Path(dataset_dir).resolve()),
                                "tokenizer_sha256": metadata.get("tokenizer_sha256")})
