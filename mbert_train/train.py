@@ -203,12 +203,21 @@ def run(cfg: TrainConfig, run_dir_candidate: str, record: dict[str, object] | No
     if cfg.trainer.compile and device.type == "cpu":
         _require_cpp_compiler()
     run_dir = _shared_run_dir(run_dir_candidate, record or {})
+    # config.yaml records the run as started, then (below) with the vocabulary the dataset gave;
+    # an evaluation leaves the training run's record alone. Decided on rank 0, for every rank.
+    def first_config_record() -> bool:
+        if cfg.trainer.eval_only and (run_dir / "config.yaml").exists():
+            return False
+        _write_config(run_dir, cfg, secrets)
+        return True
+
+    write_config = _on_rank0(first_config_record, str(run_dir / "config.yaml"))
 
     dataset_dir = _dataset_dir(cfg, state.rank)
     metadata = open_dataset(dataset_dir).metadata
     vocab_size = resolve_vocab(metadata, cfg.model.vocab_size, dataset_dir)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
-    if not (cfg.trainer.eval_only and (run_dir / "config.yaml").exists()):  # keep the training run's
+    if write_config:
         _on_rank0(lambda: _write_config(run_dir, cfg, secrets), str(run_dir / "config.yaml"))
     _check_same_tokenizer(metadata.get("tokenizer_sha256"), dataset_dir)
 
