@@ -15,8 +15,20 @@ from mbert_train.data.config import DataConfig
 from mbert_train.errors import UserError
 from mbert_train.model.config import ModelConfig
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _conf_dir() -> Path:
+    """`conf/`: inside the package when installed from a wheel (pyproject.toml maps the
+    checkout's `conf/` to `mbert_train/conf`), else at the top of the checkout, beside the
+    package (an editable install, or a checkout on sys.path)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "conf"
+    return installed if (installed / "config.yaml").is_file() else package.parent / "conf"
+
+
+CONF_DIR = _conf_dir()
+"""The one home of the config folder: Hydra's `config_path` (train.py) and `compose_config`."""
 
 
 @dataclass
