@@ -309,8 +309,7 @@ def finish(trainer, run_dir: Path, dataset_dir: str | None = None) -> None:
     if cfg.trainer.export_hf and state.dp_rank == 0:
         full = full_state_dict(trainer.engine.module)
         if state.rank == 0:
-            from mbert_train.convert import export_hf
-            from mbert_train.hf_export import export_files
+            from mbert_train.convert.hf import export_files, export_hf
 
             files, missing = export_files(cfg.model, dataclasses.asdict(cfg), dataset_dir=dataset_dir,
                                           step=trainer.step, data_parallel=state.dims.data_parallel,

@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from transformers import MegatronBertConfig
 
 from mbert_train.arithmetic import padded_vocab_size
-from mbert_train.convert import load_model_dir, main, write_model_dir
+from mbert_train.convert import main
+from mbert_train.convert.common import load_model_dir, write_model_dir
 from mbert_train.model.config import ModelConfig
 from mbert_train.model.weights import full_shapes
 
