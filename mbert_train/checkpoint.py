@@ -9,6 +9,7 @@ Layout under a run directory::
     RUN_DIR/checkpoints/step_00000100/rng_rank00000.pt  # one per rank
     RUN_DIR/checkpoints/step_00000100/run.json    # config (redacted) and the W&B run id
     RUN_DIR/checkpoints/latest                    # text file: "step_00000100"
+    RUN_DIR/checkpoints/set_aside_DATE_TIME/step_00000200  # moved aside by trainer.resume=100
 
 Every file but the RNG states is independent of the layout that wrote it, so a checkpoint
 loads at any TP x DP x ZeRO stage (`mbert_train.reshard`).
@@ -80,6 +81,8 @@ FORMAT = 2
 """`meta.json` "format": 2 = the layout-independent format above. Format 1 (no "format" key) held
 one `trainer_rank*.pt` per rank with DeepSpeed's partitioned optimizer state."""
 TMP_PREFIX = ".tmp-"
+SET_ASIDE_PREFIX = "set_aside_"
+"""Folders under `checkpoints/` holding the checkpoints a `trainer.resume=STEP` start moved aside."""
 _TAG_RE = re.compile(r"^step_(\d{8,})$")
 _REPLACED_RE = re.compile(rf"^{re.escape(TMP_PREFIX)}replaced-(step_\d{{8,}})-\d+$")
 
@@ -322,6 +325,29 @@ class CheckpointDir:
         if warning:
             log.warning("%s", warning + ("; starting fresh" if found is None else ""))
         return found
+
+    def set_aside_after(self, step: int) -> Path | None:
+        """Make `step` the checkpoint to continue from (rank 0): every complete checkpoint of a
+        later step is moved, whole and by rename, into a new `set_aside_DATE_TIME/` beside them
+        (nothing is deleted), then `latest` names `step`. Returns the folder, or None when no
+        later checkpoint existed."""
+        later = [p for p in self.list() if step_of(p) > step]
+        aside = None
+        with write_errors(self.root):
+            if later:
+                stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+                aside = self.root / f"{SET_ASIDE_PREFIX}{stamp}"
+                n = 1
+                while aside.exists():
+                    n += 1
+                    aside = self.root / f"{SET_ASIDE_PREFIX}{stamp}-{n}"
+                aside.mkdir()
+                for checkpoint in later:
+                    os.rename(checkpoint, aside / checkpoint.name)
+                fsync_path(aside)
+                fsync_path(self.root)
+            write_text_atomic(self.root / LATEST_FILE, step_tag(step) + "\n")
+        return aside
 
     def collect_garbage(self) -> list[Path]:
         """Restore an interrupted re-commit, then delete leftovers of crashed saves (rank 0);

@@ -19,9 +19,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from mbert_train import reshard
 from mbert_train.arithmetic import masked_fraction
-from mbert_train.checkpoint import (OPTIM_DIR, RUN_FILE, TRAINER_STATE_FILE, CheckpointDir, CheckpointError,
+from mbert_train.checkpoint import (META_FILE, OPTIM_DIR, RUN_FILE, TRAINER_STATE_FILE, CheckpointDir, CheckpointError,
                                     _as_os_error, find_latest, load_torch, require_format, rng_file,
-                                    write_errors)
+                                    step_of, write_errors)
 from mbert_train.config import TrainConfig
 from mbert_train.data.loader import STOP_SIGNALS
 from mbert_train.errors import UserError, describe_os_error
@@ -129,6 +129,57 @@ def locate_checkpoint(ckpt: CheckpointDir, device: torch.device) -> Path | None:
     except CheckpointError as exc:
         error = exc
     raise_together(error, "reading the checkpoint", device)
+    return latest
+
+
+def choose_checkpoint(ckpt: CheckpointDir, resume: str, device: torch.device) -> tuple[Path | None, str]:
+    """The checkpoint this start continues from as `trainer.resume` says (auto, none or a step),
+    agreed by every rank, and what the start line should add (checkpoints set aside)."""
+    if resume == "auto":
+        return locate_checkpoint(ckpt, device), ""
+    error, chosen, note = None, None, ""
+    try:
+        ckpt.collect_garbage()
+        existing = ckpt.list()
+        steps = ", ".join(str(step_of(p)) for p in sorted(existing, key=step_of)) or "none"
+        if resume == "none" and existing:
+            raise CheckpointError(f"trainer.resume=none but {ckpt.root} holds checkpoints (steps {steps}); point "
+                                  f"run.dir at a new folder to start over, or continue with trainer.resume=auto "
+                                  f"or trainer.resume=STEP")
+        if resume != "none":
+            chosen = ckpt.path(int(resume))
+            if chosen not in existing:
+                raise CheckpointError(f"trainer.resume={resume}: {ckpt.root} has no complete checkpoint of step "
+                                      f"{int(resume)} (its steps: {steps}); use one of those, auto or none")
+    except CheckpointError as exc:
+        error = exc
+    raise_together(error, f"choosing the checkpoint (trainer.resume={resume})", device)
+    if chosen is not None:
+        try:
+            aside = ckpt.set_aside_after(step_of(chosen)) if ckpt.rank == 0 else None
+            if aside is not None:
+                note = f"later checkpoints moved to {aside}"
+        except CheckpointError as exc:
+            error = exc
+        raise_together(error, f"setting aside the checkpoints after step {step_of(chosen)}", device)
+    return chosen, note
+
+
+def checkpoint_to_evaluate(ckpt: CheckpointDir, t) -> Path | None:
+    """`trainer.eval_only`'s checkpoint, read-only (nothing is cleaned up or set aside): the
+    latest, or `checkpoints/step_STEP` with `trainer.resume=STEP`; None to evaluate
+    `trainer.init_from`. One line when there is nothing to evaluate."""
+    if t.resume.isdigit():
+        chosen = ckpt.path(int(t.resume))
+        if not (chosen / META_FILE).is_file():
+            raise CheckpointError(f"trainer.eval_only=true with trainer.resume={t.resume}: {chosen} is not a complete "
+                                  f"checkpoint; choose a step of {ckpt.root}, or trainer.resume=auto")
+        return chosen
+    latest = find_latest(ckpt.root.parent)[0] if t.resume == "auto" else None
+    if latest is None and not t.init_from:
+        raise CheckpointError(f"trainer.eval_only=true found no checkpoint in {ckpt.root}"
+                              f"{' (trainer.resume=none)' if t.resume == 'none' else ''} and trainer.init_from is "
+                              f"unset; point run.dir at a run, or set trainer.init_from=MODEL_DIR")
     return latest
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mbert_train.config import compose_config
-from mbert_train.convert import write_model_dir
+from mbert_train.convert.common import write_model_dir
 from mbert_train.engine import deepspeed_config
 from mbert_train.model import MegatronBert, ModelConfig
 from mbert_train.model.weights import (full_state_dict, load_full_from_dir, read_model_meta, shard_file,

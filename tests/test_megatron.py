@@ -1,17 +1,21 @@
 """mbert-convert from-megatron / to-megatron against the referee, the `convert_megatron_bert_checkpoint.py`
 that transformers shipped in its 4.x releases (it reads TP=1 sources only; a TP=2 source is merged for it
 here from Megatron-LM's definition of the per-rank layout). Synthetic checkpoints are built from that
-definition: per-head Q, K, V tensors stacked per checkpoint_version and cut per TP rank."""
+definition: per-head Q, K, V tensors stacked per checkpoint_version and cut per TP rank. The referee
+comes from the package index (pip download, once); the tests that use it skip without the index."""
 
 import argparse
 import enum
 import importlib.util
 import os
 import random
+import socket
 import subprocess
 import sys
+import urllib.request
 import zipfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -20,7 +24,8 @@ from safetensors.torch import load_file
 from transformers import MegatronBertConfig
 
 from mbert_train.arithmetic import padded_vocab_size
-from mbert_train.convert import load_model_dir, main, write_model_dir
+from mbert_train.convert import main
+from mbert_train.convert.common import load_model_dir, write_model_dir
 from mbert_train.model.config import ModelConfig
 from mbert_train.model.weights import full_shapes
 
@@ -31,15 +36,41 @@ H, HEADS, LAYERS, FFN, POS, PADDED = 32, 4, 2, 64, 24, 256  # 256: padded for TP
 HN = H // HEADS
 
 
+def index_unreachable(timeout_s: float = 5.0) -> str | None:
+    """Why pip's package index cannot be reached (a TCP connect to it, or to the proxy pip would
+    use), or None when it can: only then may a failed download count as a failure."""
+    listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                            timeout=60).stdout
+    settings = dict(line.split("=", 1) for line in listed.splitlines() if "=" in line)
+    url = next((settings[k].strip("'\"") for k in (":env:.index-url", "download.index-url", "global.index-url")
+                if k in settings), "https://pypi.org/simple")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return None  # a local index
+    proxy = None if urllib.request.proxy_bypass(parts.hostname) else urllib.request.getproxies().get(parts.scheme)
+    address = urlsplit(proxy) if proxy else parts
+    port = address.port or (443 if address.scheme == "https" else 80)
+    try:
+        socket.create_connection((address.hostname, port), timeout=timeout_s).close()
+    except OSError as exc:
+        return f"{address.hostname}:{port} ({'the proxy for ' if proxy else ''}{url}) cannot be reached: {exc}"
+    return None
+
+
 @pytest.fixture(scope="session")
 def referee():
-    """`convert_megatron_checkpoint` of transformers 4.x, extracted from its wheel (downloaded once
-    into ~/.cache/mbert-train-tests with pip; only that one pure-Python script is used)."""
+    """`convert_megatron_checkpoint` of transformers 4.x, extracted from its wheel. Needs the package
+    index once: the wheel is downloaded with pip into ~/.cache/mbert-train-tests (only that one
+    pure-Python script is used). Skipped when the index cannot be reached; any other failure fails."""
     script = CACHE / f"transformers-{REFEREE_VERSION}" / "convert_megatron_bert_checkpoint.py"
     if not script.is_file():
         wheels = CACHE / "wheels"
         wheel = wheels / f"transformers-{REFEREE_VERSION}-py3-none-any.whl"
         if not wheel.is_file():
+            offline = index_unreachable()
+            if offline:
+                pytest.skip(f"needs the package index to download the referee transformers=={REFEREE_VERSION} "
+                            f"(or {wheel.name} put into {wheels} by hand): {offline}")
             proc = subprocess.run([sys.executable, "-m", "pip", "download", f"transformers=={REFEREE_VERSION}",
                                    "--no-deps", "--only-binary", ":all:", "-d", str(wheels)],
                                   capture_output=True, text=True, timeout=600)

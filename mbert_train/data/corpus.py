@@ -217,19 +217,21 @@ def open_dataset(path: str) -> PreparedCorpus:
     return PreparedCorpus(path)
 
 
-def check_vocab(metadata: dict, model_vocab_size: int, path: str) -> None:
-    """Fail fast, before the model is built, when the model's embedding does not match the
-    dataset's tokenizer or a token id of the dataset falls outside the embedding."""
+def resolve_vocab(metadata: dict, model_vocab_size: int | None, path: str) -> int:
+    """The model's vocabulary size: the dataset tokenizer's when `model.vocab_size` is unset,
+    else the one set, which must match it. Fails fast, before the model is built, on a mismatch
+    or a token id of the dataset outside the embedding."""
     vocab = int(metadata["vocab_size"])
-    if vocab != model_vocab_size:
+    if model_vocab_size is not None and vocab != model_vocab_size:
         meta_file = os.path.join(path, fmt.METADATA_FILE)
         raise DatasetError(
             f"model.vocab_size={model_vocab_size} does not match the dataset's tokenizer "
-            f"(vocab_size={vocab} in {meta_file}); set model.vocab_size={vocab}, or re-run "
-            f"mbert-prep with --vocab-size {model_vocab_size} (or a matching --tokenizer)")
+            f"(vocab_size={vocab} in {meta_file}); leave model.vocab_size unset (it then follows the "
+            f"dataset) or set model.vocab_size={vocab}, or re-run mbert-prep with --vocab-size {model_vocab_size} (or a matching --tokenizer)")
     # Set by open_dataset (read or scanned); a mismatch here means a corrupt metadata.json.
     max_id = metadata.get("max_token_id")
-    if isinstance(max_id, int) and max_id >= model_vocab_size:
+    if isinstance(max_id, int) and max_id >= vocab:
         raise DatasetError(
-            f"{os.path.join(path, fmt.TOKENS_FILE)} holds token id {max_id}, outside "
-            f"model.vocab_size={model_vocab_size}; the dataset is corrupt: re-run mbert-prep")
+            f"{os.path.join(path, fmt.TOKENS_FILE)} holds token id {max_id}, outside the tokenizer's "
+            f"vocab_size={vocab}; the dataset is corrupt: re-run mbert-prep")
+    return vocab

@@ -172,6 +172,9 @@ class MegatronBert(nn.Module):
     def __init__(self, cfg: ModelConfig, tp=None, *, activation_checkpointing: bool = False,
                  mlm_masked_only: bool = True, unpad: bool = True):
         super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size is unset; it is taken from the dataset's tokenizer "
+                             "(mbert_train.data.resolve_vocab) before the model is built")
         if not isinstance(tp, TPContext):
             tp = TPContext(tp, invariant_dropout=cfg.tp_invariant_dropout)
         self.cfg, self.tp, self.group = cfg, tp, tp.group

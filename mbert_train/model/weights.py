@@ -49,19 +49,24 @@ def full_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
     return shapes
 
 
+def pad_vocab(tensor: torch.Tensor, vocab_size: int, tp: int) -> torch.Tensor:
+    """A tensor of `VOCAB_PARAMS` with `vocab_size` rows, padded with zero rows to
+    `padded_vocab_size(vocab_size, tp)`."""
+    pad = padded_vocab_size(vocab_size, tp) - vocab_size
+    return torch.cat([tensor, tensor.new_zeros((pad, *tensor.shape[1:]))]) if pad else tensor
+
+
 def shard_full(full: dict[str, torch.Tensor], cfg: ModelConfig, tp: int, rank: int) -> dict[str, torch.Tensor]:
     """TP rank `rank`'s tensors of a TP=`tp` model from the full form, with no process group:
     vocabulary rows padded with zeros to `padded_vocab_size(vocab, tp)`, then cut."""
     spec = shard_spec(template(cfg))
-    pad = padded_vocab_size(cfg.vocab_size, tp) - cfg.vocab_size
     out = {}
     for name, tensor in full.items():
         if name in VOCAB_PARAMS:
             if tensor.shape[0] != cfg.vocab_size:
                 raise ValueError(f"checkpoint tensor {name} has {tensor.shape[0]} vocabulary rows but "
                                  f"model.vocab_size={cfg.vocab_size}; set model.vocab_size to the checkpoint's")
-            if pad:
-                tensor = torch.cat([tensor, tensor.new_zeros((pad, *tensor.shape[1:]))])
+            tensor = pad_vocab(tensor, cfg.vocab_size, tp)
         if name in spec:
             dim, stride = spec[name]
             tensor = shard(tensor, dim, tp, rank, stride=stride)
