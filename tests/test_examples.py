@@ -275,7 +275,7 @@ def inputs(tmp_path_factory, corpus_cache) -> Path:
     import numpy as np
     import torch
 
-    from mbert_train.convert import write_model_dir
+    from mbert_train.convert.common import write_model_dir
     from mbert_train.model.config import ModelConfig
     from mbert_train.model.weights import full_shapes
 
@@ -575,11 +575,14 @@ def test_example(block, inputs, tmp_path, capfd):
         key = _launch_key(cmd)
         if key is not None and key in _LAUNCHED:
             continue
+        failure = None
         try:
             runner_of(cmd)(cmd, ws, n)
         except AssertionError as exc:
+            failure = str(exc)
+        if failure is not None:
             captured = capfd.readouterr()
-            pytest.fail(f"{cmd.where}: `{cmd.text}` failed:\n{exc}\n{captured.out[-3000:]}\n{captured.err[-3000:]}",
+            pytest.fail(f"{cmd.where}: `{cmd.text}` failed:\n{failure}\n{captured.out[-3000:]}\n{captured.err[-3000:]}",
                         pytrace=False)
         if key is not None:
             _LAUNCHED.add(key)
