@@ -19,17 +19,19 @@ How each kind runs:
 - `mbert-train` and the other `mbert-*` tools: in this process, through their console-script entry
   points (the process boundary proves nothing for them); Hydra's GlobalHydra is cleared and
   the environment, working directory and signal handlers restored after each.
-- Training commands get `SHORT` appended: one step, one micro-batch per rank and step, no W&B,
-  progress bar or export, workers off; a new `run.dir` unless the command names one (a sweep gets
+- Training commands get `SHORT` appended: one step of one micro-batch of 2 samples per rank, no
+  W&B, progress bar or export, DataLoader workers off; a new `run.dir` unless the command names one (a sweep gets
   its own `hydra.sweep.dir`). A command that picks a model preset other than `tiny`, or an
   experiment, also gets `SHRINK` (one layer): the big presets do not train on a CPU box at full
   depth.
 - `torchrun` and the `launch/` scripts: subprocesses with 2 ranks on this machine. A multi-node
   command runs as two local "nodes" (NODE_RANK 0 and 1, one rank each) on 127.0.0.1; `sbatch`
   runs the script itself with `srun` and `scontrol` emulated (two nodes); the DeepSpeed launcher
-  gets a one-host hostfile. A SLURM sweep through Hydra's submitit launcher is composed
-  (`--cfg hydra`), not submitted.
-- The same launcher command met again (in another file, for instance) runs once.
+  gets a one-host hostfile. A SLURM sweep through Hydra's submitit launcher is composed, not
+  submitted: `-m` dropped, each sweep's first value, `--cfg hydra`.
+- `mkdir`: a subprocess.
+- The same launcher command, or `mbert-train` command without a `run.dir` of its own (no later
+  line can read its output), met again (in another file, for instance) runs once.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ import sys
 import time
 import uuid
 import warnings
-from contextlib import contextmanager
+import io
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from dataclasses import dataclass, field
 from glob import glob
 from importlib.metadata import entry_points
@@ -70,8 +73,8 @@ NOT_RUN = {
     "python benchmarks/": "benchmarks run for minutes; tests/test_benchmarks.py runs each at its smallest shape",
 }
 
-SHORT = ["trainer.max_steps=1", "trainer.global_batch_size=0", "trainer.eval_batches=1", "trainer.export_hf=false",
-         "logging.wandb_mode=disabled", "logging.progress_bar=false", "data.num_workers=0"]
+SHORT = ["trainer.max_steps=1", "trainer.micro_batch_size=2", "trainer.global_batch_size=0", "trainer.eval_batches=1",
+         "trainer.export_hf=false", "logging.wandb_mode=disabled", "logging.progress_bar=false", "data.num_workers=0"]
 SHRINK = ["model.num_layers=1"]
 TIMEOUT_S = 300
 
@@ -220,6 +223,8 @@ def runner_of(cmd: Command):
         return run_launcher
     if program == "sbatch":
         return run_sbatch
+    if program == "mkdir":
+        return run_mkdir
     return None
 
 
@@ -388,15 +393,17 @@ def _process_state(cwd: Path, env: dict[str, str]):
         GlobalHydra.instance().clear()
 
 
-def run_in_process(argv: list[str], cwd: Path, env: dict[str, str]) -> None:
-    main = _tool(argv[0])
-    with _process_state(cwd, env):
+def run_in_process(argv: list[str], cwd: Path, env: dict[str, str], *, capture: bool = False) -> str:
+    """Run a console script's entry point here; its stdout returned with `capture`."""
+    main, out = _tool(argv[0]), io.StringIO()
+    with _process_state(cwd, env), (redirect_stdout(out) if capture else nullcontext()):
         sys.argv = list(argv)
         try:
             status = main()
         except SystemExit as exc:
             status = exc.code
-    assert status in (0, None), f"`{shlex.join(argv)}` exited with {status}"
+    assert status in (0, None), f"`{shlex.join(argv)}` exited with {status}:\n{out.getvalue()[-3000:]}"
+    return out.getvalue()
 
 
 def run_tool(cmd: Command, ws: Path, n: int) -> None:
@@ -404,8 +411,11 @@ def run_tool(cmd: Command, ws: Path, n: int) -> None:
     env = {k: _absolute(v, ws) for k, v in cmd.env.items()}
     if argv[0] == "mbert-train":
         args = argv[1:]
-        if "hydra/launcher=slurm" in args:  # a SLURM sweep: compose it, submit nothing
-            args = [*args, "--cfg", "hydra"]
+        if "hydra/launcher=slurm" in args:  # a SLURM sweep: compose it (one point of it), submit nothing
+            args = [a if a.startswith(("hydra.", "hydra/")) else a.split(",")[0] for a in args if a != "-m"]
+            out = run_in_process([argv[0], *args, "--cfg", "hydra"], ws, env, capture=True)
+            assert "submitit_launcher.SlurmLauncher" in out, f"the SLURM launcher was not composed:\n{out[-3000:]}"
+            return
         elif _is_training(args):
             where = ([f"hydra.sweep.dir={ws}/multirun-{n}"] if "-m" in args or "--multirun" in args
                      else [] if any(a.startswith("run.dir=") for a in args) else [f"run.dir={ws}/runs/example-{n}"])
@@ -543,16 +553,23 @@ def run_sbatch(cmd: Command, ws: Path, n: int) -> None:
     _run_all([(["bash", str(REPO / script), *args, *_short(args)], env)], ws, f"sbatch-{n}")
 
 
+def run_mkdir(cmd: Command, ws: Path, n: int) -> None:
+    _run_all([([_absolute(a, ws) for a in cmd.argv], _subprocess_env(cmd.env, ws))], ws, f"mkdir-{n}")
+
+
 def run_python(block: Block, ws: Path, n: int) -> None:
     code = "\n".join(line for _, line in block.lines)
     _run_all([([sys.executable, "-c", code], _subprocess_env({}, ws))], ws, f"python-{n}")
 
 
-_LAUNCHED: set = set()
+_DONE: set = set()
 
 
 def _launch_key(cmd: Command):
-    if runner_of(cmd) in (run_tool, None):
+    """What makes two commands the same run; None for those that must run wherever they appear."""
+    runner = runner_of(cmd)
+    if runner in (None, run_mkdir) or runner is run_tool and (
+            cmd.argv[0] != "mbert-train" or any(a.startswith("run.dir=") for a in cmd.argv)):
         return None
     return tuple(cmd.argv), tuple(sorted((k, v) for k, v in cmd.env.items() if k not in EMULATED))
 
@@ -573,7 +590,7 @@ def test_example(block, inputs, tmp_path, capfd):
         if not_run_reason(cmd):
             continue
         key = _launch_key(cmd)
-        if key is not None and key in _LAUNCHED:
+        if key is not None and key in _DONE:
             continue
         failure = None
         try:
@@ -585,5 +602,5 @@ def test_example(block, inputs, tmp_path, capfd):
             pytest.fail(f"{cmd.where}: `{cmd.text}` failed:\n{failure}\n{captured.out[-3000:]}\n{captured.err[-3000:]}",
                         pytrace=False)
         if key is not None:
-            _LAUNCHED.add(key)
+            _DONE.add(key)
         capfd.readouterr()
