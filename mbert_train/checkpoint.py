@@ -50,7 +50,6 @@ Multi-node runs need RUN_DIR on a file system every node sees (NFS, Lustre, GPFS
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -66,7 +65,7 @@ from typing import Any
 
 import torch
 
-from mbert_train.errors import UserError, describe_os_error
+from mbert_train.errors import UserError, as_os_error, describe_os_error
 from mbert_train.staging import apply_umask, fsync_path, fsync_tree, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -129,25 +128,6 @@ def step_of(path: Path | str) -> int:
     return int(match.group(1))
 
 
-def _as_os_error(exc: BaseException) -> OSError | None:
-    """The OSError behind a failed write; torch and safetensors report one only as text
-    (torch: `[enforce fail at inline_container.cc:672] . unexpected pos` when the disk fills)."""
-    if isinstance(exc, OSError):
-        return exc
-    text = str(exc)
-    found = re.search(r"os error (\d+)", text)
-    if found:
-        return OSError(int(found.group(1)), text)
-    for code in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
-        if os.strerror(code) in text:
-            return OSError(code, text)
-    if "unexpected pos" in text or "file write failed" in text:
-        return OSError(errno.ENOSPC, text)
-    if "inline_container.cc" in text:
-        return OSError(errno.EIO, text)
-    return None
-
-
 @contextmanager
 def write_errors(path: Path | str) -> Iterator[None]:
     """Turn a failed write under `path` (disk full, read-only, permissions) into a one-line
@@ -157,7 +137,7 @@ def write_errors(path: Path | str) -> Iterator[None]:
     except CheckpointError:
         raise
     except Exception as exc:
-        os_error = _as_os_error(exc)
+        os_error = as_os_error(exc)
         if os_error is None:
             raise
         where = getattr(exc, "filename", None) or path
@@ -170,18 +150,18 @@ def read_json(path: Path | str) -> dict[str, Any]:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {path} is missing; {_ADVICE}") from None
+        raise CheckpointError(f"checkpoint file {path} is missing; {CHECKPOINT_ADVICE}") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"checkpoint file {path} cannot be read ({exc}); {_ADVICE}") from None
+        raise CheckpointError(f"checkpoint file {path} cannot be read ({exc}); {CHECKPOINT_ADVICE}") from None
     if not text.strip():
-        raise CheckpointError(f"checkpoint file {path} is empty; {_ADVICE}")
+        raise CheckpointError(f"checkpoint file {path} is empty; {CHECKPOINT_ADVICE}")
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
-        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt; {_ADVICE}") from None
+        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt; {CHECKPOINT_ADVICE}") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"checkpoint file {path} holds a JSON {type(value).__name__}, not an object; "
-                              f"{_ADVICE}")
+                              f"{CHECKPOINT_ADVICE}")
     return value
 
 
@@ -407,7 +387,7 @@ class CheckpointDir:
             shutil.rmtree(path)
 
 
-_ADVICE = "delete the checkpoint dir or point run.dir elsewhere"
+CHECKPOINT_ADVICE = "delete the checkpoint dir or point run.dir elsewhere"
 
 
 def load_tensors(path: Path | str) -> dict[str, torch.Tensor]:
@@ -417,18 +397,18 @@ def load_tensors(path: Path | str) -> dict[str, torch.Tensor]:
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing; {_ADVICE}")
+        raise CheckpointError(f"checkpoint file {path} is missing; {CHECKPOINT_ADVICE}")
     try:
         return load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt; {_ADVICE}") from exc
+        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt; {CHECKPOINT_ADVICE}") from exc
 
 
 def load_torch(path: Path | str) -> Any:
     """`torch.load(path, map_location="cpu", weights_only=True)` with one-line errors."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing; {_ADVICE}")
+        raise CheckpointError(f"checkpoint file {path} is missing; {CHECKPOINT_ADVICE}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -438,6 +418,6 @@ def load_torch(path: Path | str) -> Any:
             raise CheckpointError(f"checkpoint file {path} holds {culprit}, which weights_only "
                                   "loading refuses; save only tensors and plain Python "
                                   "containers") from exc
-        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt; {_ADVICE}") from exc
+        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt; {CHECKPOINT_ADVICE}") from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt; {_ADVICE}") from exc
+        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt; {CHECKPOINT_ADVICE}") from exc

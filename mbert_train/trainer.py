@@ -19,15 +19,16 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from mbert_train import reshard
 from mbert_train.arithmetic import masked_fraction
-from mbert_train.checkpoint import (META_FILE, OPTIM_DIR, RUN_FILE, TRAINER_STATE_FILE, CheckpointDir, CheckpointError,
-                                    _as_os_error, find_latest, load_torch, require_format, rng_file,
-                                    step_of, write_errors)
+from mbert_train.checkpoint import (CHECKPOINT_ADVICE, META_FILE, OPTIM_DIR, RUN_FILE, TRAINER_STATE_FILE,
+                                    CheckpointDir, CheckpointError, find_latest, load_torch, require_format,
+                                    rng_file, step_of, write_errors)
 from mbert_train.config import TrainConfig
 from mbert_train.data.loader import STOP_SIGNALS
-from mbert_train.errors import UserError, describe_os_error
+from mbert_train.errors import UserError, as_os_error, describe_os_error
 from mbert_train.metrics import MetricsLogger, ProgressBar, mfu, model_flops_per_token, peak_memory_gib, redact
 from mbert_train.model.weights import full_shapes, load_full_from_dir, save_model_shard, shard_state_dict
 from mbert_train.parallel.layout import ParallelState
+from mbert_train.parallel.random import seed_after_reshard
 from mbert_train.rng import capture_rng_state, restore_rng_state
 
 
@@ -82,23 +83,20 @@ def _dcp_errors(path: Path, action: str) -> Iterator[None]:
                               f"no checkpoint holds; refusing to load it") from None
     except reshard.MissingState as exc:
         raise CheckpointError(f"checkpoint optimizer state {path}: {exc.args[0]}; it was written for another model - "
-                              f"{_ADVICE}") from None
+                              f"{CHECKPOINT_ADVICE}") from None
     except FileNotFoundError as exc:
-        raise CheckpointError(f"checkpoint file {exc.filename or path} is missing; {_ADVICE}") from None
+        raise CheckpointError(f"checkpoint file {exc.filename or path} is missing; {CHECKPOINT_ADVICE}") from None
     except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as exc:
         if "read" not in action:
             raise
         raise CheckpointError(f"checkpoint optimizer state {path} is truncated or corrupt ({type(exc).__name__}); "
-                              f"{_ADVICE}") from None
+                              f"{CHECKPOINT_ADVICE}") from None
     except Exception as exc:
-        os_error = _as_os_error(exc)
+        os_error = as_os_error(exc)
         if os_error is None:
             raise
         raise CheckpointError(describe_os_error(os_error, getattr(exc, "filename", None) or path,
                                                 action.split()[0] + " checkpoint")) from exc
-
-
-_ADVICE = "delete the checkpoint dir or point run.dir elsewhere"
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
@@ -474,11 +472,7 @@ class Trainer:
         if rng is not None:
             self._pending_rng = rng
         else:
-            # Another layout: RNG streams cannot be carried over rank by rank. Fresh streams,
-            # derived from the seed and the step, keep the continuation reproducible.
-            from mbert_train.parallel.random import seed_for_training
-
-            seed_for_training(self.cfg.trainer.seed + 1_000_003 * self.step, self.state.dp_rank)
+            seed_after_reshard(self.cfg.trainer.seed, self.step, self.state.dp_rank)
         if self.state.rank == 0:
             if rng is None:
                 print(f"[mbert-train] resharding checkpoint {latest.name} from {describe_layout(state['layout'])} "
