@@ -86,12 +86,13 @@ def _dcp_errors(path: Path, action: str) -> Iterator[None]:
                               f"{CHECKPOINT_ADVICE}") from None
     except FileNotFoundError as exc:
         raise CheckpointError(f"checkpoint file {exc.filename or path} is missing; {CHECKPOINT_ADVICE}") from None
-    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as exc:
-        if "read" not in action:
-            raise
-        raise CheckpointError(f"checkpoint optimizer state {path} is truncated or corrupt ({type(exc).__name__}); "
-                              f"{CHECKPOINT_ADVICE}") from None
     except Exception as exc:
+        # A read that fails on the file's content: truncated or corrupt. Anything else (every
+        # write, and reads the disk refused) is one line only if it is an OS error; torch.save
+        # reports a full disk as the text of a RuntimeError ("unexpected pos").
+        if "read" in action and isinstance(exc, (pickle.UnpicklingError, EOFError, RuntimeError, ValueError)):
+            raise CheckpointError(f"checkpoint optimizer state {path} is truncated or corrupt "
+                                  f"({type(exc).__name__}); {CHECKPOINT_ADVICE}") from None
         os_error = as_os_error(exc)
         if os_error is None:
             raise
