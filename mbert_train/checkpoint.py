@@ -235,11 +235,16 @@ class CheckpointDir:
         """Start saving `step`; rank 0 creates a fresh temp dir. Barrier before writing into it."""
         tmp = self.tmp_path(step)
         if self.rank == 0:
+            run_dir = self.root.parent
+            if not run_dir.is_dir():  # never recreated: what was saved before went with it
+                raise CheckpointError(f"run dir {run_dir} is gone (deleted or unmounted while the run was training); "
+                                      f"the checkpoint of step {step} is not written: start again with a new run.dir")
             with write_errors(tmp):
                 # A leftover of a save of this same step that crashed: its files are unusable.
                 if tmp.exists():
                     shutil.rmtree(tmp)
-                tmp.mkdir(parents=True)
+                self.root.mkdir(exist_ok=True)
+                tmp.mkdir()
         return tmp
 
     def commit(self, step: int, *, layout: Mapping[str, Any] | None = None) -> Path:

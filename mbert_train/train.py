@@ -306,6 +306,9 @@ def finish(trainer, run_dir: Path, dataset_dir: str | None = None) -> None:
     from mbert_train.model.weights import full_state_dict
 
     cfg, state = trainer.cfg, trainer.state
+    if not run_dir.is_dir():  # every rank sees the shared run dir: all stop here together
+        raise UserError(f"run dir {run_dir} is gone (deleted or unmounted while the run was training); the export "
+                        f"and curves of step {trainer.step} are not written: start again with a new run.dir")
     if cfg.trainer.export_hf and state.dp_rank == 0:
         full = full_state_dict(trainer.engine.module)
         if state.rank == 0:

@@ -65,3 +65,37 @@ def test_other_runtime_errors_of_a_write_keep_their_traceback(tmp_path):
     with pytest.raises(RuntimeError, match="a bug"):
         with _dcp_errors(tmp_path / "optim", "writing the optimizer state to"):
             raise RuntimeError("a bug")
+
+
+def _train_while_the_run_dir_is_deleted(run_dir: Path, after: str) -> None:
+    """Train 3 steps (checkpoints at 2 and 3); delete the run dir after step 2's forward and
+    backward (`after="step"`), or after the last checkpoint (`after="save"`)."""
+    import shutil
+
+    from mbert_train.config import compose_config
+    from mbert_train.train import run
+    from mbert_train.trainer import Trainer
+
+    real = getattr(Trainer, "train_step" if after == "step" else "save")
+
+    def then_delete(self, *args):
+        out = real(self, *args)
+        if (after == "step" and self.step + 1 == 2) or (after == "save" and self.step == 3):
+            shutil.rmtree(run_dir)
+        return out
+
+    setattr(Trainer, "train_step" if after == "step" else "save", then_delete)
+    run(compose_config([*RUN, "trainer.max_steps=3", "trainer.checkpoint_every=2", f"run.dir={run_dir}"]),
+        str(run_dir))
+
+
+@pytest.mark.parametrize("after, what", [("step", "the checkpoint of step 2 is not written"),
+                                         ("save", "the export and curves of step 3 are not written")])
+def test_a_run_dir_deleted_under_a_running_job_is_named(tmp_path, corpus_cache, after, what):
+    run_dir = tmp_path / "run"
+    with pytest.raises(AssertionError) as info:
+        spawn(_train_while_the_run_dir_is_deleted, 1, run_dir, after)
+    last = str(info.value).strip().splitlines()[-1]
+    assert f"run dir {run_dir} is gone (deleted or unmounted while the run was training)" in last, last
+    assert what in last and "new run.dir" in last, last
+    assert not run_dir.exists()  # never recreated

@@ -229,8 +229,15 @@ def load_full_from_dir(directory: str | os.PathLike) -> tuple[dict[str, torch.Te
         if any(name not in s for s in shards):
             raise ValueError(f"{directory} lacks tensor {name} in some shard; the checkpoint is incomplete "
                              f"or from another model")
-        tensor = unshard([s[name] for s in shards], *spec[name][:1], stride=spec[name][1]) \
-            if name in spec and tp > 1 else shards[0][name]
+        if name in spec and tp > 1:
+            tensor = unshard([s[name] for s in shards], *spec[name][:1], stride=spec[name][1])
+        else:
+            tensor = shards[0][name]
+            for r in range(1, tp):  # replicated over TP: every shard holds the same copy
+                if not torch.equal(shards[r][name], tensor):
+                    raise ValueError(f"{directory}: {name} differs between {shard_file(tp, 0)} and {shard_file(tp, r)}, "
+                                     f"but every TP shard holds the same copy of it; the shards come from different "
+                                     f"models or steps")
         want = (padded_vocab_size(cfg.vocab_size, tp), *like.shape[1:]) if name in VOCAB_PARAMS else like.shape
         if tuple(tensor.shape) != tuple(want):
             raise ValueError(f"{directory}: {name} has shape {tuple(tensor.shape)} but its {MODEL_CONFIG} implies "
