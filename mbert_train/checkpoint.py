@@ -222,6 +222,7 @@ class CheckpointDir:
         self.root = Path(run_dir) / CHECKPOINTS_SUBDIR
         self.rank = rank
         self.keep_last = keep_last
+        self._run_dir_existed = Path(run_dir).is_dir()  # a run dir that then vanishes is never recreated
 
     def path(self, step: int) -> Path:
         """Final (complete) directory of the checkpoint at `step`."""
@@ -236,14 +237,15 @@ class CheckpointDir:
         tmp = self.tmp_path(step)
         if self.rank == 0:
             run_dir = self.root.parent
-            if not run_dir.is_dir():  # never recreated: what was saved before went with it
+            if self._run_dir_existed and not run_dir.is_dir():  # what was saved before went with it
                 raise CheckpointError(f"run dir {run_dir} is gone (deleted or unmounted while the run was training); "
                                       f"the checkpoint of step {step} is not written: start again with a new run.dir")
             with write_errors(tmp):
                 # A leftover of a save of this same step that crashed: its files are unusable.
                 if tmp.exists():
                     shutil.rmtree(tmp)
-                self.root.mkdir(exist_ok=True)
+                if not self.root.is_dir():
+                    self.root.mkdir(parents=not self._run_dir_existed, exist_ok=True)
                 tmp.mkdir()
         return tmp
 
