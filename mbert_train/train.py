@@ -460,6 +460,10 @@ def _hydra_main(dcfg: DictConfig) -> None:
 
 
 def main() -> None:
+    from mbert_train.launcher import die_with_launcher, started_by_launcher
+
+    if started_by_launcher():  # first: a rank whose launcher is gone must not train on
+        die_with_launcher(os.getppid())
     sys.argv = strip_launcher_args(sys.argv)
     register_schema()
     try:
