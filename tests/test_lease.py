@@ -1,9 +1,9 @@
-"""The run-dir lease (one live run per run dir) and ranks that die with their launcher.
+"""The run-dir lease: one live run per run dir (`mbert_train.lease`).
 
 Holders are real processes (a few lines of Python that take a lease and sleep; no torch), so
 "alive" and "dead" are what the lease sees on this host; runs are trained in-process on forked
-gloo ranks where the process boundary proves nothing, and as real `mbert-train` / torchrun
-processes where it does (two runs side by side, SIGKILL to the launcher)."""
+gloo ranks where the process boundary proves nothing, and as real `mbert-train` processes where
+it does (two runs side by side on one run dir)."""
 
 from __future__ import annotations
 
