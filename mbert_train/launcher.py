@@ -1,8 +1,7 @@
 """A rank started by a launcher dies with it.
 
-torchrun starts each rank in a session of its own (`subprocess.Popen(start_new_session=True)`),
-so a SIGKILL to torchrun or to its process group (an OOM kill of the agent, `kill -9 -- -PGID`)
-leaves the ranks running: they would go on training and writing checkpoints into a run dir that
+torchrun starts each rank with `setsid`, in a process group of its own, so a SIGKILL to
+torchrun or to torchrun's process group (an OOM kill of the agent, `kill -9 -- -PGID`) leaves the ranks running: they would go on training and writing checkpoints into a run dir that
 a restarted job is about to use. A rank started by a launcher (torchrun sets
 TORCHELASTIC_RUN_ID, the deepspeed launcher CROSS_RANK) therefore asks the kernel to SIGKILL it
 when its parent dies (Linux `prctl(PR_SET_PDEATHSIG)`); where that is unavailable a daemon

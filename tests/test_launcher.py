@@ -79,9 +79,9 @@ print(die_with_launcher(launcher, poll_s=0.1, use_prctl=sys.argv[2] == "prctl" i
 time.sleep(60)
 """
 LAUNCHER = """
-import subprocess, sys, time
-rank = subprocess.Popen([sys.executable, "-c", sys.argv[1], str(__import__("os").getpid()), sys.argv[2]],
-                        start_new_session=True, stdout=subprocess.PIPE, text=True)
+import os, subprocess, sys, time
+rank = subprocess.Popen([sys.executable, "-c", sys.argv[1], str(os.getpid()), sys.argv[2]],
+                        preexec_fn=os.setsid, stdout=subprocess.PIPE, text=True)  # as torch elastic does
 print(rank.stdout.readline().strip(), flush=True)
 time.sleep(60)
 """
