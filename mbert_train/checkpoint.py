@@ -41,6 +41,10 @@ an older one. The save protocol, for all ranks::
 
 A kill between 2 and 3 leaves no `step_N` but two complete copies: garbage collection renames
 the newer one back to `step_N` and deletes the other. Every other `.tmp-*` is deleted.
+That is safe because rank 0 changes the directory (begin, commit, set_aside_after,
+collect_garbage) only while its run holds the run dir's lease (`mbert_train.lease`), checked
+first each time: a second run on the same run dir never deletes the `.tmp-step_N` a live one
+is writing, and a run whose lease was taken over stops before it writes again.
 "Newest" means the largest `commit` (the run's own history), not the largest step: a run
 restarted from an older checkpoint writes steps below those of its abandoned future, and those
 are what rotation keeps and what a missing `latest` falls back to.
@@ -66,6 +70,7 @@ from typing import Any
 import torch
 
 from mbert_train.errors import UserError, as_os_error, describe_os_error
+from mbert_train.lease import LEASE_FILE, Lease, holder_problem
 from mbert_train.staging import apply_umask, fsync_path, fsync_tree, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -213,16 +218,26 @@ class CheckpointDir:
     """The `checkpoints/` directory of one run: begin/commit saves, find the latest, rotate.
 
     Every rank constructs one with its own `rank`; only rank 0 touches shared state
-    (creating, renaming, deleting directories and writing `latest`).
+    (creating, renaming, deleting directories and writing `latest`), and only while `lease`
+    (rank 0's hold on the run dir) is its own; without one, only while no lease record of
+    another run that may be alive is there.
     """
 
-    def __init__(self, run_dir: Path | str, *, rank: int = 0, keep_last: int | None = 3) -> None:
+    def __init__(self, run_dir: Path | str, *, rank: int = 0, keep_last: int | None = 3,
+                 lease: Lease | None = None) -> None:
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last={keep_last} must be >= 1, or None to keep every checkpoint")
         self.root = Path(run_dir) / CHECKPOINTS_SUBDIR
         self.rank = rank
         self.keep_last = keep_last
         self._run_dir_existed = Path(run_dir).is_dir()  # a run dir that then vanishes is never recreated
+        self.lease = lease
+
+    def _require_lease(self) -> None:
+        with write_errors(self.root.parent / LEASE_FILE):
+            problem = self.lease.problem() if self.lease is not None else holder_problem(self.root.parent)
+        if problem is not None:
+            raise CheckpointError(problem)
 
     def path(self, step: int) -> Path:
         """Final (complete) directory of the checkpoint at `step`."""
@@ -240,6 +255,7 @@ class CheckpointDir:
             if self._run_dir_existed and not run_dir.is_dir():  # what was saved before went with it
                 raise CheckpointError(f"run dir {run_dir} is gone (deleted or unmounted while the run was training); "
                                       f"the checkpoint of step {step} is not written: start again with a new run.dir")
+            self._require_lease()
             with write_errors(tmp):
                 # A leftover of a save of this same step that crashed: its files are unusable.
                 if tmp.exists():
@@ -261,6 +277,7 @@ class CheckpointDir:
         tmp = self.tmp_path(step)
         if not tmp.is_dir():
             raise CheckpointError(f"commit({step}) found no {tmp}; call begin({step}) first on rank 0")
+        self._require_lease()
         with write_errors(tmp):
             self._finish(tmp, step, layout)
             if final.exists():
@@ -318,6 +335,7 @@ class CheckpointDir:
         later step is moved, whole and by rename, into a new `set_aside_DATE_TIME/` beside them
         (nothing is deleted), then `latest` names `step`. Returns the folder, or None when no
         later checkpoint existed."""
+        self._require_lease()
         later = [p for p in self.list() if step_of(p) > step]
         aside = None
         with write_errors(self.root):
@@ -341,6 +359,7 @@ class CheckpointDir:
         returns what was removed."""
         if self.rank != 0 or not self.root.is_dir():
             return []
+        self._require_lease()
         with write_errors(self.root):
             self._restore_replaced()
             removed = []

@@ -25,6 +25,7 @@ from mbert_train.checkpoint import (CHECKPOINT_ADVICE, META_FILE, OPTIM_DIR, RUN
 from mbert_train.config import TrainConfig
 from mbert_train.data.loader import STOP_SIGNALS
 from mbert_train.errors import UserError, as_os_error, describe_os_error
+from mbert_train.lease import Lease
 from mbert_train.metrics import MetricsLogger, ProgressBar, mfu, model_flops_per_token, peak_memory_gib, redact
 from mbert_train.model.weights import full_shapes, load_full_from_dir, save_model_shard, shard_state_dict
 from mbert_train.parallel.layout import ParallelState
@@ -184,12 +185,13 @@ def checkpoint_to_evaluate(ckpt: CheckpointDir, t) -> Path | None:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, state: ParallelState, engine, train_loader, eval_loader,
-                 run_dir: Path, device: torch.device, log: MetricsLogger | None = None, dataset: dict | None = None):
+                 run_dir: Path, device: torch.device, log: MetricsLogger | None = None, dataset: dict | None = None,
+                 lease: Lease | None = None):
         self.cfg, self.state, self.engine = cfg, state, engine
         self.dataset = dataset  # {"path", "tokenizer_sha256"}: the export finds the tokenizer by it
         self.train_loader, self.eval_loader = train_loader, eval_loader
         self.run_dir, self.device, self.log = run_dir, device, log
-        self.ckpt = CheckpointDir(run_dir, rank=state.rank, keep_last=cfg.trainer.keep_last)
+        self.ckpt = CheckpointDir(run_dir, rank=state.rank, keep_last=cfg.trainer.keep_last, lease=lease)
         self.step = 0
         self.bad_in_a_row = 0
         self.skipped = 0
