@@ -1,5 +1,6 @@
 """What a resume checks before it loads: every file of the checkpoint as its manifest records it
-(size and CRC-32). Refusals are one line; checkpoints from before the manifest resume as they did. Trained in-process on forked gloo
+(size and CRC-32), and the corpus its data position counts (the fingerprint). Refusals are one
+line; checkpoints from before either resume as they did. Trained in-process on forked gloo
 ranks (the process boundary proves nothing here; see tests/test_resume_control.py)."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,3 +98,58 @@ def test_commit_refuses_a_listed_file_that_is_not_there(tmp_path):
         assert f"checkpoint file {tmp / name}" in line and "the checkpoint of step 2 is not committed" in line, line
         assert not ckpt.path(2).exists() and not (ckpt.root / "latest").exists()
     assert json.loads((ckpt.commit(2, files=files) / "meta.json").read_text())["files"] == files
+
+
+def resplit(corpus: str, out: Path) -> str:
+    """A copy of the prepared corpus `corpus` with one sentence boundary moved by a token: the
+    same text and token count, split into sentences another way."""
+    shutil.copytree(corpus, out)
+    path = out / "sentence_offsets.npy"
+    offsets = np.load(path)
+    k = int(np.nonzero(np.diff(offsets)[1:] >= 2)[0][0]) + 1  # sentence k keeps a token
+    offsets[k] += 1
+    np.save(path, offsets)
+    return str(out)
+
+
+def test_the_same_text_split_otherwise_is_refused_unless_accepted(six_steps, tmp_path, corpus_cache):
+    from mbert_train.data import DataConfig, open_dataset, prepare_default_corpus
+
+    original = prepare_default_corpus(DataConfig(cache_dir=corpus_cache))
+    other = resplit(original, tmp_path / "resplit")
+    assert open_dataset(other).metadata["num_tokens"] == open_dataset(original).metadata["num_tokens"]
+    run_dir = tmp_path / "run"
+    shutil.copytree(six_steps, run_dir)
+    line = refusal(run_dir, [f"data.path={other}"], "DatasetError")
+    assert line.startswith(f"data.path={other} is not the corpus the checkpoint's data position counts samples of"), line
+    assert "new run.dir" in line and line.endswith("or continue this one with data.accept_changed_corpus=true")
+    out = train(run_dir, [f"data.path={other}", "data.accept_changed_corpus=true", "trainer.max_steps=7"])
+    start = next(s for s in out.splitlines() if s.startswith("[mbert-train] run dir"))
+    assert "resumed at step 6 (data.accept_changed_corpus=true: the corpus changed since the checkpoint" in start
+    assert max(losses(run_dir)) == 7
+
+
+def test_loader_state_records_the_corpus_and_older_states_resume_unchecked(corpus_cache, tmp_path):
+    from mbert_train.data import DataConfig, build_loaders, prepare_default_corpus
+    from mbert_train.data.corpus import DatasetError
+
+    original = prepare_default_corpus(DataConfig(cache_dir=corpus_cache))
+    other = resplit(original, tmp_path / "resplit")
+    kwargs = dict(seed=5, micro_batch_size=8, dp_rank=0, dp_size=1)
+
+    def loader(path: str, **settings):
+        return build_loaders(DataConfig(num_workers=0, **settings), path, **kwargs)[0]
+
+    first = loader(original)
+    first.take(3)
+    state = first.state_dict()
+    assert loader(original).load_state_dict(state) is None  # the same corpus: exactly where it was
+    with pytest.raises(DatasetError, match="data.accept_changed_corpus=true"):
+        loader(other).load_state_dict(state)
+    accepting = loader(other, accept_changed_corpus=True)
+    assert accepting.load_state_dict(state).startswith("data.accept_changed_corpus=true: the corpus changed")
+    assert accepting.global_samples == 24
+    # A state from before the fingerprint: its signature ends with the token count, which matches.
+    old = {k: v for k, v in state.items() if k != "corpus"}
+    old["signature"] += f"/{first.dataset.corpus.metadata['num_tokens']}"
+    assert loader(other).load_state_dict(old) is None
