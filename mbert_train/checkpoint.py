@@ -2,7 +2,7 @@
 
 Layout under a run directory::
 
-    RUN_DIR/checkpoints/step_00000100/meta.json   # written last, before the rename
+    RUN_DIR/checkpoints/step_00000100/meta.json   # written last, before the rename; lists every file
     RUN_DIR/checkpoints/step_00000100/model_config.json, model_tpXX-of-YY.safetensors  # weights
     RUN_DIR/checkpoints/step_00000100/optim/      # optimizer state, torch.distributed.checkpoint
     RUN_DIR/checkpoints/step_00000100/trainer_state.pt  # step, schedule, data position, counters
@@ -23,16 +23,18 @@ an older one. The save protocol, for all ranks::
     tmp = ckpt.begin(step)      # every rank gets the same path; rank 0 creates it
     barrier()
     ... each rank writes its files into tmp ...
-    barrier()
-    ckpt.commit(step, layout=...)  # rank 0 renames and updates `latest`; others no-op
+    files = manifest.gather(manifest.describe(tmp, written, rank=rank))  # size + CRC-32 of each
+    ckpt.commit(step, layout=..., files=files)  # rank 0 renames and updates `latest`; others no-op
     barrier()
 
 `commit` on rank 0, step by step (a kill between any two leaves a state the next start's
 `collect_garbage` turns back into complete checkpoints, losing none that was committed):
 
-    1. chmod the files to the umask, fsync them, then write `meta.json` atomically: a
-       `.tmp-step_N` holding `meta.json` is complete. `meta.json` records `commit`, one more
-       than the largest of the directory, so checkpoints order by when they were written
+    1. check that every file of every rank is in the temp dir at the size its rank wrote
+       (`mbert_train.manifest`), chmod the files to the umask, fsync them, then write `meta.json`
+       atomically: a `.tmp-step_N` holding `meta.json` is complete. `meta.json` records
+       `commit`, one more than the largest of the directory, so checkpoints order by when they
+       were written, and `files`, what each file should be, which a resume checks first
     2. saving a step that exists: rename `step_N` -> `.tmp-replaced-step_N-PID`
     3. rename `.tmp-step_N` -> `step_N`, fsync the directory, delete the replaced copy
     4. replace `latest`
@@ -69,6 +71,7 @@ from typing import Any
 
 import torch
 
+from mbert_train import manifest
 from mbert_train.errors import UserError, as_os_error, describe_os_error
 from mbert_train.lease import LEASE_FILE, Lease, holder_problem
 from mbert_train.staging import apply_umask, fsync_path, fsync_tree, write_text_atomic
@@ -81,6 +84,9 @@ META_FILE = "meta.json"
 OPTIM_DIR = "optim"
 TRAINER_STATE_FILE = "trainer_state.pt"
 RUN_FILE = "run.json"
+MANIFEST_KEY = "files"
+"""`meta.json`'s list of every file of the checkpoint with its size and CRC-32 (`mbert_train.manifest`);
+absent in checkpoints written before it existed, which then load unchecked."""
 FORMAT = 2
 """`meta.json` "format": 2 = the layout-independent format above. Format 1 (no "format" key) held
 one `trainer_rank*.pt` per rank with DeepSpeed's partitioned optimizer state."""
@@ -265,11 +271,13 @@ class CheckpointDir:
                 tmp.mkdir()
         return tmp
 
-    def commit(self, step: int, *, layout: Mapping[str, Any] | None = None) -> Path:
+    def commit(self, step: int, *, layout: Mapping[str, Any] | None = None,
+               files: manifest.Manifest | None = None) -> Path:
         """Make the temp dir of `step` the newest complete checkpoint (rank 0; others no-op).
 
         `layout` records the world the checkpoint was written by (e.g. world_size,
-        tensor_parallel, data_parallel, zero_stage) so a resume can check it.
+        tensor_parallel, data_parallel, zero_stage) so a resume can check it; `files`, every
+        rank's files (`manifest.gather`), which must all be in the temp dir at their size.
         """
         final = self.path(step)
         if self.rank != 0:
@@ -279,7 +287,7 @@ class CheckpointDir:
             raise CheckpointError(f"commit({step}) found no {tmp}; call begin({step}) first on rank 0")
         self._require_lease()
         with write_errors(tmp):
-            self._finish(tmp, step, layout)
+            self._finish(tmp, step, layout, files)
             if final.exists():
                 # Saving the same step twice (e.g. after resuming from an older checkpoint): move
                 # the old copy aside; if we are killed before the next rename, garbage collection
@@ -296,13 +304,19 @@ class CheckpointDir:
             self._rotate(keep=final)
         return final
 
-    def _finish(self, tmp: Path, step: int, layout: Mapping[str, Any] | None) -> None:
+    def _finish(self, tmp: Path, step: int, layout: Mapping[str, Any] | None, files: manifest.Manifest | None) -> None:
+        absent = manifest.first_absent(tmp, files or {})
+        if absent is not None:
+            raise CheckpointError(f"{absent}; the checkpoint of step {step} is not committed (the previous one stays): "
+                                  f"run.dir must be one folder every node sees (NFS, Lustre, GPFS)")
         apply_umask(tmp)
         fsync_tree(tmp)
         complete = self.list()
         meta = {"format": FORMAT, "step": step, "commit": max(map(commit_number, complete), default=0) + 1,
                 "time": time.time(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "host": socket.gethostname(), "layout": dict(layout or {})}
+        if files is not None:
+            meta[MANIFEST_KEY] = dict(sorted(files.items()))
         # Last, and atomically: a temp dir holding meta.json is complete (collect_garbage relies on it).
         write_text_atomic(tmp / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
@@ -314,6 +328,12 @@ class CheckpointDir:
         found = [p for p in self.root.iterdir()
                  if p.is_dir() and _TAG_RE.match(p.name) and (p / META_FILE).is_file()]
         return sorted(found, key=_write_order)
+
+    def before(self, checkpoint: Path) -> Path | None:
+        """The complete checkpoint written just before `checkpoint`, or None."""
+        complete = self.list()
+        at = complete.index(checkpoint) if checkpoint in complete else 0
+        return complete[at - 1] if at > 0 else None
 
     def latest(self) -> Path | None:
         """The checkpoint to resume from, or None when there is none.

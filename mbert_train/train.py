@@ -298,8 +298,10 @@ def _train_in(run_dir: Path, cfg: TrainConfig, state, device: torch.device, secr
             trainer.load_weights(cfg.trainer.init_from)
         if state.rank == 0:
             start = f"resumed at step {trainer.step}" if resumed else "new run"
-            if resumed and cfg.trainer.resume != "auto":
-                start += f" (trainer.resume={cfg.trainer.resume}{'; ' + note if note else ''})"
+            notes = [f"trainer.resume={cfg.trainer.resume}", note] if resumed and cfg.trainer.resume != "auto" else []
+            notes = [n for n in (*notes, trainer.resume_note) if n]
+            if notes:
+                start += f" ({'; '.join(notes)})"
             print(f"[mbert-train] run dir {run_dir} | {start}{layout}"
                   f" | global batch {train_loader.global_batch} = micro {cfg.trainer.micro_batch_size}"
                   f" x accum {cfg.trainer.grad_accum} x DP {state.dims.data_parallel}{took_over}", flush=True)
