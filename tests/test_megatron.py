@@ -9,6 +9,7 @@ import enum
 import importlib.util
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -414,3 +415,52 @@ def test_missing_source_and_bad_tp(tmp_path, capsys):
     random_model_dir(tmp_path / "model", binary_head=True, tp=1)
     assert main(["to-megatron", str(tmp_path / "model"), str(tmp_path / "out"), "--tp", "3"]) == 2
     assert "--tp 3 does not fit" in capsys.readouterr().err
+
+
+# ---- shards of different models --------------------------------------------------------------
+
+def error_line(capsys, *argv) -> str:
+    assert main([str(a) for a in argv]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    return err
+
+
+def test_megatron_shards_of_different_models_are_refused(tmp_path, capsys):
+    """Same shapes, another model's mp_rank_01: its replicated tensors differ from mp_rank_00's."""
+    write_megatron(tmp_path / "a", canonical(0), 3.0, 2)
+    write_megatron(tmp_path / "b", canonical(1), 3.0, 2)
+    shard = Path("iter_0000007") / "mp_rank_01" / "model_optim_rng.pt"
+    shutil.copy(tmp_path / "b" / shard, tmp_path / "a" / shard)
+    err = error_line(capsys, "from-megatron", tmp_path / "a", tmp_path / "out")
+    assert "differs between" in err and "mp_rank_00" in err and "mp_rank_01" in err and "different models" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_our_shards_of_different_models_are_refused(tmp_path, capsys):
+    random_model_dir(tmp_path / "a", binary_head=True, tp=2)
+    cfg = ModelConfig(vocab_size=100, hidden_size=H, num_layers=LAYERS, num_heads=HEADS, intermediate_size=FFN,
+                      max_position_embeddings=POS, layer_norm_eps=1e-12, hidden_dropout=0.05)
+    g = torch.Generator().manual_seed(99)
+    write_model_dir({n: torch.randn(s, generator=g) for n, s in full_shapes(cfg).items()}, cfg, tmp_path / "b", 2)
+    shard = "model_tp01-of-02.safetensors"
+    shutil.copy(tmp_path / "b" / shard, tmp_path / "a" / shard)
+    for command in ("to-hf", "to-megatron"):
+        err = error_line(capsys, command, tmp_path / "a", tmp_path / command)
+        assert "differs between model_tp00-of-02.safetensors and model_tp01-of-02.safetensors" in err, err
+        assert not (tmp_path / command).exists()
+
+
+def test_vocab_size_below_the_recorded_one_is_said(tmp_path, capsys):
+    src = write_megatron(tmp_path / "megatron", canonical(seed=4), 3.0, 1)
+    shard = src / "iter_0000007" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(shard, weights_only=False)
+    state["args"].vocab_size = 120  # what Megatron records: the tokenizer's size before padding
+    torch.save(state, shard)
+    convert("from-megatron", src, tmp_path / "all")
+    assert load_model_dir(tmp_path / "all")[1].vocab_size == 120 and "note" not in capsys.readouterr().err
+    convert("from-megatron", src, tmp_path / "cut", "--vocab-size", 100)
+    err = capsys.readouterr().err.strip()
+    assert err == ("mbert-convert: note: --vocab-size 100 keeps the first 100 of the 120 vocabulary rows the "
+                   "checkpoint records (args.vocab_size); the other 20 are dropped"), err
+    assert load_model_dir(tmp_path / "cut")[1].vocab_size == 100

@@ -104,6 +104,14 @@ def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        # torch's own message suggests weights_only=False, which would run whatever the file
+        # pickled: name the global instead, and never suggest turning the check off.
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        if found or "weights only load failed" in str(exc).lower():
+            what = found.group(1) if found else "a Python object that is not a tensor"
+            raise ConvertError(f"{path} pickles {what}, which a weights-only load refuses (unpickling it could run "
+                               f"code); re-save the weights as safetensors, or as torch.save(model.state_dict()), "
+                               f"from a trusted source") from None
         raise ConvertError(f"{path} is truncated or corrupt ({first_line(exc)}); download or save it "
                            f"again") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)

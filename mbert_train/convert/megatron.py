@@ -308,6 +308,10 @@ def _merge(shards: list[dict[str, torch.Tensor]], names, version, heads: int, pa
             elif dim is None or tp == 1:
                 if any(p.shape != parts[0].shape for p in parts):
                     raise RuntimeError(f"shapes {[tuple(p.shape) for p in parts]}")
+                for path, part in zip(paths[1:], parts[1:]):
+                    if not torch.equal(part, parts[0]):  # replicated over TP: one tensor in every shard
+                        raise ConvertError(f"{src} differs between {paths[0]} and {path}, but every TP shard holds "
+                                           f"the same copy of it; the shards come from different models or steps")
                 full[dst] = parts[0]
             else:
                 full[dst] = torch.cat(parts, dim=dim)
@@ -395,12 +399,17 @@ def _config(full, args, heads, vocab_size, num_layers, binary_head, path: Path) 
     if saved_padded is not None and saved_padded != padded:
         raise ConvertError(f"{path}: args.padded_vocab_size={saved_padded} but the word embeddings have {padded} "
                            f"rows; the shards are mismatched")
+    saved = _arg(args, "vocab_size")  # the size before padding, where the checkpoint records it
+    recorded = saved if isinstance(saved, int) and 0 < saved <= padded else None
     if vocab_size is None:
-        saved = _arg(args, "vocab_size")  # the size before padding, where the checkpoint records it
-        vocab_size = saved if isinstance(saved, int) and 0 < saved <= padded else padded
+        vocab_size = recorded or padded
     if not 0 < vocab_size <= padded:
         raise ConvertError(f"--vocab-size {vocab_size} must be in 1..{padded} (the checkpoint's padded "
                            f"vocabulary)")
+    if recorded is not None and vocab_size < recorded:  # allowed (a smaller tokenizer), never silent
+        print(f"mbert-convert: note: --vocab-size {vocab_size} keeps the first {vocab_size} of the "
+              f"{recorded} vocabulary rows the checkpoint records (args.vocab_size); the other "
+              f"{recorded - vocab_size} are dropped", file=sys.stderr, flush=True)
     for name, value in (("hidden_size", hidden), ("num_layers", num_layers),
                         ("ffn_hidden_size", full["layers.0.mlp.fc1.weight"].shape[0]),
                         ("max_position_embeddings", full["position_embeddings.weight"].shape[0])):
