@@ -37,6 +37,7 @@ How each kind runs:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -50,7 +51,6 @@ import sys
 import time
 import uuid
 import warnings
-import io
 from contextlib import contextmanager, nullcontext, redirect_stdout
 from dataclasses import dataclass, field
 from glob import glob
