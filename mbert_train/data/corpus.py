@@ -205,7 +205,8 @@ class PreparedCorpus:
         the document and sentence offsets, the split's document ids, and 64 evenly spaced blocks of
         16k tokens (the tokens in full would cost a read of the whole corpus). The same text
         split into sentences differently, or held out differently, has another fingerprint.
-        Computed once, when first asked for: ~1 s per 10^8 sentences."""
+        Computed once, when first asked for (a resume, the first checkpoint): ~300 MB/s, 3 s for
+        the 800 MB of offsets of 10^8 sentences."""
         digest = hashlib.blake2b(digest_size=16)
         digest.update(json.dumps({k: self.metadata.get(k) for k in FINGERPRINT_KEYS}, sort_keys=True).encode())
         arrays = [self.doc_offsets, self.sentence_offsets, *(self.split_docs(s) for s in sorted(fmt.SPLIT_FILES))]
