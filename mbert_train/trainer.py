@@ -472,6 +472,8 @@ class Trainer:
         except CheckpointError as exc:
             error = exc
         self._raise_together(error, "reading the checkpoint")
+        # The data position first: a corpus other than the one it counts is refused before the weights load.
+        self.resume_note = self.train_loader.load_state_dict(state["loader"])
         self.load_weights(latest)
         engine = self.engine
         with _dcp_errors(latest / OPTIM_DIR, "reading the optimizer state from"):
@@ -484,7 +486,6 @@ class Trainer:
         engine.load_scalar_state(state["optimizer"])
         engine.scheduler.load_state_dict(state["scheduler"])
         engine.after_load(master_loaded=master)
-        self.resume_note = self.train_loader.load_state_dict(state["loader"])
         engine.set_counters(**state["engine"])
         self.step, self.bad_in_a_row, self.skipped = state["step"], state["bad_in_a_row"], state["skipped"]
         if rng is not None:
