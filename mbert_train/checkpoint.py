@@ -335,6 +335,26 @@ class CheckpointDir:
         at = complete.index(checkpoint) if checkpoint in complete else 0
         return complete[at - 1] if at > 0 else None
 
+    def verify(self, checkpoint: Path, meta: Mapping[str, Any]) -> None:
+        """Collective: every file of `checkpoint` as its manifest (`meta`'s "files") records it,
+        else the same one line on every rank. A checkpoint without a manifest is not checked.
+
+        A damaged checkpoint never falls back to the one before by itself: that would retrain
+        the steps since and replace this one at their next save, where putting back a misplaced
+        file loses nothing. The line names both ways."""
+        files = meta.get(MANIFEST_KEY)
+        if files is not None and not manifest.well_formed(files):
+            raise CheckpointError(f"checkpoint file {checkpoint / META_FILE} has a malformed {MANIFEST_KEY!r} list; "
+                                  f"{CHECKPOINT_ADVICE}")
+        found = manifest.verify(checkpoint, files)
+        if found is None:
+            return
+        earlier = self.before(checkpoint)
+        fix = (f"put the original back, or continue from the checkpoint before it with trainer.resume="
+               f"{step_of(earlier)} (later checkpoints are set aside, not deleted)" if earlier else
+               "put the original back, or start over in a new run.dir (no earlier checkpoint exists)")
+        raise CheckpointError(f"{found}; {fix}")
+
     def latest(self) -> Path | None:
         """The checkpoint to resume from, or None when there is none.
 

@@ -19,9 +19,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from mbert_train import manifest, reshard
 from mbert_train.arithmetic import masked_fraction
-from mbert_train.checkpoint import (CHECKPOINT_ADVICE, MANIFEST_KEY, META_FILE, OPTIM_DIR, RUN_FILE,
-                                    TRAINER_STATE_FILE, CheckpointDir, CheckpointError, find_latest, load_torch,
-                                    require_format, rng_file, step_of, write_errors)
+from mbert_train.checkpoint import (CHECKPOINT_ADVICE, META_FILE, OPTIM_DIR, RUN_FILE, TRAINER_STATE_FILE,
+                                    CheckpointDir, CheckpointError, find_latest, load_torch, require_format,
+                                    rng_file, step_of, write_errors)
 from mbert_train.config import TrainConfig
 from mbert_train.data.loader import STOP_SIGNALS
 from mbert_train.errors import UserError, as_os_error, describe_os_error
@@ -80,8 +80,8 @@ def _dcp_errors(path: Path, action: str) -> Iterator[None]:
     except CheckpointError:
         raise
     except reshard.UnsafeCheckpoint as exc:
-        raise CheckpointError(f"checkpoint file {path / reshard.METADATA_FILE} names the Python global {exc.args[0]}, which "
-                              f"no checkpoint holds; refusing to load it") from None
+        raise CheckpointError(f"checkpoint file {path / reshard.METADATA_FILE} names the Python global "
+                              f"{exc.args[0]}, which no checkpoint holds; refusing to load it") from None
     except reshard.MissingState as exc:
         raise CheckpointError(f"checkpoint optimizer state {path}: {exc.args[0]}; it was written for another model - "
                               f"{CHECKPOINT_ADVICE}") from None
@@ -452,23 +452,6 @@ class Trainer:
         sd = shard_state_dict(full, model)
         model.load_state_dict({k: v.to(self.device) for k, v in sd.items()})
 
-    def _verify(self, checkpoint: Path, files) -> None:
-        """Every file of `checkpoint` as its manifest records it (checked by all ranks together),
-        else one line on every rank. No automatic fall back to the checkpoint before: it would
-        retrain the steps since and replace this one at their next save, where putting back a
-        misplaced file loses nothing; the line names both ways."""
-        if files is not None and not manifest.well_formed(files):
-            raise CheckpointError(f"checkpoint file {checkpoint / META_FILE} has a malformed {MANIFEST_KEY!r} list; "
-                                  f"{CHECKPOINT_ADVICE}")
-        found = manifest.verify(checkpoint, files)
-        if found is None:
-            return
-        earlier = self.ckpt.before(checkpoint)
-        fix = (f"put the original back, or continue from the checkpoint before it with trainer.resume="
-               f"{step_of(earlier)} (later checkpoints are set aside, not deleted)" if earlier else
-               "put the original back, or start over in a new run.dir (no earlier checkpoint exists)")
-        raise CheckpointError(f"{found}; {fix}")
-
     def resume(self, latest: Path | None = None) -> bool:
         """Continue from `latest` (default: RUN_DIR's latest checkpoint, if any), written at this
         layout or any other (TP, DP, ZeRO stage, micro-batch, grad_accum)."""
@@ -481,7 +464,7 @@ class Trainer:
         except CheckpointError as exc:
             error = exc
         self._raise_together(error, "reading the checkpoint")
-        self._verify(latest, meta.get(MANIFEST_KEY))
+        self.ckpt.verify(latest, meta)  # every rank together, before anything loads
         try:
             path = latest / TRAINER_STATE_FILE
             state = checked_trainer_state(load_torch(path), path)
@@ -491,6 +474,8 @@ class Trainer:
         except CheckpointError as exc:
             error = exc
         self._raise_together(error, "reading the checkpoint")
+        # The data position first: a corpus other than the one it counts is refused before the weights load.
+        self.resume_note = self.train_loader.load_state_dict(state["loader"])
         self.load_weights(latest)
         engine = self.engine
         with _dcp_errors(latest / OPTIM_DIR, "reading the optimizer state from"):
@@ -503,7 +488,6 @@ class Trainer:
         engine.load_scalar_state(state["optimizer"])
         engine.scheduler.load_state_dict(state["scheduler"])
         engine.after_load(master_loaded=master)
-        self.resume_note = self.train_loader.load_state_dict(state["loader"])
         engine.set_counters(**state["engine"])
         self.step, self.bad_in_a_row, self.skipped = state["step"], state["bad_in_a_row"], state["skipped"]
         if rng is not None:

@@ -582,9 +582,17 @@ def test_truncated_trainer_file_stops_mbert_train_with_one_line(one_step_run, tm
     run_dir = tmp_path / "run"
     shutil.copytree(one_step_run, run_dir)
     state = run_dir / "checkpoints" / "step_00000001" / "trainer_state.pt"
+    saved = state.stat().st_size
     state.write_bytes(state.read_bytes()[:1000])
     proc = train(run_dir, corpus_cache, ["trainer.max_steps=2", *ONE_STEP], check=False, timeout=300)
     assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (  # found by the manifest check, before anything loads
+        f"mbert-train: error: checkpoint file {state} holds 1,000 bytes where {saved:,} were saved (truncated); "
+        "put the original back, or start over in a new run.dir (no earlier checkpoint exists)")
+    meta_file = state.parent / "meta.json"  # a checkpoint from before the manifest: found when it loads
+    meta_file.write_text(json.dumps({k: v for k, v in json.loads(meta_file.read_text()).items() if k != "files"}))
+    proc = train(run_dir, corpus_cache, ["trainer.max_steps=2", *ONE_STEP], check=False, timeout=300)
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         f"mbert-train: error: checkpoint file {state} is truncated or corrupt; "
