@@ -5,11 +5,26 @@ import pytest
 from tests.train_util import LAYOUTS, ONE_STEP, SECRET, STEPS, train
 
 
+def pytest_configure(config):
+    """One intra-op thread in this process and every process it starts (forked ranks,
+    subprocesses), set before the test modules import torch: the tests' tensors are tiny, and on
+    2 shared cores an OpenMP hand-off between threads costs more than the op (a 6x6 softmax:
+    20 ms, not 5 us)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 @pytest.fixture(scope="session")
 def corpus_cache(tmp_path_factory):
-    """One embedded-corpus cache for the whole session (built on first use, then reused)."""
+    """One embedded-corpus cache for the whole session, the corpus built here, once: no rank
+    builds it under a collective's (short) timeout, and every later run finds it."""
+    from mbert_train.data import DataConfig, prepare_default_corpus
+
     path = os.environ.get("MBERT_TEST_CACHE") or str(tmp_path_factory.mktemp("mbert-cache"))
     os.environ["MBERT_CACHE"] = path
+    prepare_default_corpus(DataConfig(cache_dir=path))
     return path
 
 

@@ -1,5 +1,6 @@
-"""The benchmark scripts run: each one dry-runs on CPU with its smallest shape and one step, as a
-subprocess, and prints its ratio line. Nothing here asserts on time (benchmarks are scripts)."""
+"""The benchmark scripts run: each one dry-runs on CPU with its smallest shape and one step, as
+`python benchmarks/SCRIPT` would (on a forked preloaded interpreter; gpu.sh as a real subprocess),
+and prints its ratio line. Nothing here asserts on time (benchmarks are scripts)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.train_util import run_python
+
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 TIMEOUT_S = 300
@@ -20,7 +25,11 @@ DRY = ["--steps", "1", "--warmup", "0"]
 
 
 def _run(cmd: list[str], **kw) -> str:
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S, **kw)
+    if cmd[0] == sys.executable:  # `python SCRIPT ARGS` or `python -m MODULE ARGS`
+        target, args = (cmd[2], cmd[3:]) if cmd[1] == "-m" else (str(cmd[1]), cmd[2:])
+        proc = run_python(target, args, cwd=ROOT, timeout=TIMEOUT_S, **kw)
+    else:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S, **kw)
     assert proc.returncode == 0, f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
     return proc.stdout
 

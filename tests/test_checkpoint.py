@@ -12,9 +12,8 @@ import random
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import textwrap
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,7 +29,7 @@ from mbert_train.errors import UserError
 from mbert_train.rng import capture_rng_state, restore_rng_state, seed_everything
 from mbert_train.trainer import Trainer, TrainingDiverged, checked_trainer_state
 from tests.dist import spawn
-from tests.train_util import ONE_STEP, train
+from tests.train_util import ONE_STEP, Forked, train
 
 
 def _save(ckpt: CheckpointDir, step: int, value: float | None = None) -> Path:
@@ -197,18 +196,19 @@ _CHILD = textwrap.dedent("""
 
 @pytest.mark.parametrize("phase", ["write", "rename", "latest"])
 def test_sigkill_mid_save_keeps_previous_checkpoint(tmp_path, phase):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path), phase],
-                             stdout=subprocess.PIPE, text=True, env=env)
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD)
+    child = Forked(str(script), [str(tmp_path), phase], {**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        assert child.stdout.readline().strip() == "PAUSED"
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(timeout=30)
+        deadline = time.monotonic() + 120
+        while child.output("out").strip() != "PAUSED":
+            assert child.ranks.poll() is None and time.monotonic() < deadline, child.output("err")[-3000:]
+            time.sleep(0.02)
+        os.kill(child.ranks.pids[0], signal.SIGKILL)
+        done = child.result(timeout=30)
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-    assert child.returncode == -signal.SIGKILL
+        child.ranks.kill()
+    assert done.returncode == -signal.SIGKILL
     root = tmp_path / "checkpoints"
     assert (root / "latest").read_text().strip() == "step_00000100"
     ckpt = CheckpointDir(tmp_path, keep_last=1)

@@ -8,15 +8,14 @@ run compiles one layer graph; inductor's on-disk cache makes reruns of the suite
 from __future__ import annotations
 
 import math
-import os
-import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.train_util import FAST, command, env, losses, train
+from tests.train_util import losses, start, train, train_cli
+
+pytestmark = pytest.mark.slow
 
 ONE_SHAPE = ["data.objective=none", "model.binary_head=false", "trainer.eval_every=0", "trainer.export_hf=false",
              "logging.wandb_mode=disabled"]
@@ -62,15 +61,14 @@ def test_compiled_resume_after_sigkill_is_exact(tmp_path, corpus_cache):
                  "trainer.checkpoint_every=2"]
     train(tmp_path / "whole", corpus_cache, overrides)
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(command(1, [*FAST, f"run.dir={run_dir}", *overrides]), env=env(corpus_cache),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    run = start(run_dir, corpus_cache, overrides)
     latest = run_dir / "checkpoints" / "latest"
     deadline = time.time() + 300
-    while not latest.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its DataLoader worker
-    proc.wait()
-    assert latest.read_text().strip() == "step_00000002"
+    while not latest.exists() and run.ranks.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    run.ranks.kill()  # the trainer; its DataLoader worker sees its parent gone and exits
+    killed = run.result()
+    assert latest.read_text().strip() == "step_00000002", killed.stderr[-3000:]
     train(run_dir, corpus_cache, overrides)
     resumed, whole = losses(run_dir), losses(tmp_path / "whole")
     assert sorted(resumed) == sorted(whole) == [1, 2, 3, 4]
@@ -79,8 +77,9 @@ def test_compiled_resume_after_sigkill_is_exact(tmp_path, corpus_cache):
 
 
 def test_missing_compiler_is_one_line(tmp_path, corpus_cache):
-    proc = train(tmp_path / "nocc", corpus_cache, [*ONE_SHAPE, *COMPILE, *STEPS], check=False, timeout=120,
-                 extra_env={"CXX": str(tmp_path / "no-such-c++")})
+    # A new interpreter: inductor reads $CXX when it is imported.
+    proc = train_cli(tmp_path / "nocc", corpus_cache, [*ONE_SHAPE, *COMPILE, *STEPS], check=False, timeout=120,
+                     extra_env={"CXX": str(tmp_path / "no-such-c++")})
     assert proc.returncode != 0
     first = proc.stderr.strip().splitlines()[0]
     assert "trainer.compile=true needs a C++ compiler" in first and "trainer.compile=false" in first, proc.stderr

@@ -4,7 +4,6 @@ import dataclasses
 import json
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from mbert_train.model.weights import (full_state_dict, load_full_from_dir, read
 from mbert_train.parallel.layout import ParallelDims
 from mbert_train.train import HYDRA_SUBDIR, RUN_MARKER, run_dir_problem
 from tests.test_model_reference import small_config
-from tests.train_util import train
+from tests.train_util import run_python, train, train_cli
 
 
 def message(exc_info) -> str:
@@ -158,8 +157,11 @@ def test_non_finite_setting_names_the_key(override):
     assert message(exc).startswith(f"{override} is not a finite number") and f"set {key} to" in message(exc)
 
 
+@pytest.mark.slow
 def test_non_finite_lr_through_the_cli(tmp_path, corpus_cache):
-    proc = train(tmp_path / "run", corpus_cache, ["optim.lr=nan"], check=False, timeout=120)
+    """The real console entry in a new interpreter (the other run tests fork a preloaded one):
+    exit status 2 and one line on stderr."""
+    proc = train_cli(tmp_path / "run", corpus_cache, ["optim.lr=nan"], check=False, timeout=120)
     assert proc.returncode == 2
     assert "optim.lr=nan is not a finite number" in _one_error_line(proc, "mbert-train")
 
@@ -226,8 +228,7 @@ def test_diverged_run_is_one_line(tmp_path, corpus_cache):
 
 def test_plot_of_a_binary_metrics_file_is_one_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_bytes(bytes(range(256)))
-    proc = subprocess.run([sys.executable, "-m", "mbert_train.plot", str(tmp_path)], capture_output=True, text=True,
-                          timeout=60)
+    proc = run_python("mbert_train.plot", [tmp_path], timeout=60)
     assert proc.returncode == 1 and "metrics.jsonl is not UTF-8 text" in _one_error_line(proc, "mbert-plot")
 
 

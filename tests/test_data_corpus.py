@@ -77,6 +77,7 @@ print(prepare_default_corpus(DataConfig(cache_dir=sys.argv[1], default_vocab_siz
 """
 
 
+@pytest.mark.slow
 def test_two_processes_racing_on_first_use_share_one_result(tmp_path):
     cache = str(tmp_path / "cache")
     procs = [subprocess.Popen([sys.executable, "-c", RACE, cache], stdout=subprocess.PIPE,

@@ -24,6 +24,7 @@ from data_prep.sources import SourceError
 from data_prep.split import split_rules
 from data_prep.tokenizer import TokenizerError
 from mbert_train.data import open_dataset
+from tests.train_util import run_python
 
 SENTENCES = [
     "The lobster lives on rocky ground.", "It hides in crevices during the day.",
@@ -61,8 +62,9 @@ def write_bad_corpus(root) -> list[str]:
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "data_prep.prep", *args], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=240)
+    """`python -m data_prep.prep ARGS` on a forked preloaded interpreter (tests/train_util.py);
+    test_killed_prep_leaves_nothing_finished starts the real one."""
+    return run_python("data_prep.prep", list(args), environ={**os.environ, **(env or {})}, timeout=240)
 
 
 def test_cli_counts_every_bad_input(tmp_path):
@@ -179,6 +181,7 @@ def test_existing_tokenizer_files_and_datasets_inputs(tmp_path):
     assert open_dataset(str(out)).metadata["sources"][0]["kind"] == "hf"
 
 
+@pytest.mark.slow
 def test_killed_prep_leaves_nothing_finished(tmp_path):
     inputs = write_bad_corpus(tmp_path)
     out = tmp_path / "ds"
@@ -230,7 +233,7 @@ def tree(root) -> dict[str, bytes]:
 
 
 def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc = subprocess.Popen(["true"])
     proc.wait(timeout=30)
     return proc.pid
 

@@ -66,6 +66,7 @@ def _kill_node(agent: subprocess.Popen, workers: set[int]) -> None:
     agent.wait()
 
 
+@pytest.mark.slow
 def test_node_loss_restarts_on_the_remaining_node_and_finishes(tmp_path, corpus_cache):
     reference = tmp_path / "reference"
     train(reference, corpus_cache, [*OVERRIDES, f"trainer.global_batch_size={GLOBAL_BATCH}"], nproc=2)

@@ -19,6 +19,8 @@ from mbert_train.convert.common import TOKENIZER_FILES
 from mbert_train.convert.hf import dataset_of_run
 from tests.train_util import losses, train
 
+pytestmark = pytest.mark.slow
+
 STEPS = 3
 TEXT = "Return the value of the named attribute of an object."
 

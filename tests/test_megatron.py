@@ -29,6 +29,7 @@ from mbert_train.convert import main
 from mbert_train.convert.common import load_model_dir, write_model_dir
 from mbert_train.model.config import ModelConfig
 from mbert_train.model.weights import full_shapes
+from tests.train_util import run_python
 
 REFEREE_VERSION = "4.46.3"
 REFEREE_MEMBER = "transformers/models/megatron_bert/convert_megatron_bert_checkpoint.py"
@@ -330,8 +331,8 @@ class Evil:
 
 
 def run_cli(*argv) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mbert_train.convert", *map(str, argv)], capture_output=True,
-                          text=True, timeout=120)
+    """`python -m mbert_train.convert ARGV` on a forked preloaded interpreter (tests/train_util.py)."""
+    return run_python("mbert_train.convert", list(argv), timeout=120)
 
 
 @pytest.mark.parametrize("zip_format", [True, False])
@@ -342,7 +343,7 @@ def test_malicious_pickle_refused_without_executing(tmp_path, capsys, zip_format
     state = torch.load(shard, weights_only=False)
     state["args"].hook = Evil(marker)
     torch.save(state, shard, _use_new_zipfile_serialization=zip_format)
-    if zip_format:  # the real CLI once; the pre-1.6 format in-process (a fresh interpreter takes ~20 s here)
+    if zip_format:  # the CLI once; the pre-1.6 format in-process
         proc = run_cli("from-megatron", src, tmp_path / "out")
         code, err = proc.returncode, proc.stderr
     else:

@@ -148,6 +148,7 @@ def test_heldout_prefixes_are_exactly_the_heldout_split(tmp_path, vocab_file):
     assert prepared_docs(out, corpus.split_docs("train")) == as_prepared(megatron_docs(a))
 
 
+@pytest.mark.slow
 def test_mbert_train_trains_on_a_converted_megatron_dataset(tmp_path, vocab_file, corpus_cache):
     prefix = write_megatron(tmp_path / "wiki_text_sentence", make_docs(5, 40))
     out = tmp_path / "ds"

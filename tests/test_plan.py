@@ -273,6 +273,7 @@ def test_cli_with_the_real_config_tree(capsys):
         assert info.value.code == 2 and message in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_console_script():
     exe = shutil.which("mbert-plan")
     assert exe, "mbert-plan is not installed; run `pip install -e . --no-deps`"

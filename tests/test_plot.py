@@ -70,6 +70,7 @@ def test_missing_empty_or_corrupt_file_is_one_line_error(tmp_path, capsys, conte
     assert expected in err and err.startswith("mbert-plot: error:") and "\n" not in err
 
 
+@pytest.mark.slow
 def test_console_script(tmp_path):
     exe = shutil.which("mbert-plot")
     assert exe, "mbert-plot is not installed; run `pip install -e . --no-deps`"

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from mbert_train.data import DataConfig, build_loaders
 from tests.dist import spawn
 from tests.test_data_corpus import embedded_corpus
-from tests.train_util import FAST, LAYOUTS, STEPS, command, env, losses, train
+from tests.train_util import FAST, LAYOUTS, STEPS, command, env, losses, start, train
 
 TIMEOUT_S = 8  # parallel.timeout_s of the stalled-rank test; start-up collectives must fit in it
 
@@ -41,23 +41,29 @@ def _running(pid: int) -> bool:
         return False
 
 
+def _wait_for_steps(run_dir: Path, n: int, poll, stderr, timeout: float = 240) -> None:
+    """Until rank 0 has logged `n` training steps (a metrics line is written after its step)."""
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while not (metrics.exists() and metrics.read_text().count('"loss"') >= n):
+        assert poll() is None, f"exited early ({poll()}):\n{stderr()[-3000:]}"
+        assert time.monotonic() < deadline, "no training step logged"
+        time.sleep(0.05)
+
+
 class Run:
     """`mbert-train` (or torchrun) in a session of its own, output in files."""
 
-    def __init__(self, tmp_path: Path, run_dir: Path, cache: str, overrides: list[str], nproc: int):
+    def __init__(self, tmp_path: Path, run_dir: Path, cache: str, overrides: list[str], nproc: int,
+                 extra_env: dict | None = None):
         self.run_dir, self.out, self.err = run_dir, tmp_path / f"{run_dir.name}.out", tmp_path / f"{run_dir.name}.err"
         with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.proc = subprocess.Popen(command(nproc, [*FAST, f"run.dir={run_dir}", *overrides]), env=env(cache),
-                                         stdout=out, stderr=err, start_new_session=True)
+            self.proc = subprocess.Popen(command(nproc, [*FAST, f"run.dir={run_dir}", *overrides]),
+                                         env={**env(cache), **(extra_env or {})}, stdout=out, stderr=err,
+                                         start_new_session=True)
 
-    def wait_for_steps(self, n: int, timeout: float = 240) -> None:
-        """Until rank 0 has logged `n` training steps (a metrics line is written after its step)."""
-        metrics = self.run_dir / "metrics.jsonl"
-        deadline = time.monotonic() + timeout
-        while not (metrics.exists() and metrics.read_text().count('"loss"') >= n):
-            assert self.proc.poll() is None, f"exited early ({self.proc.returncode}):\n{self.err.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no training step logged"
-            time.sleep(0.05)
+    def wait_for_steps(self, n: int) -> None:
+        _wait_for_steps(self.run_dir, n, self.proc.poll, self.err.read_text)
 
     def children(self) -> list[int]:
         return _children(self.proc.pid)
@@ -114,53 +120,63 @@ def _resumes_exactly(runs: Path, run_dir: Path, cache: str, layout: str, stopped
     assert [resumed[s] for s in range(stopped_at + 1, 21)] == [reference[s] for s in range(stopped_at + 1, 21)]
 
 
-@pytest.mark.parametrize("layout", ["tp1", "dp2_zero1"])
-def test_sigterm_to_the_process_group_checkpoints_and_resumes_exactly(runs, tmp_path, corpus_cache, layout):
-    """The DataLoader workers get the signal too; they leave the stop to the main process."""
-    nproc, overrides = LAYOUTS[layout]
-    run = Run(tmp_path, tmp_path / layout, corpus_cache, [*STEPS, *overrides], nproc)
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_checkpoints_and_resumes_exactly(runs, tmp_path, corpus_cache):
+    """Under torchrun (2 ranks, ZeRO-1). The DataLoader workers get the signal too; they leave the
+    stop to the main process."""
+    nproc, overrides = LAYOUTS["dp2_zero1"]
+    run = Run(tmp_path, tmp_path / "dp2_zero1", corpus_cache, [*STEPS, *overrides], nproc)
     rc, out, err = _stop_with_the_process_group(run)
     step = _latest_step(run.run_dir)
     assert 1 <= step < 20 and f"checkpoint written at step {step}" in out, out + err
     assert "DataLoader worker" not in err, err
-    if nproc == 1:
-        assert rc == 0, err
-    else:
-        # torchrun forwards the signal to each rank's process group, then re-raises it itself
-        # (SignalException, status 1) whatever the ranks did; no rank failed.
-        assert err.count("Traceback") == 1 and "SignalException" in err, err
-    _resumes_exactly(runs, run.run_dir, corpus_cache, layout, step)
+    # torchrun forwards the signal to each rank's process group, then re-raises it itself
+    # (SignalException, status 1) whatever the ranks did; no rank failed.
+    assert err.count("Traceback") == 1 and "SignalException" in err, err
+    _resumes_exactly(runs, run.run_dir, corpus_cache, "dp2_zero1", step)
 
 
+@pytest.mark.slow
 def test_stop_survives_dataloader_workers_dying_with_it(runs, tmp_path, corpus_cache):
-    """Workers SIGKILLed together with the SIGTERM: the stop still checkpoints the last
-    completed step (not a half-fetched one) and exits 0."""
-    run = Run(tmp_path, tmp_path / "workers_killed", corpus_cache, [*STEPS, *LAYOUTS["tp1"][1]], 1)
+    """One process: SIGTERM to its group, its DataLoader workers SIGKILLed at that moment; the
+    stop still checkpoints the last completed step (not a half-fetched one), exits 0, and the run
+    resumes exactly. The run also starts beside a stale extension lock: a run killed while
+    DeepSpeed built its shm_comm extension leaves one, and torch would wait on it forever;
+    nothing on the CPU path builds an extension at all."""
+    extensions = tmp_path / "torch_extensions"
+    (extensions / "deepspeed_shm_comm").mkdir(parents=True)
+    (extensions / "deepspeed_shm_comm" / "lock").touch()
+    run = Run(tmp_path, tmp_path / "workers_killed", corpus_cache, [*STEPS, *LAYOUTS["tp1"][1]], 1,
+              extra_env={"TORCH_EXTENSIONS_DIR": str(extensions)})
     rc, out, err = _stop_with_the_process_group(run, kill_workers=True)
     assert rc == 0, err
     step = _latest_step(run.run_dir)
     assert 1 <= step < 20 and f"checkpoint written at step {step}" in out, out + err
+    built = sorted(str(p.relative_to(extensions)) for p in extensions.rglob("*"))
+    assert built == ["deepspeed_shm_comm", "deepspeed_shm_comm/lock"], built
     _resumes_exactly(runs, run.run_dir, corpus_cache, "tp1", step)
 
 
+@pytest.mark.slow
 def test_a_stalled_rank_ends_the_job_with_one_line_naming_the_timeout(tmp_path, corpus_cache):
     overrides = [*LAYOUTS["dp2_zero0"][1], "trainer.max_steps=100000", "trainer.eval_every=0",
                  "trainer.checkpoint_every=100000", "trainer.export_hf=false", "logging.wandb_mode=disabled",
                  f"parallel.timeout_s={TIMEOUT_S}"]
-    run = Run(tmp_path, tmp_path / "stalled", corpus_cache, overrides, 2)
+    run = start(tmp_path / "stalled", corpus_cache, overrides, nproc=2)
     try:
-        run.wait_for_steps(2)
-        rank0, rank1 = run.rank_pid(0), run.rank_pid(1)
+        _wait_for_steps(tmp_path / "stalled", 2, run.ranks.poll, lambda: run.output("err"))
+        rank0, rank1 = run.ranks.pids
         os.kill(rank1, signal.SIGSTOP)
         stopped = time.monotonic()
         while _running(rank0):
             assert time.monotonic() - stopped < 3 * TIMEOUT_S, "rank 0 still waits for the stopped rank"
             time.sleep(0.1)
-        os.kill(rank1, signal.SIGKILL)  # torchrun would wait its shutdown timeout for it
-        rc, _, err = run.finish(timeout=60)
+        os.kill(rank1, signal.SIGKILL)
+        proc = run.result(timeout=60)
     finally:
-        run.kill()
-    assert rc != 0
+        run.ranks.kill()
+    assert proc.returncode != 0
+    err = proc.stderr
     errors = [line for line in err.splitlines() if line.startswith("mbert-train: error:")]
     assert len(errors) == 1 and f"parallel.timeout_s={TIMEOUT_S} " in errors[0], err
     assert [line for line in err.splitlines() if "Timed out" in line] == errors, "no traceback of the timeout"
@@ -183,6 +199,7 @@ def _wait_on_a_stalled_peer(timeout_s: float) -> None:
         assert failure is not None and f"parallel.timeout_s={timeout_s:g} s" in str(failure), str(info.value)
 
 
+@pytest.mark.slow
 def test_every_process_group_honours_the_timeout():
     spawn(_wait_on_a_stalled_peer, 2, 2.0)
 
@@ -207,19 +224,6 @@ def test_timeout_must_be_positive(tmp_path, corpus_cache, value):
         proc = train(tmp_path / "zero", corpus_cache, [f"parallel.timeout_s={value}"], check=False, timeout=120)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
         assert proc.stderr.strip().splitlines()[0].startswith("mbert-train: error: parallel.timeout_s=0"), proc.stderr
-
-
-def test_a_stale_extension_lock_does_not_block_start(tmp_path, corpus_cache):
-    """A run killed while DeepSpeed built its shm_comm extension leaves its lock behind; torch
-    would wait on it forever. Nothing on the CPU path builds an extension at all."""
-    extensions = tmp_path / "torch_extensions"
-    (extensions / "deepspeed_shm_comm").mkdir(parents=True)
-    (extensions / "deepspeed_shm_comm" / "lock").touch()
-    train(tmp_path / "run", corpus_cache, ["trainer.max_steps=1", "trainer.eval_every=0", "trainer.export_hf=false",
-                                           "logging.wandb_mode=disabled"],
-          extra_env={"TORCH_EXTENSIONS_DIR": str(extensions)}, timeout=150)
-    built = sorted(str(p.relative_to(extensions)) for p in extensions.rglob("*"))
-    assert built == ["deepspeed_shm_comm", "deepspeed_shm_comm/lock"], built
 
 
 # ---- the loader's part, in this process --------------------------------------------------------
@@ -283,6 +287,7 @@ def test_a_dead_worker_fails_the_next_fetch_not_the_step_in_progress(embedded_di
     assert _same(first + rest, reference)
 
 
+@pytest.mark.slow
 def test_exit_does_not_wait_for_dataloader_workers(embedded_dir):
     """The workers ignore SIGTERM, which is how multiprocessing ends them at exit."""
     script = ("import sys; from tests.test_preemption import _loader; "

@@ -157,6 +157,7 @@ def _moments(step_dir: Path) -> dict[str, torch.Tensor]:
     return read_full(step_dir / OPTIM_DIR, {n: tuple(s) for n, s in full_shapes(cfg).items()}, MOMENTS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("x,y", TRANSITIONS, ids=[f"{x}->{y}" for x, y in TRANSITIONS])
 def test_resume_at_another_layout_continues_the_run(uninterrupted, tmp_path, corpus_cache, x, y):
     a = uninterrupted / x

@@ -3,7 +3,9 @@ elastic restart after a worker is SIGKILLed, the DeepSpeed launcher with a one-h
 Hydra `--multirun` sweep, and SLURM-style ranks started without any launcher.
 
 Every distributed run is compared with the matching single-launcher run of the `runs` fixture:
-same layout and seed give the same losses, bit for bit.
+same layout and seed give the same losses, bit for bit. Most stop at step 6 (SHORT): up to there
+the learning rate is still in its warmup, which does not depend on max_steps, so their losses are
+the reference's first 6.
 """
 
 from __future__ import annotations
@@ -20,9 +22,14 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from tests.train_util import FAST, LAYOUTS, STEPS, env, losses
 
+pytestmark = pytest.mark.slow
+
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"
+SHORT = ["trainer.max_steps=6", "trainer.checkpoint_every=10", "trainer.eval_every=10"]
 # Distributed settings a surrounding launcher (or a SLURM allocation running pytest) may have
 # exported; each test sets the ones it means.
 _INHERITED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
@@ -86,6 +93,10 @@ def _logged_steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in records if "loss" in r]
 
 
+def _first_steps(run_dir: Path, n: int = 6) -> dict[int, float]:
+    return {step: loss for step, loss in losses(run_dir).items() if step <= n}
+
+
 def _banners(text: str) -> list[str]:
     """Rank 0's start-up line, one per (re)start of the trainer."""
     return [line for line in text.splitlines() if line.startswith("[mbert-train] run dir")]
@@ -97,7 +108,7 @@ def test_two_torchrun_nodes_on_loopback_match_one_four_process_run(runs, tmp_pat
     run_dir = tmp_path / "two-nodes"
     shared = {"NNODES": "2", "NPROC_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
               "RDZV_ID": uuid.uuid4().hex, "RUN_DIR": str(run_dir), "MAX_RESTARTS": "0"}
-    overrides = [*FAST, *STEPS, *LAYOUTS["tp2_dp2_zero1"][1]]
+    overrides = [*FAST, *SHORT, *LAYOUTS["tp2_dp2_zero1"][1]]
     logs = [tmp_path / f"node{r}.log" for r in range(2)]
     procs: list[subprocess.Popen] = []
     with _reaped(f"run.dir={run_dir}", procs):
@@ -107,9 +118,9 @@ def test_two_torchrun_nodes_on_loopback_match_one_four_process_run(runs, tmp_pat
         texts = _finish(procs, logs)
     banners = [line for t in texts for line in _banners(t)]
     assert len(banners) == 1 and "world 4 = TP 2 x DP 2" in banners[0], banners
-    assert _logged_steps(run_dir) == list(range(1, 21))
-    assert losses(run_dir) == losses(runs / "tp2_dp2_zero1")
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000020"
+    assert _logged_steps(run_dir) == list(range(1, 7))
+    assert losses(run_dir) == _first_steps(runs / "tp2_dp2_zero1")
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"
 
 
 def _workers(agent: int, count: int, timeout: float = 120) -> dict[int, int]:
@@ -165,16 +176,14 @@ def test_deepspeed_launcher_with_a_one_host_hostfile(runs, tmp_path, corpus_cach
     hostfile.write_text("# this machine only\nlocalhost slots=2\n")
     run_dir = tmp_path / "ds-script"
     log = tmp_path / "ds-script.log"
-    proc = _start([LAUNCH / "deepspeed_launch.sh", *FAST, *STEPS, *LAYOUTS["dp2_zero0"][1]], log,
+    proc = _start([LAUNCH / "deepspeed_launch.sh", *FAST, *SHORT, *LAYOUTS["dp2_zero0"][1]], log,
                   _env(corpus_cache, HOSTFILE=str(hostfile), RUN_DIR=str(run_dir), MASTER_PORT=str(_free_port())),
                   tmp_path)
     with _reaped(f"run.dir={run_dir}", [proc]):
         (text,) = _finish([proc], [log])
     assert [b for b in _banners(text) if "world 2 = TP 1 x DP 2" in b], text[-3000:]
     assert "--local_rank" not in text.split("spawned with command", 1)[1].splitlines()[0]
-    curve = losses(run_dir)
-    assert curve == losses(runs / "dp2_zero0")
-    assert sum(curve[s] for s in (18, 19, 20)) < sum(curve[s] for s in (1, 2, 3)) - 1.5
+    assert losses(run_dir) == _first_steps(runs / "dp2_zero0")
 
     plain_dir = tmp_path / "ds-plain"
     log = tmp_path / "ds-plain.log"
@@ -188,9 +197,7 @@ def test_deepspeed_launcher_with_a_one_host_hostfile(runs, tmp_path, corpus_cach
     spawned = [line for line in text.splitlines() if "spawned with command" in line]
     assert len(spawned) == 2 and all(f"'--local_rank={r}'" in line for r, line in enumerate(spawned)), spawned
     assert [b for b in _banners(text) if "world 2 = TP 1 x DP 2" in b], text[-3000:]
-    # Step 1 runs before the first update, so the 4-step schedule cannot change it.
-    assert sorted(losses(plain_dir)) == [1, 2, 3, 4]
-    assert losses(plain_dir)[1] == losses(runs / "dp2_zero0")[1]
+    assert losses(plain_dir) == _first_steps(runs / "dp2_zero0", 4)
 
 
 def test_hydra_multirun_gives_each_job_its_own_run_dir(tmp_path, corpus_cache):
@@ -221,7 +228,7 @@ def test_slurm_tasks_without_torchrun_form_one_job(runs, tmp_path, corpus_cache)
     job = {"SLURM_JOB_ID": str(int.from_bytes(os.urandom(3), "big")), "SLURM_NTASKS": "2", "SLURM_NNODES": "1",
            "SLURM_NTASKS_PER_NODE": "2", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "127.0.0.1",
            "SLURM_NODELIST": "127.0.0.1", "SLURM_LAUNCH_NODE_IPADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    overrides = [*FAST, *STEPS, *LAYOUTS["dp2_zero0"][1], f"hydra.run.dir={out}/${{now:%H-%M-%S-%f}}"]
+    overrides = [*FAST, *SHORT, *LAYOUTS["dp2_zero0"][1], f"hydra.run.dir={out}/${{now:%H-%M-%S-%f}}"]
     logs = [tmp_path / f"task{r}.log" for r in range(2)]
     procs: list[subprocess.Popen] = []
     with _reaped(str(out), procs):
@@ -234,7 +241,7 @@ def test_slurm_tasks_without_torchrun_form_one_job(runs, tmp_path, corpus_cache)
     assert not _banners(texts[1]), "task 1 must be rank 1 of the same job"
     (run_dir,) = [d for d in out.iterdir() if (d / "metrics.jsonl").exists()]
     assert f"run dir {run_dir} |" in _banners(texts[0])[0]
-    assert _logged_steps(run_dir) == list(range(1, 21))
-    assert losses(run_dir) == losses(runs / "dp2_zero0")
-    saved = json.loads((run_dir / "checkpoints" / "step_00000020" / "meta.json").read_text())
+    assert _logged_steps(run_dir) == list(range(1, 7))
+    assert losses(run_dir) == _first_steps(runs / "dp2_zero0")
+    saved = json.loads((run_dir / "checkpoints" / "step_00000006" / "meta.json").read_text())
     assert saved["layout"]["data_parallel"] == 2, saved

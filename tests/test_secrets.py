@@ -4,12 +4,13 @@ Hydra's `.hydra/` record and the checkpoints' `run.json` included."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
+
+import pytest
 
 from mbert_train.metrics import is_secret_key, redact, redact_argv, secret_values
 from mbert_train.train import _override_secrets
-from tests.train_util import FAST, command, env, train
+from tests.train_util import start, train
 
 CLI_CANARY = "CANARY123cli"
 DICT_CANARY = "CANARY789dict"
@@ -47,6 +48,7 @@ def test_command_line_secrets_include_replaced_and_nested_values():
     assert _override_secrets(overrides) == {"abcd1234", "wxyz9876"}
 
 
+@pytest.mark.slow
 def test_no_secret_anywhere_under_the_run_dir(tmp_path, corpus_cache):
     run_dir = tmp_path / "run"
     run_dir.mkdir()  # an empty folder (as the launchers make) is a fine run.dir
@@ -68,11 +70,12 @@ def test_no_secret_anywhere_under_the_run_dir(tmp_path, corpus_cache):
     assert "reduce_bucket_size: 200000000.0" in (run_dir / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_no_secret_in_hydra_default_output_dir(tmp_path, corpus_cache):
     """Without run.dir Hydra picks runs/DATE_TIME; it writes nothing there itself, and what we
     write is redacted, also when the run then fails (here on a missing dataset)."""
-    proc = subprocess.run(command(1, [*FAST, "data.path=no/such/dataset", *SECRETS]), cwd=tmp_path,
-                          env={**env(corpus_cache), **SECRET_ENV}, capture_output=True, text=True, timeout=120)
+    proc = start(None, corpus_cache, ["data.path=no/such/dataset", "logging.wandb_mode=offline", *SECRETS],
+                 extra_env=SECRET_ENV, cwd=tmp_path).result(timeout=120)
     assert proc.returncode == 2 and "data.path" in proc.stderr, proc.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert (run_dir / ".hydra" / "hydra.yaml").is_file() and (run_dir / "config.yaml").is_file()
