@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 MODULES = ["torch.distributed", "torch._dynamo",  # the first optimizer imports dynamo
+           "torch._inductor.compile_fx",  # DeepSpeed's ZeRO optimizer check imports a torch.compile'd module
            "transformers.models.megatron_bert.modeling_megatron_bert", "hydra._internal.utils",
            "hydra._internal.config_loader_impl", "hydra.core.override_parser.overrides_parser", "matplotlib.pyplot",
            "mbert_train.train", "mbert_train.trainer", "mbert_train.engine", "mbert_train.data", "mbert_train.model",

@@ -15,23 +15,11 @@ import torch
 import torch.distributed as dist
 
 from mbert_train.data import DataConfig, build_loaders
-from tests.dist import spawn
+from tests.dist import children, spawn
 from tests.test_data_corpus import embedded_corpus
 from tests.train_util import FAST, LAYOUTS, STEPS, command, env, losses, start, train
 
 TIMEOUT_S = 8  # parallel.timeout_s of the stalled-rank test; start-up collectives must fit in it
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            parent = int(Path("/proc", entry, "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            continue
-        if parent == pid:
-            found.append(int(entry))
-    return found
 
 
 def _running(pid: int) -> bool:
@@ -66,7 +54,7 @@ class Run:
         _wait_for_steps(self.run_dir, n, self.proc.poll, self.err.read_text)
 
     def children(self) -> list[int]:
-        return _children(self.proc.pid)
+        return children(self.proc.pid)
 
     def dataloader_workers(self) -> list[int]:
         """Forked children: same command line (not the W&B service, also a child)."""
@@ -243,9 +231,9 @@ def _same(a: list[dict], b: list[dict]) -> bool:
 
 
 def _start_workers(loader) -> tuple[list[dict], list[int]]:
-    before = set(_children(os.getpid()))
+    before = set(children(os.getpid()))
     first = loader.take(2)
-    workers = sorted(set(_children(os.getpid())) - before)
+    workers = sorted(set(children(os.getpid())) - before)
     assert workers, "no DataLoader worker started"
     return first, workers
 

@@ -1,6 +1,6 @@
-"""Scale-out paths run for real on one machine (CPU, gloo): two torchrun "nodes" on loopback, an
-elastic restart after a worker is SIGKILLed, the DeepSpeed launcher with a one-host hostfile, a
-Hydra `--multirun` sweep, and SLURM-style ranks started without any launcher.
+"""Scale-out paths run for real on one machine (CPU, gloo): two torchrun "nodes" on loopback, the
+DeepSpeed launcher with a one-host hostfile, a Hydra `--multirun` sweep, and SLURM-style ranks
+started without any launcher. (torchrun restarting a group after a SIGKILL: tests/test_elastic.py.)
 
 Every distributed run is compared with the matching single-launcher run of the `runs` fixture:
 same layout and seed give the same losses, bit for bit. Most stop at step 6 (SHORT): up to there
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train_util import FAST, LAYOUTS, STEPS, env, losses
+from tests.train_util import FAST, LAYOUTS, Forked, env, losses
 
 pytestmark = pytest.mark.slow
 
@@ -123,52 +123,6 @@ def test_two_torchrun_nodes_on_loopback_match_one_four_process_run(runs, tmp_pat
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"
 
 
-def _workers(agent: int, count: int, timeout: float = 120) -> dict[int, int]:
-    """LOCAL_RANK -> pid of torchrun's worker processes (its children; dataloader workers are theirs)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = {}
-        pids = subprocess.run(["pgrep", "-P", str(agent)], capture_output=True, text=True).stdout.split()
-        for pid in map(int, pids):
-            try:
-                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            for item in environ:
-                if item.startswith(b"LOCAL_RANK="):
-                    found[int(item.split(b"=", 1)[1])] = pid
-        if len(found) == count:
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"torchrun {agent} did not start {count} workers in {timeout} s")
-
-
-def test_elastic_restart_resumes_from_checkpoint_after_a_worker_is_killed(runs, tmp_path, corpus_cache):
-    """SIGKILL one rank after the step-10 checkpoint: torchrun (MAX_RESTARTS=1) restarts the group,
-    which resumes at step 10 and ends with the uninterrupted run's losses."""
-    run_dir = tmp_path / "elastic"
-    log = tmp_path / "torchrun.log"
-    latest = run_dir / "checkpoints" / "latest"
-    agent = _start([LAUNCH / "torchrun_single.sh", *FAST, *STEPS, *LAYOUTS["dp2_zero1"][1]], log,
-                   _env(corpus_cache, NPROC_PER_NODE="2", MAX_RESTARTS="1", RUN_DIR=str(run_dir)), tmp_path)
-    with _reaped(f"run.dir={run_dir}", [agent]):
-        deadline = time.monotonic() + 300
-        while not latest.exists() and agent.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if agent.poll() is None:  # else it failed or finished early: _finish and the asserts say which
-            os.kill(_workers(agent.pid, 2)[0], signal.SIGKILL)  # rank 0, which also writes metrics.jsonl
-        killed_at = latest.read_text().strip() if latest.exists() else None
-        (text,) = _finish([agent], [log])
-    assert killed_at == "step_00000010", text[-3000:]
-    banners = _banners(text)
-    assert len(banners) == 2 and "new run" in banners[0] and "resumed at step 10" in banners[1], text[-3000:]
-    assert _logged_steps(run_dir) == list(range(1, 21)), "metrics.jsonl has each step once"
-    resumed, reference = losses(run_dir), losses(runs / "dp2_zero1")
-    assert resumed[20] == reference[20]
-    assert resumed == reference
-    assert latest.read_text().strip() == "step_00000020"
-
-
 def test_deepspeed_launcher_with_a_one_host_hostfile(runs, tmp_path, corpus_cache):
     """launch/deepspeed_launch.sh (--no_local_rank) trains DP2 exactly like torchrun; a plain
     `deepspeed` call, which appends --local_rank=N to argv, also runs: the trainer strips it."""
@@ -202,12 +156,15 @@ def test_deepspeed_launcher_with_a_one_host_hostfile(runs, tmp_path, corpus_cach
 
 def test_hydra_multirun_gives_each_job_its_own_run_dir(tmp_path, corpus_cache):
     sweep = tmp_path / "sweep"
-    log = tmp_path / "multirun.log"
-    cmd = [sys.executable, "-m", "mbert_train.train", "-m", *FAST, "trainer.max_steps=4", "trainer.checkpoint_every=4",
-           "trainer.eval_every=0", "trainer.export_hf=false", "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}"]
-    proc = _start(cmd, log, _env(corpus_cache), tmp_path)
-    with _reaped(f"hydra.sweep.dir={sweep}", [proc]):
-        _finish([proc], [log])
+    argv = ["-m", *FAST, "trainer.max_steps=4", "trainer.checkpoint_every=4", "trainer.eval_every=0",
+            "trainer.export_hf=false", "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}"]
+    # No launcher here: `python -m mbert_train.train -m` on a forked preloaded interpreter.
+    run = Forked("mbert_train.train", argv, _env(corpus_cache), cwd=tmp_path)
+    try:
+        done = run.result(timeout=300)
+    finally:
+        run.ranks.kill()
+    assert done.returncode == 0, done.stderr[-4000:]
     lrs = []
     for job in ("0", "1"):
         run_dir = sweep / job
@@ -229,14 +186,17 @@ def test_slurm_tasks_without_torchrun_form_one_job(runs, tmp_path, corpus_cache)
            "SLURM_NTASKS_PER_NODE": "2", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "127.0.0.1",
            "SLURM_NODELIST": "127.0.0.1", "SLURM_LAUNCH_NODE_IPADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     overrides = [*FAST, *SHORT, *LAYOUTS["dp2_zero0"][1], f"hydra.run.dir={out}/${{now:%H-%M-%S-%f}}"]
-    logs = [tmp_path / f"task{r}.log" for r in range(2)]
-    procs: list[subprocess.Popen] = []
-    with _reaped(str(out), procs):
-        for task, log in enumerate(logs):
-            procs.append(_start([sys.executable, "-m", "mbert_train.train", *overrides], log,
-                                _env(corpus_cache, **job, SLURM_PROCID=str(task), SLURM_LOCALID=str(task)),
-                                tmp_path))
-        texts = _finish(procs, logs, timeout=240)
+    # Each task `python -m mbert_train.train` on a forked preloaded interpreter: no launcher.
+    tasks = [Forked("mbert_train.train", overrides, _env(corpus_cache, **job, SLURM_PROCID=str(task),
+                                                          SLURM_LOCALID=str(task)), cwd=tmp_path)
+             for task in range(2)]
+    try:
+        done = [task.result(timeout=240) for task in tasks]
+    finally:
+        for task in tasks:
+            task.ranks.kill()
+    assert all(d.returncode == 0 for d in done), "\n".join(d.stdout[-3000:] + d.stderr[-3000:] for d in done)
+    texts = [d.stdout + d.stderr for d in done]
     assert len(_banners(texts[0])) == 1 and "world 2 = TP 1 x DP 2" in _banners(texts[0])[0], texts[0][-3000:]
     assert not _banners(texts[1]), "task 1 must be rank 1 of the same job"
     (run_dir,) = [d for d in out.iterdir() if (d / "metrics.jsonl").exists()]

@@ -2,12 +2,15 @@
 artifacts (metrics, plot, W&B offline files, HF export), and one-line config errors."""
 
 import math
+import os
+import signal
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.dist import children
 from tests.train_util import INVARIANT, LAYOUTS, SECRET, STEPS, losses, start, train
 
 
@@ -167,6 +170,30 @@ def test_tp_change_resumes_by_resharding_and_init_from_keeps_weights(runs, tmp_p
                                                 "trainer.export_hf=false"], nproc=2)
     # Continuing from step-20 weights: far below the loss of a fresh model (about 9.7).
     assert losses(tmp_path / "from_tp1")[1] < losses(runs / "tp1")[1] - 0.5
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, corpus_cache):
+    """SIGTERM to the trainer and its DataLoader workers (as to their process group): the
+    workers leave the stop to the trainer, which checkpoints its last step and exits 0."""
+    run_dir = tmp_path / "preempted"
+    run = start(run_dir, corpus_cache, ["trainer.max_steps=100000", "trainer.checkpoint_every=100000",
+                                        "trainer.eval_every=0"])
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 200
+    while run.ranks.poll() is None and time.time() < deadline and (
+            not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    (trainer,) = run.ranks.pids
+    workers = children(trainer)
+    assert workers, "no DataLoader worker found"
+    for pid in [trainer, *workers]:
+        os.kill(pid, signal.SIGTERM)
+    proc = run.result(timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    step = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert step >= 3 and f"checkpoint written at step {step}" in proc.stdout
+    assert "DataLoader worker" not in proc.stderr, proc.stderr
 
 
 @pytest.mark.slow
