@@ -11,6 +11,8 @@ the Adam state exists, then each format saves and loads `--repeats` times into a
 directory (page cache dropped where allowed; otherwise say so). Reported per rank: seconds to
 save (files written and fsynced), seconds to load, bytes written. Weights (safetensors, the
 same in both formats) are not part of either figure. Target: new save <= 1.5x the old one.
+Also reported: what the checkpoint manifest adds to the new format (`mbert_train/manifest.py`),
+the CRC-32 of the rank's files at save and their check at load.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def _size(path: Path) -> int:
 def rank_main(rank: int, world: int, args, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from mbert_train import reshard
+    from mbert_train import manifest, reshard
     from mbert_train.config import TrainConfig
     from mbert_train.engine import build_engine
     from mbert_train.model import MegatronBert
@@ -75,7 +77,7 @@ def rank_main(rank: int, world: int, args, port: int, out: str) -> None:
     engine.step()
     shapes = {n: tuple(v) for n, v in full_shapes(mcfg).items()}
     root = Path(args.dir)
-    rows = {"old_save": [], "old_load": [], "new_save": [], "new_load": []}
+    rows = {"old_save": [], "old_load": [], "new_save": [], "new_load": [], "manifest_save": [], "manifest_load": []}
     for i in range(args.repeats):
         old, new = root / f"old{i}", root / f"new{i}"
         if rank == 0:
@@ -106,11 +108,21 @@ def rank_main(rank: int, world: int, args, port: int, out: str) -> None:
         rows["old_load"].append(time.perf_counter() - start)
         # The layout-independent format.
         start = time.perf_counter()
-        reshard.save_state(new, engine.fragments(), shapes, tp=1, tp_rank=0, write=engine.zero or rank == 0,
-                           kinds=engine.state_kinds())
+        names = reshard.save_state(new, engine.fragments(), shapes, tp=1, tp_rank=0, write=engine.zero or rank == 0,
+                                   kinds=engine.state_kinds())
         dist.barrier()
         rows["new_save"].append(time.perf_counter() - start)
         new_bytes = sum(p.stat().st_size for p in new.glob(f"__{rank}_*"))
+        start = time.perf_counter()
+        files = manifest.describe(new, [new / name for name in names], rank=rank)
+        dist.barrier()
+        rows["manifest_save"].append(time.perf_counter() - start)
+        every = [None] * world
+        dist.all_gather_object(every, files)
+        files = {name: entry for part in every for name, entry in part.items()}
+        start = time.perf_counter()
+        assert manifest.verify(new, files) is None
+        rows["manifest_load"].append(time.perf_counter() - start)
         start = time.perf_counter()
         reshard.load_state(new, engine.fragments(), shapes, tp=1, tp_rank=0, kinds=engine.state_kinds())
         dist.barrier()
@@ -143,7 +155,8 @@ def main() -> int:
         print(f"rank {r['rank']}: save old {r['old_save']:.2f} s  new {r['new_save']:.2f} s "
               f"({r['new_save'] / r['old_save']:.2f}x) | load old {r['old_load']:.2f} s  new {r['new_load']:.2f} s "
               f"({r['new_load'] / r['old_load']:.2f}x) | bytes old {r['old_bytes'] / 2**20:.1f} MiB  "
-              f"new {r['new_bytes'] / 2**20:.1f} MiB")
+              f"new {r['new_bytes'] / 2**20:.1f} MiB | manifest +{r['manifest_save']:.2f} s save, "
+              f"+{r['manifest_load']:.2f} s load")
     ratio = max(r["new_save"] for r in ranks) / max(r["old_save"] for r in ranks)
     print(f"save time new/old (slowest rank): {ratio:.2f}x (target <= {TARGET}x)")
     print("JSON " + json.dumps({"shape": args.shape, "zero": args.zero, "ranks": ranks, "save_ratio": ratio,

@@ -15,7 +15,7 @@ and the schedule (linear warmup, linear decay to 0), the micro-batch and the thr
 Ours runs the real `mbert-train` CLI in a child process, HF runs `Trainer.train()` in this process
 afterwards, never at the same time; both save the model every `--eval-every` steps (HF with
 `save_only_model`: no optimizer state). ONE evaluator scores every saved model and the shared
-initial one (step 0): our checkpoints are exported with `mbert_train.convert` and loaded as
+initial one (step 0): our checkpoints are exported with `mbert_train.convert.hf` and loaded as
 `MegatronBertForMaskedLM` like HF's, and all run on the same held-out batches with the same fixed
 masks (our eval loader: data.eval_seed). A run's time at step k is the sum of its training-step
 times up to k, batch loading included and checkpoint saving excluded on both sides: ours from
@@ -140,7 +140,7 @@ def initial_model(s: Setup, vocab: int, work: Path) -> Path:
     """HF's seeded init, saved, and imported for ours with mbert-convert's from-hf."""
     from transformers import MegatronBertConfig, MegatronBertForMaskedLM
 
-    from mbert_train.convert import from_hf, hf_config_dict
+    from mbert_train.convert.hf import from_hf, hf_config_dict
     cfg = hf_config_dict(model_config(s, vocab))
     cfg.pop("architectures", None)
     torch.manual_seed(SEED)
@@ -173,7 +173,8 @@ def ours_curve(run_dir: Path, tokens: list[int], held: list[dict], initial: torc
     """Our curve at every checkpoint, the final model's token losses and the step times (metrics.jsonl)."""
     from transformers import MegatronBertForMaskedLM
 
-    from mbert_train.convert import export_hf, load_model_dir
+    from mbert_train.convert.common import load_model_dir
+    from mbert_train.convert.hf import export_hf
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = {r["step"]: r for r in records if "tokens_per_s" in r}
     durations = [tokens[k - 1] / steps[k]["tokens_per_s"] for k in sorted(steps)]

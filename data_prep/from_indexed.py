@@ -23,6 +23,7 @@ exactly-resumable sampler.)
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -116,6 +117,31 @@ def open_indexed(cfg: PrepConfig, stats: ReadStats) -> IndexedInputs | None:
     heldout_inputs = np.arange(n_train, len(counts.kept), dtype=np.int64) if held else None
     return IndexedInputs(datasets, tok, opened["train"][1], opened["heldout"][1], counts,
                          heldout_inputs)
+
+
+def _document_digests(ds: IndexedDataset) -> Iterator[bytes]:
+    """A digest of each document's token ids, in order (documents equal token for token, and
+    sentence boundaries aside, have the same digest)."""
+    for s0, bounds in _doc_chunks(ds, _DOCS_PER_CHUNK):
+        lengths = np.asarray(ds.sequence_lengths[s0:s0 + bounds[-1]], dtype=np.int64)
+        t0 = int(ds.sequence_pointers[s0]) // ds.dtype.itemsize if len(lengths) else 0
+        values = np.asarray(ds.tokens[t0:t0 + int(lengths.sum())], dtype=np.int64)
+        starts = np.concatenate(([0], np.cumsum(lengths)))[bounds]
+        for a, b in zip(starts[:-1], starts[1:]):
+            yield hashlib.blake2b(values[a:b].tobytes(), digest_size=16).digest()
+
+
+def heldout_copies(inputs: IndexedInputs) -> np.ndarray:
+    """Input ids of the training documents whose token ids equal a `--heldout` document's (a
+    held-out set that is the training data, or holds byte copies of it): as for text, such
+    training documents are dropped from the training split and counted. Empty without
+    `--heldout`."""
+    if inputs.heldout_inputs is None:
+        return np.zeros(0, dtype=np.int64)
+    n_train = int(inputs.heldout_inputs[0]) if len(inputs.heldout_inputs) else len(inputs.counts.kept)
+    digests = [d for ds in inputs.datasets for d in _document_digests(ds)]
+    held = set(digests[n_train:])
+    return np.array([i for i, d in enumerate(digests[:n_train]) if d in held], dtype=np.int64)
 
 
 def _doc_chunks(ds: IndexedDataset, docs_per_chunk: int) -> Iterator[tuple[int, np.ndarray]]:

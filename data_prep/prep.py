@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from data_prep import format as fmt
 from data_prep.config import PrepConfig, PrepError
-from data_prep.from_indexed import IndexedInputs, TokenizedView, open_indexed
+from data_prep.from_indexed import IndexedInputs, TokenizedView, heldout_copies, open_indexed
 from data_prep.sources import ReadStats, Source, read_documents, resolve_sources
 from data_prep.sources import total_local_bytes
 from data_prep.split import get_splitter
@@ -206,11 +206,12 @@ def _heldout_inputs(cfg: PrepConfig, spool, n_train: int, cache: str) -> np.ndar
     return choose_heldout(sentences, cfg.heldout_fraction, cfg.split_seed)
 
 
-def _heldout_kept(cfg: PrepConfig, counts: CorpusCounts, heldout_inputs: np.ndarray) -> np.ndarray:
+def _heldout_kept(cfg: PrepConfig, counts: CorpusCounts, heldout_inputs: np.ndarray, *,
+                  check: bool = True) -> np.ndarray:
     """The held-out input documents that kept a token, as ids among kept documents."""
     kept = counts.kept
     heldout = (np.cumsum(kept) - 1)[heldout_inputs[kept[heldout_inputs]]].astype(np.int64)
-    if cfg.heldout and len(heldout) == 0:
+    if check and cfg.heldout and len(heldout) == 0:
         raise PrepError(f"--heldout {' '.join(cfg.heldout)}: no document of these files has a "
                         f"token; pass files with text, or leave --heldout out")
     if len(heldout) == int(kept.sum()):
@@ -323,11 +324,17 @@ def _run_indexed(cfg: PrepConfig, indexed: IndexedInputs, stats: ReadStats, tmp:
         heldout_inputs = choose_heldout(counts.sentences_per_doc, cfg.heldout_fraction,
                                         cfg.split_seed)
     heldout = _heldout_kept(cfg, counts, heldout_inputs)
+    copies = heldout_copies(indexed)
+    copies = _heldout_kept(cfg, counts, copies, check=False)  # as ids among the kept documents
+    if len(copies) and len(copies) + len(heldout) >= int(counts.kept.sum()):
+        raise PrepError(f"--heldout {' '.join(cfg.heldout)}: every training document is also a held-out one "
+                        f"(the same token ids); pass a held-out set that is not the training data")
     view = TokenizedView(indexed, cfg.max_sentence_tokens)
     with tqdm(total=len(view), unit="doc", desc="writing", disable=cfg.quiet) as bar:
-        max_token_id = write_arrays(view, counts, heldout, tmp, dtype, bar.update)
+        max_token_id = write_arrays(view, counts, heldout, tmp, dtype, bar.update, not_trained=copies)
     save_tokenizer(tok, tmp, fmt.TOKENIZER_FILE, fmt.VOCAB_FILE)
-    summary = _summary(counts, heldout, stats, vocab_size, time.perf_counter() - started, 0)
+    summary = _summary(counts, heldout, stats, vocab_size, time.perf_counter() - started, len(copies))
+    summary["train_documents"] -= len(copies)  # their tokens stay in the files, outside both splits
     metadata = _metadata(cfg, tok, tmp, dtype, indexed.sources, indexed.heldout_sources, stats,
                          summary, max_token_id)
     metadata["splitter"] = "megatron-sequences"  # one sentence per sequence of the .idx

@@ -181,8 +181,9 @@ def _save(path: str, values: np.ndarray) -> None:
 
 def write_arrays(tokenized, counts: CorpusCounts, heldout: np.ndarray, out_dir: str,
                  dtype: np.dtype, progress: Callable[[int], None],
-                 batch_size: int = 8192) -> int:
-    """Stream tokens, sentence and document offsets, and the split lists into `out_dir`.
+                 batch_size: int = 8192, not_trained: np.ndarray | None = None) -> int:
+    """Stream tokens, sentence and document offsets, and the split lists into `out_dir`;
+    documents in `not_trained` (ids among the kept documents) are in neither split.
 
     Returns the largest token id written (-1 when there are none), for metadata.json.
     """
@@ -212,7 +213,8 @@ def write_arrays(tokenized, counts: CorpusCounts, heldout: np.ndarray, out_dir: 
     tokens.flush()
     sent_off.flush()
     del tokens, sent_off
-    train = np.setdiff1d(np.arange(n_docs, dtype=np.int64), heldout, assume_unique=True)
+    outside = heldout if not_trained is None else np.union1d(heldout, not_trained)
+    train = np.setdiff1d(np.arange(n_docs, dtype=np.int64), outside, assume_unique=True)
     _save(os.path.join(out_dir, fmt.SPLIT_FILES["train"]), train)
     _save(os.path.join(out_dir, fmt.SPLIT_FILES["heldout"]), heldout.astype(np.int64))
     return max_id

@@ -2,7 +2,7 @@
 # Multi-node training with the `deepspeed` launcher and a hostfile. Run it once, on the
 # first host; it starts the ranks on every host in the hostfile over ssh (pdsh).
 #
-#   cp launch/hostfile.example launch/hostfile && $EDITOR launch/hostfile
+#   cp launch/hostfile.example launch/hostfile      # then list your hosts in it
 #   RUN_DIR=/shared/runs/large launch/deepspeed_launch.sh model=bert-large parallel.zero_stage=2
 #
 # Environment reaching remote hosts: the launcher forwards NCCL_*, PYTHON* and the variables

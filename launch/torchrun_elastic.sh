@@ -2,15 +2,15 @@
 # Elastic multi-node training: torchrun with a node range. Run this once on every node:
 #
 #   export NNODES=2:4 MASTER_ADDR=node001 MASTER_PORT=29500 NPROC_PER_NODE=8
-#   export RUN_DIR=/shared/runs/base GLOBAL_BATCH_SIZE=256   # same on every node
-#   launch/torchrun_elastic.sh model=bert-base
+#   export RUN_DIR=/shared/runs/base GLOBAL_BATCH_SIZE=768   # same on every node
+#   launch/torchrun_elastic.sh model=bert-base trainer.micro_batch_size=8
 #
 # NNODES=MIN:MAX: training starts once MIN nodes have joined (after waiting last_call_timeout,
 # default 30 s, for more, up to MAX) and goes on while at least MIN are left.
 # trainer.global_batch_size=GLOBAL_BATCH_SIZE fixes the samples per optimizer step; grad_accum is
 # derived from it at each start (GLOBAL_BATCH_SIZE / (micro_batch_size x DP)), so every node
 # count in the range trains on the same data stream. It must divide into micro-batches at every
-# DP size the range allows.
+# DP size the range allows: 768 = 6, 4 or 3 micro-batches of 8 on each of 16, 24 or 32 GPUs above.
 #
 # When a node is lost, its peers' collectives fail (at once when its processes are gone, at the
 # latest after parallel.timeout_s when its network is), and the ranks exit. Each surviving agent

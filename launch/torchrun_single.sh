@@ -2,7 +2,7 @@
 # Single-node training with torchrun: one process per GPU on this machine.
 #
 #   launch/torchrun_single.sh model=bert-base parallel.tensor_parallel=2
-#   NPROC_PER_NODE=4 RUN_DIR=runs/base-tp2 launch/torchrun_single.sh model=bert-base
+#   NPROC_PER_NODE=4 RUN_DIR=runs/base-tp2 launch/torchrun_single.sh model=bert-base parallel.tensor_parallel=2
 #
 # Arguments are Hydra overrides for mbert-train. RUN_DIR is fixed here, once, before any
 # rank starts, so every rank (and every torchrun restart) uses the same run directory and a

@@ -2,13 +2,14 @@
 
 Layout under a run directory::
 
-    RUN_DIR/checkpoints/step_00000100/meta.json   # written last, before the rename
+    RUN_DIR/checkpoints/step_00000100/meta.json   # written last, before the rename; lists every file
     RUN_DIR/checkpoints/step_00000100/model_config.json, model_tpXX-of-YY.safetensors  # weights
     RUN_DIR/checkpoints/step_00000100/optim/      # optimizer state, torch.distributed.checkpoint
     RUN_DIR/checkpoints/step_00000100/trainer_state.pt  # step, schedule, data position, counters
     RUN_DIR/checkpoints/step_00000100/rng_rank00000.pt  # one per rank
     RUN_DIR/checkpoints/step_00000100/run.json    # config (redacted) and the W&B run id
     RUN_DIR/checkpoints/latest                    # text file: "step_00000100"
+    RUN_DIR/checkpoints/set_aside_DATE_TIME/step_00000200  # moved aside by trainer.resume=100
 
 Every file but the RNG states is independent of the layout that wrote it, so a checkpoint
 loads at any TP x DP x ZeRO stage (`mbert_train.reshard`).
@@ -22,16 +23,18 @@ an older one. The save protocol, for all ranks::
     tmp = ckpt.begin(step)      # every rank gets the same path; rank 0 creates it
     barrier()
     ... each rank writes its files into tmp ...
-    barrier()
-    ckpt.commit(step, layout=...)  # rank 0 renames and updates `latest`; others no-op
+    files = manifest.gather(manifest.describe(tmp, written, rank=rank))  # size + CRC-32 of each
+    ckpt.commit(step, layout=..., files=files)  # rank 0 renames and updates `latest`; others no-op
     barrier()
 
 `commit` on rank 0, step by step (a kill between any two leaves a state the next start's
 `collect_garbage` turns back into complete checkpoints, losing none that was committed):
 
-    1. chmod the files to the umask, fsync them, then write `meta.json` atomically: a
-       `.tmp-step_N` holding `meta.json` is complete. `meta.json` records `commit`, one more
-       than the largest of the directory, so checkpoints order by when they were written
+    1. check that every file of every rank is in the temp dir at the size its rank wrote
+       (`mbert_train.manifest`), chmod the files to the umask, fsync them, then write `meta.json`
+       atomically: a `.tmp-step_N` holding `meta.json` is complete. `meta.json` records
+       `commit`, one more than the largest of the directory, so checkpoints order by when they
+       were written, and `files`, what each file should be, which a resume checks first
     2. saving a step that exists: rename `step_N` -> `.tmp-replaced-step_N-PID`
     3. rename `.tmp-step_N` -> `step_N`, fsync the directory, delete the replaced copy
     4. replace `latest`
@@ -40,6 +43,10 @@ an older one. The save protocol, for all ranks::
 
 A kill between 2 and 3 leaves no `step_N` but two complete copies: garbage collection renames
 the newer one back to `step_N` and deletes the other. Every other `.tmp-*` is deleted.
+That is safe because rank 0 changes the directory (begin, commit, set_aside_after,
+collect_garbage) only while its run holds the run dir's lease (`mbert_train.lease`), checked
+first each time: a second run on the same run dir never deletes the `.tmp-step_N` a live one
+is writing, and a run whose lease was taken over stops before it writes again.
 "Newest" means the largest `commit` (the run's own history), not the largest step: a run
 restarted from an older checkpoint writes steps below those of its abandoned future, and those
 are what rotation keeps and what a missing `latest` falls back to.
@@ -49,7 +56,6 @@ Multi-node runs need RUN_DIR on a file system every node sees (NFS, Lustre, GPFS
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -65,7 +71,9 @@ from typing import Any
 
 import torch
 
-from mbert_train.errors import UserError, describe_os_error
+from mbert_train import manifest
+from mbert_train.errors import UserError, as_os_error, describe_os_error
+from mbert_train.lease import LEASE_FILE, Lease, holder_problem
 from mbert_train.staging import apply_umask, fsync_path, fsync_tree, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -76,10 +84,15 @@ META_FILE = "meta.json"
 OPTIM_DIR = "optim"
 TRAINER_STATE_FILE = "trainer_state.pt"
 RUN_FILE = "run.json"
+MANIFEST_KEY = "files"
+"""`meta.json`'s list of every file of the checkpoint with its size and CRC-32 (`mbert_train.manifest`);
+absent in checkpoints written before it existed, which then load unchecked."""
 FORMAT = 2
 """`meta.json` "format": 2 = the layout-independent format above. Format 1 (no "format" key) held
 one `trainer_rank*.pt` per rank with DeepSpeed's partitioned optimizer state."""
 TMP_PREFIX = ".tmp-"
+SET_ASIDE_PREFIX = "set_aside_"
+"""Folders under `checkpoints/` holding the checkpoints a `trainer.resume=STEP` start moved aside."""
 _TAG_RE = re.compile(r"^step_(\d{8,})$")
 _REPLACED_RE = re.compile(rf"^{re.escape(TMP_PREFIX)}replaced-(step_\d{{8,}})-\d+$")
 
@@ -126,25 +139,6 @@ def step_of(path: Path | str) -> int:
     return int(match.group(1))
 
 
-def _as_os_error(exc: BaseException) -> OSError | None:
-    """The OSError behind a failed write; torch and safetensors report one only as text
-    (torch: `[enforce fail at inline_container.cc:672] . unexpected pos` when the disk fills)."""
-    if isinstance(exc, OSError):
-        return exc
-    text = str(exc)
-    found = re.search(r"os error (\d+)", text)
-    if found:
-        return OSError(int(found.group(1)), text)
-    for code in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
-        if os.strerror(code) in text:
-            return OSError(code, text)
-    if "unexpected pos" in text or "file write failed" in text:
-        return OSError(errno.ENOSPC, text)
-    if "inline_container.cc" in text:
-        return OSError(errno.EIO, text)
-    return None
-
-
 @contextmanager
 def write_errors(path: Path | str) -> Iterator[None]:
     """Turn a failed write under `path` (disk full, read-only, permissions) into a one-line
@@ -154,7 +148,7 @@ def write_errors(path: Path | str) -> Iterator[None]:
     except CheckpointError:
         raise
     except Exception as exc:
-        os_error = _as_os_error(exc)
+        os_error = as_os_error(exc)
         if os_error is None:
             raise
         where = getattr(exc, "filename", None) or path
@@ -167,18 +161,18 @@ def read_json(path: Path | str) -> dict[str, Any]:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {path} is missing; {_ADVICE}") from None
+        raise CheckpointError(f"checkpoint file {path} is missing; {CHECKPOINT_ADVICE}") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"checkpoint file {path} cannot be read ({exc}); {_ADVICE}") from None
+        raise CheckpointError(f"checkpoint file {path} cannot be read ({exc}); {CHECKPOINT_ADVICE}") from None
     if not text.strip():
-        raise CheckpointError(f"checkpoint file {path} is empty; {_ADVICE}")
+        raise CheckpointError(f"checkpoint file {path} is empty; {CHECKPOINT_ADVICE}")
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
-        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt; {_ADVICE}") from None
+        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt; {CHECKPOINT_ADVICE}") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"checkpoint file {path} holds a JSON {type(value).__name__}, not an object; "
-                              f"{_ADVICE}")
+                              f"{CHECKPOINT_ADVICE}")
     return value
 
 
@@ -230,15 +224,26 @@ class CheckpointDir:
     """The `checkpoints/` directory of one run: begin/commit saves, find the latest, rotate.
 
     Every rank constructs one with its own `rank`; only rank 0 touches shared state
-    (creating, renaming, deleting directories and writing `latest`).
+    (creating, renaming, deleting directories and writing `latest`), and only while `lease`
+    (rank 0's hold on the run dir) is its own; without one, only while no lease record of
+    another run that may be alive is there.
     """
 
-    def __init__(self, run_dir: Path | str, *, rank: int = 0, keep_last: int | None = 3) -> None:
+    def __init__(self, run_dir: Path | str, *, rank: int = 0, keep_last: int | None = 3,
+                 lease: Lease | None = None) -> None:
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last={keep_last} must be >= 1, or None to keep every checkpoint")
         self.root = Path(run_dir) / CHECKPOINTS_SUBDIR
         self.rank = rank
         self.keep_last = keep_last
+        self._run_dir_existed = Path(run_dir).is_dir()  # a run dir that then vanishes is never recreated
+        self.lease = lease
+
+    def _require_lease(self) -> None:
+        with write_errors(self.root.parent / LEASE_FILE):
+            problem = self.lease.problem() if self.lease is not None else holder_problem(self.root.parent)
+        if problem is not None:
+            raise CheckpointError(problem)
 
     def path(self, step: int) -> Path:
         """Final (complete) directory of the checkpoint at `step`."""
@@ -252,18 +257,27 @@ class CheckpointDir:
         """Start saving `step`; rank 0 creates a fresh temp dir. Barrier before writing into it."""
         tmp = self.tmp_path(step)
         if self.rank == 0:
+            run_dir = self.root.parent
+            if self._run_dir_existed and not run_dir.is_dir():  # what was saved before went with it
+                raise CheckpointError(f"run dir {run_dir} is gone (deleted or unmounted while the run was training); "
+                                      f"the checkpoint of step {step} is not written: start again with a new run.dir")
+            self._require_lease()
             with write_errors(tmp):
                 # A leftover of a save of this same step that crashed: its files are unusable.
                 if tmp.exists():
                     shutil.rmtree(tmp)
-                tmp.mkdir(parents=True)
+                if not self.root.is_dir():
+                    self.root.mkdir(parents=not self._run_dir_existed, exist_ok=True)
+                tmp.mkdir()
         return tmp
 
-    def commit(self, step: int, *, layout: Mapping[str, Any] | None = None) -> Path:
+    def commit(self, step: int, *, layout: Mapping[str, Any] | None = None,
+               files: manifest.Manifest | None = None) -> Path:
         """Make the temp dir of `step` the newest complete checkpoint (rank 0; others no-op).
 
         `layout` records the world the checkpoint was written by (e.g. world_size,
-        tensor_parallel, data_parallel, zero_stage) so a resume can check it.
+        tensor_parallel, data_parallel, zero_stage) so a resume can check it; `files`, every
+        rank's files (`manifest.gather`), which must all be in the temp dir at their size.
         """
         final = self.path(step)
         if self.rank != 0:
@@ -271,8 +285,9 @@ class CheckpointDir:
         tmp = self.tmp_path(step)
         if not tmp.is_dir():
             raise CheckpointError(f"commit({step}) found no {tmp}; call begin({step}) first on rank 0")
+        self._require_lease()
         with write_errors(tmp):
-            self._finish(tmp, step, layout)
+            self._finish(tmp, step, layout, files)
             if final.exists():
                 # Saving the same step twice (e.g. after resuming from an older checkpoint): move
                 # the old copy aside; if we are killed before the next rename, garbage collection
@@ -289,13 +304,19 @@ class CheckpointDir:
             self._rotate(keep=final)
         return final
 
-    def _finish(self, tmp: Path, step: int, layout: Mapping[str, Any] | None) -> None:
+    def _finish(self, tmp: Path, step: int, layout: Mapping[str, Any] | None, files: manifest.Manifest | None) -> None:
+        absent = manifest.first_absent(tmp, files or {})
+        if absent is not None:
+            raise CheckpointError(f"{absent}; the checkpoint of step {step} is not committed (the previous one stays): "
+                                  f"run.dir must be one folder every node sees (NFS, Lustre, GPFS)")
         apply_umask(tmp)
         fsync_tree(tmp)
         complete = self.list()
         meta = {"format": FORMAT, "step": step, "commit": max(map(commit_number, complete), default=0) + 1,
                 "time": time.time(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "host": socket.gethostname(), "layout": dict(layout or {})}
+        if files is not None:
+            meta[MANIFEST_KEY] = dict(sorted(files.items()))
         # Last, and atomically: a temp dir holding meta.json is complete (collect_garbage relies on it).
         write_text_atomic(tmp / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
@@ -307,6 +328,32 @@ class CheckpointDir:
         found = [p for p in self.root.iterdir()
                  if p.is_dir() and _TAG_RE.match(p.name) and (p / META_FILE).is_file()]
         return sorted(found, key=_write_order)
+
+    def before(self, checkpoint: Path) -> Path | None:
+        """The complete checkpoint written just before `checkpoint`, or None."""
+        complete = self.list()
+        at = complete.index(checkpoint) if checkpoint in complete else 0
+        return complete[at - 1] if at > 0 else None
+
+    def verify(self, checkpoint: Path, meta: Mapping[str, Any]) -> None:
+        """Collective: every file of `checkpoint` as its manifest (`meta`'s "files") records it,
+        else the same one line on every rank. A checkpoint without a manifest is not checked.
+
+        A damaged checkpoint never falls back to the one before by itself: that would retrain
+        the steps since and replace this one at their next save, where putting back a misplaced
+        file loses nothing. The line names both ways."""
+        files = meta.get(MANIFEST_KEY)
+        if files is not None and not manifest.well_formed(files):
+            raise CheckpointError(f"checkpoint file {checkpoint / META_FILE} has a malformed {MANIFEST_KEY!r} list; "
+                                  f"{CHECKPOINT_ADVICE}")
+        found = manifest.verify(checkpoint, files)
+        if found is None:
+            return
+        earlier = self.before(checkpoint)
+        fix = (f"put the original back, or continue from the checkpoint before it with trainer.resume="
+               f"{step_of(earlier)} (later checkpoints are set aside, not deleted)" if earlier else
+               "put the original back, or start over in a new run.dir (no earlier checkpoint exists)")
+        raise CheckpointError(f"{found}; {fix}")
 
     def latest(self) -> Path | None:
         """The checkpoint to resume from, or None when there is none.
@@ -323,11 +370,36 @@ class CheckpointDir:
             log.warning("%s", warning + ("; starting fresh" if found is None else ""))
         return found
 
+    def set_aside_after(self, step: int) -> Path | None:
+        """Make `step` the checkpoint to continue from (rank 0): every complete checkpoint of a
+        later step is moved, whole and by rename, into a new `set_aside_DATE_TIME/` beside them
+        (nothing is deleted), then `latest` names `step`. Returns the folder, or None when no
+        later checkpoint existed."""
+        self._require_lease()
+        later = [p for p in self.list() if step_of(p) > step]
+        aside = None
+        with write_errors(self.root):
+            if later:
+                stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+                aside = self.root / f"{SET_ASIDE_PREFIX}{stamp}"
+                n = 1
+                while aside.exists():
+                    n += 1
+                    aside = self.root / f"{SET_ASIDE_PREFIX}{stamp}-{n}"
+                aside.mkdir()
+                for checkpoint in later:
+                    os.rename(checkpoint, aside / checkpoint.name)
+                fsync_path(aside)
+                fsync_path(self.root)
+            write_text_atomic(self.root / LATEST_FILE, step_tag(step) + "\n")
+        return aside
+
     def collect_garbage(self) -> list[Path]:
         """Restore an interrupted re-commit, then delete leftovers of crashed saves (rank 0);
         returns what was removed."""
         if self.rank != 0 or not self.root.is_dir():
             return []
+        self._require_lease()
         with write_errors(self.root):
             self._restore_replaced()
             removed = []
@@ -381,7 +453,7 @@ class CheckpointDir:
             shutil.rmtree(path)
 
 
-_ADVICE = "delete the checkpoint dir or point run.dir elsewhere"
+CHECKPOINT_ADVICE = "delete the checkpoint dir or point run.dir elsewhere"
 
 
 def load_tensors(path: Path | str) -> dict[str, torch.Tensor]:
@@ -391,18 +463,18 @@ def load_tensors(path: Path | str) -> dict[str, torch.Tensor]:
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing; {_ADVICE}")
+        raise CheckpointError(f"checkpoint file {path} is missing; {CHECKPOINT_ADVICE}")
     try:
         return load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt; {_ADVICE}") from exc
+        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt; {CHECKPOINT_ADVICE}") from exc
 
 
 def load_torch(path: Path | str) -> Any:
     """`torch.load(path, map_location="cpu", weights_only=True)` with one-line errors."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing; {_ADVICE}")
+        raise CheckpointError(f"checkpoint file {path} is missing; {CHECKPOINT_ADVICE}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -412,6 +484,6 @@ def load_torch(path: Path | str) -> Any:
             raise CheckpointError(f"checkpoint file {path} holds {culprit}, which weights_only "
                                   "loading refuses; save only tensors and plain Python "
                                   "containers") from exc
-        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt; {_ADVICE}") from exc
+        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt; {CHECKPOINT_ADVICE}") from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt; {_ADVICE}") from exc
+        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt; {CHECKPOINT_ADVICE}") from exc

@@ -15,8 +15,20 @@ from mbert_train.data.config import DataConfig
 from mbert_train.errors import UserError
 from mbert_train.model.config import ModelConfig
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _conf_dir() -> Path:
+    """`conf/`: inside the package when installed from a wheel (pyproject.toml maps the
+    checkout's `conf/` to `mbert_train/conf`), else at the top of the checkout, beside the
+    package (an editable install, or a checkout on sys.path)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "conf"
+    return installed if (installed / "config.yaml").is_file() else package.parent / "conf"
+
+
+CONF_DIR = _conf_dir()
+"""The one home of the config folder: Hydra's `config_path` (train.py) and `compose_config`."""
 
 
 @dataclass
@@ -138,6 +150,14 @@ class TrainerConfig:
     """Start from these weights (an `mbert-convert from-hf` output or any checkpoint, any TP)."""
     export_hf: bool = True
     """Write a Hugging Face export to RUN_DIR/hf at the end."""
+    resume: str = "auto"
+    """Which checkpoint a start continues from: `auto` (the run dir's latest, if any), `none`
+    (step 0; refused if the run dir holds checkpoints, so nothing is overwritten) or a step
+    number (`checkpoints/step_STEP`; checkpoints of later steps are moved into
+    `checkpoints/set_aside_DATE_TIME/`, never deleted)."""
+    eval_only: bool = False
+    """Evaluate the run dir's checkpoint (as `resume` chooses it) or else `init_from` on the
+    held-out split, append the result to metrics.jsonl and exit: no training, no checkpoint."""
     inject_nan_at: list[int] = field(default_factory=list)
     """Fault injection for tests: make the loss NaN at these steps."""
     deepspeed: dict[str, Any] = field(default_factory=dict)
@@ -153,6 +173,9 @@ class TrainerConfig:
         if self.global_batch_size < 0 or self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"trainer.global_batch_size={self.global_batch_size} must be 0 (off) or a multiple "
                              f"of trainer.micro_batch_size={self.micro_batch_size}")
+        if self.resume not in ("auto", "none") and not self.resume.isdigit():
+            raise UserError(f"trainer.resume={self.resume} must be auto, none or a checkpoint's step number "
+                            f"(e.g. trainer.resume=1000 for checkpoints/step_00001000)")
         if self.grad_clip < 0 or self.eval_every < 0:
             raise ValueError(f"trainer.grad_clip={self.grad_clip} and trainer.eval_every={self.eval_every} "
                              f"must be >= 0")
@@ -176,7 +199,7 @@ class TrainerConfig:
 
 @dataclass
 class LoggingConfig:
-    """Weights & Biases (rank 0 only) and the progress bar."""
+    """Weights & Biases, TensorBoard (both rank 0 only) and the progress bar."""
 
     wandb_mode: str = "offline"
     """offline (files under RUN_DIR/wandb), online (needs WANDB_API_KEY in the env) or disabled."""
@@ -186,6 +209,9 @@ class LoggingConfig:
     """W&B run name; default: the run directory's name."""
     progress_bar: bool = True
     """tqdm bar on rank 0."""
+    tensorboard: bool = False
+    """Also write every value of metrics.jsonl as TensorBoard scalars under RUN_DIR/tensorboard (rank 0;
+    independent of W&B). Needs the `tensorboard` package (the `[tensorboard]` extra)."""
 
     def __post_init__(self) -> None:
         if self.wandb_mode not in ("offline", "online", "disabled"):

@@ -8,6 +8,8 @@ or file and the fix, with no traceback. Anything else is a bug and keeps its tra
 from __future__ import annotations
 
 import errno
+import os
+import re
 
 
 class UserError(ValueError):
@@ -35,3 +37,22 @@ def describe_os_error(exc: OSError, path: object, action: str = "writing") -> st
     if code == errno.EDQUOT:
         return f"disk quota exceeded while {action} {path}; free space or point it elsewhere"
     return f"{action} {path} failed: {first_line(exc)}"
+
+
+def as_os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind a failed write; torch and safetensors report one only as text
+    (torch: `[enforce fail at inline_container.cc:672] . unexpected pos` when the disk fills)."""
+    if isinstance(exc, OSError):
+        return exc
+    text = str(exc)
+    found = re.search(r"os error (\d+)", text)
+    if found:
+        return OSError(int(found.group(1)), text)
+    for code in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+        if os.strerror(code) in text:
+            return OSError(code, text)
+    if "unexpected pos" in text or "file write failed" in text:
+        return OSError(errno.ENOSPC, text)
+    if "inline_container.cc" in text:
+        return OSError(errno.EIO, text)
+    return None

@@ -31,6 +31,7 @@ Accounting, all per GPU:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -329,6 +330,9 @@ def format_plan(plan: MemoryPlan) -> str:
     return "\n".join(lines)
 
 
+PLAN_VOCAB = 30522
+"""The vocabulary planned with when `model.vocab_size` is unset (the presets: a run takes it from
+its dataset): BERT's uncased WordPiece."""
 PLANNER_KEYS = {"world": int, "gpus_per_node": int, "gpu_mem_gb": float}
 """Overrides the planner consumes itself instead of passing to `compose_config`."""
 _TYPE_NAMES = {int: "an integer", float: "a number"}
@@ -354,6 +358,11 @@ def run_cli(argv: Sequence[str], compose: Callable[[list[str]], Any]) -> str:
     """The `mbert-plan` report for `argv`, composing the training config with `compose`."""
     own, overrides = split_planner_args(argv)
     cfg = compose(overrides)
+    vocab_note = []
+    if cfg.model.vocab_size is None:  # a run takes it from its dataset; plan with BERT's WordPiece
+        cfg.model = dataclasses.replace(cfg.model, vocab_size=PLAN_VOCAB)
+        vocab_note = [f"  (vocabulary {PLAN_VOCAB}, BERT's WordPiece: a run takes it from its dataset's "
+                      f"tokenizer; plan another with model.vocab_size=N)"]
     gpus_per_node = own.get("gpus_per_node", 8)
     world = own.get("world", gpus_per_node)
     mem = int(own.get("gpu_mem_gb", 80.0) * GIB)
@@ -379,6 +388,7 @@ def run_cli(argv: Sequence[str], compose: Callable[[list[str]], Any]) -> str:
         + f"trainer.activation_checkpointing={str(r.activation_checkpointing).lower()} "
         f"(DP={r.data_parallel}, {r.total_bytes / GIB:.1f} GiB per GPU)",
         f"  {rec.reason}",
+        *vocab_note,
     ])
 
 

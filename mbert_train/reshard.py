@@ -32,6 +32,9 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from mbert_train.model.weights import VOCAB_PARAMS
 
+METADATA_FILE = ".metadata"
+"""DCP's index of a saved state (which chunk of which tensor is where), written last by rank 0."""
+
 
 @dataclass
 class Fragment:
@@ -237,7 +240,7 @@ class SafeReader(dcp.FileSystemReader):
     themselves DCP already reads with `torch.load(weights_only=True)`)."""
 
     def read_metadata(self, *args, **kwargs):
-        path = Path(self.path) / ".metadata"
+        path = Path(self.path) / METADATA_FILE
         with open(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
         if getattr(metadata, "storage_meta", None) is None:
@@ -259,13 +262,33 @@ def _table(fragments: list[Fragment], full_shapes: dict[str, tuple[int, ...]], *
     return table
 
 
+class _RecordingWriter(dcp.FileSystemWriter):
+    """`FileSystemWriter` that remembers the files this rank wrote that a load reads: its data
+    files and, on the coordinator, `.metadata`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.written: list[str] = []
+
+    def write_data(self, plan, planner):
+        future = super().write_data(plan, planner)
+        self.written += sorted({result.storage_data.relative_path for result in future.value()})
+        return future
+
+    def finish(self, metadata, results) -> None:
+        super().finish(metadata, results)
+        self.written.append(METADATA_FILE)
+
+
 def save_state(directory: Path, fragments: list[Fragment], full_shapes: dict[str, tuple[int, ...]], *,
-               tp: int, tp_rank: int, write: bool, kinds: tuple[str, ...], group=None) -> None:
+               tp: int, tp_rank: int, write: bool, kinds: tuple[str, ...], group=None) -> list[str]:
     """Collective over `group` (default: the world): write the optimizer state of `fragments`
-    into the DCP directory `directory`. Ranks with `write=False` (replicas) add nothing."""
+    into the DCP directory `directory`. Ranks with `write=False` (replicas) add nothing.
+    Returns the names (in `directory`) of the files this rank wrote that a load reads."""
     table = _table(fragments if write else [], full_shapes, tp=tp, tp_rank=tp_rank, writer=True, kinds=kinds)
-    writer = dcp.FileSystemWriter(str(directory), sync_files=True, single_file_per_rank=True)
+    writer = _RecordingWriter(str(directory), sync_files=True, single_file_per_rank=True)
     dcp.save({}, storage_writer=writer, planner=_SavePlanner(table), process_group=group)
+    return writer.written
 
 
 def load_state(directory: Path, fragments: list[Fragment], full_shapes: dict[str, tuple[int, ...]], *,
@@ -288,8 +311,8 @@ def read_full(directory: Path, names: dict[str, tuple[int, ...]], kinds: tuple[s
 
 
 def _require_metadata(directory: Path) -> None:
-    if not (Path(directory) / ".metadata").is_file():  # DCP would report it as an AssertionError
-        raise FileNotFoundError(errno.ENOENT, "missing", str(Path(directory) / ".metadata"))
+    if not (Path(directory) / METADATA_FILE).is_file():  # DCP would report it as an AssertionError
+        raise FileNotFoundError(errno.ENOENT, "missing", str(Path(directory) / METADATA_FILE))
 
 
 def saved_keys(directory: Path) -> set[str]:

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mbert_train.config import CONF_DIR, TrainConfig, register_schema, to_train_config
 from mbert_train.errors import UserError, describe_os_error, first_line
+from mbert_train.lease import Lease, is_lease_file
 
 log = logging.getLogger("mbert_train")
 
@@ -74,7 +75,7 @@ def run_dir_problem(run_dir: Path) -> str | None:
     checkpoints = run_dir / "checkpoints"
     if checkpoints.is_dir() and any(_STEP_DIR.fullmatch(p.name) for p in checkpoints.iterdir()):
         return None  # a run of a version before RUN_MARKER
-    others = sorted(p.name for p in run_dir.iterdir() if p.name != HYDRA_SUBDIR)
+    others = sorted(p.name for p in run_dir.iterdir() if p.name != HYDRA_SUBDIR and not is_lease_file(p.name))
     if not others:
         return None
     shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
@@ -82,9 +83,8 @@ def run_dir_problem(run_dir: Path) -> str | None:
             f"point run.dir at a new or empty folder, or at an existing run to resume it")
 
 
-def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, record: dict[str, object], secrets: frozenset[str]) -> None:
-    """Mark `run_dir` as ours, then write Hydra's record and the config (both redacted)."""
-    from mbert_train.metrics import redact
+def _prepare_run_dir(run_dir: Path, record: dict[str, object]) -> None:
+    """Mark `run_dir` as ours, then write Hydra's record (redacted)."""
     from mbert_train.staging import write_text_atomic
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -95,28 +95,59 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, record: dict[str, object],
         (run_dir / HYDRA_SUBDIR).mkdir(exist_ok=True)
         for name, content in record.items():
             write_text_atomic(run_dir / HYDRA_SUBDIR / name, OmegaConf.to_yaml(OmegaConf.create(content)))
+
+
+def _write_config(run_dir: Path, cfg: TrainConfig, secrets: frozenset[str]) -> None:
+    """RUN_DIR/config.yaml: the resolved config (the vocabulary size the dataset gave), redacted."""
+    from mbert_train.metrics import redact
+    from mbert_train.staging import write_text_atomic
+
     config = redact(dataclasses.asdict(cfg), values=secrets)
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
 
 
-def _shared_run_dir(candidate: str, cfg: TrainConfig, record: dict[str, object], secrets: frozenset[str]) -> Path:
-    """Rank 0's run dir for every rank (ranks may start a second apart and name dirs by time),
-    checked and prepared by rank 0; a refusal there stops every rank with the same line."""
-    box: list[str | None] = [None, None]
+def _on_rank0(action, where: str):
+    """`action()` on rank 0, its result on every rank. A refusal or a file-system error there
+    stops every rank with the same line, instead of leaving the others at the next collective."""
+    box: list[object] = [None, None]
     if dist.get_rank() == 0:
-        run_dir = Path(candidate).resolve()
-        problem = run_dir_problem(run_dir)
-        if problem is None:
-            try:
-                _prepare_run_dir(run_dir, cfg, record, secrets)
-            except OSError as exc:
-                problem = f"run.dir={run_dir}: {describe_os_error(exc, exc.filename or run_dir)}"
-        box = [str(run_dir), problem]
+        try:
+            box[0] = action()
+        except UserError as exc:
+            box[1] = str(exc)
+        except OSError as exc:
+            box[1] = f"{where}: {describe_os_error(exc, exc.filename or where)}"
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(box, src=0)
     if box[1] is not None:
         raise UserError(box[1])
-    return Path(box[0])
+    return box[0]
+
+
+def _shared_run_dir(candidate: str, record: dict[str, object], *, command: str,
+                    max_wait_s: float) -> tuple[Path, Lease | None]:
+    """Rank 0's run dir for every rank (ranks may start a second apart and name dirs by time),
+    checked, held (the lease, on rank 0; None elsewhere) and prepared by rank 0. A run dir that
+    another live run holds stops every rank here, before anything in it is written."""
+    run_dir = Path(candidate).resolve()
+    held: list[Lease] = []
+
+    def check_hold_prepare() -> str:
+        problem = run_dir_problem(run_dir)
+        if problem is not None:
+            raise UserError(problem)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        held.append(Lease.acquire(run_dir, command=command, max_wait_s=max_wait_s,
+                                  say=lambda line: print(f"[mbert-train] {line}", flush=True)))
+        _prepare_run_dir(run_dir, record)
+        return str(run_dir)
+
+    try:
+        return Path(_on_rank0(check_hold_prepare, f"run.dir={run_dir}")), (held[0] if held else None)
+    except BaseException:
+        for lease in held:
+            lease.release()
+        raise
 
 
 def _dataset_dir(cfg: TrainConfig, rank: int) -> str:
@@ -157,15 +188,12 @@ def _check_same_tokenizer(digest: str | None, dataset_dir: str) -> None:
 
 def run(cfg: TrainConfig, run_dir_candidate: str, record: dict[str, object] | None = None,
         secrets: frozenset[str] = frozenset()) -> Path:
-    from mbert_train.data import build_loaders, check_vocab, open_dataset
-    from mbert_train.engine import build_engine
-    from mbert_train.metrics import MetricsLogger
-    from mbert_train.model import MegatronBert
-    from mbert_train.parallel.context import TPContext
+    from mbert_train.metrics import redact_argv, require_tensorboard
+
+    # First, on every rank (all stop with the same line), before the imports of _train_in (~4 s).
+    if cfg.logging.tensorboard:
+        require_tensorboard()
     from mbert_train.parallel.layout import init_parallel
-    from mbert_train.parallel.random import seed_for_training, training_seed
-    from mbert_train.checkpoint import CheckpointDir, read_run_record, step_of
-    from mbert_train.trainer import Trainer, locate_checkpoint
 
     state = init_parallel(cfg.parallel.tensor_parallel, timeout_s=cfg.parallel.timeout_s)
     state.dims.check_model(cfg.model)
@@ -179,11 +207,47 @@ def run(cfg: TrainConfig, run_dir_candidate: str, record: dict[str, object] | No
         raise ValueError("optim=lamb needs a GPU (DeepSpeed's FusedLamb); on CPU use optim=adamw")
     if cfg.trainer.compile and device.type == "cpu":
         _require_cpp_compiler()
-    run_dir = _shared_run_dir(run_dir_candidate, cfg, record or {}, secrets)
+    # The lease wait (for a holder that looks gone) ends well before the other ranks' broadcast.
+    command = " ".join(redact_argv(sys.argv, values=secrets))
+    run_dir, lease = _shared_run_dir(run_dir_candidate, record or {}, command=command,
+                                     max_wait_s=cfg.parallel.timeout_s / 2)
+    try:
+        _train_in(run_dir, cfg, state, device, secrets, lease)
+    finally:
+        if lease is not None:
+            lease.release()
+    return run_dir
+
+
+def _train_in(run_dir: Path, cfg: TrainConfig, state, device: torch.device, secrets: frozenset[str],
+              lease: Lease | None) -> None:
+    """Everything after the run dir is held: config, data, model, engine, then evaluate or
+    train (resuming from the run dir if possible) and export."""
+    from mbert_train.checkpoint import CheckpointDir, read_run_record, step_of
+    from mbert_train.data import build_loaders, open_dataset, resolve_vocab
+    from mbert_train.engine import build_engine
+    from mbert_train.metrics import MetricsLogger
+    from mbert_train.model import MegatronBert
+    from mbert_train.parallel.context import TPContext
+    from mbert_train.parallel.random import seed_for_training, training_seed
+    from mbert_train.trainer import Trainer, checkpoint_to_evaluate, choose_checkpoint
+
+    # config.yaml records the run as started, then (below) with the vocabulary the dataset gave;
+    # an evaluation leaves the training run's record alone. Decided on rank 0, for every rank.
+    def first_config_record() -> bool:
+        if cfg.trainer.eval_only and (run_dir / "config.yaml").exists():
+            return False
+        _write_config(run_dir, cfg, secrets)
+        return True
+
+    write_config = _on_rank0(first_config_record, str(run_dir / "config.yaml"))
 
     dataset_dir = _dataset_dir(cfg, state.rank)
     metadata = open_dataset(dataset_dir).metadata
-    check_vocab(metadata, cfg.model.vocab_size, dataset_dir)
+    vocab_size = resolve_vocab(metadata, cfg.model.vocab_size, dataset_dir)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
+    if write_config:
+        _on_rank0(lambda: _write_config(run_dir, cfg, secrets), str(run_dir / "config.yaml"))
     _check_same_tokenizer(metadata.get("tokenizer_sha256"), dataset_dir)
 
     torch.manual_seed(cfg.trainer.seed)  # same on every rank: TP shards cut from one master weight
@@ -205,28 +269,42 @@ def run(cfg: TrainConfig, run_dir_candidate: str, record: dict[str, object] | No
                                               grad_accum=cfg.trainer.grad_accum)
     # The checkpoint to resume from is found first: the logger it is built with continues the
     # W&B run that checkpoint recorded and cuts metrics.jsonl back to its step.
-    ckpt = CheckpointDir(run_dir, rank=state.rank, keep_last=cfg.trainer.keep_last)
-    resume_from = locate_checkpoint(ckpt, device)
+    ckpt = CheckpointDir(run_dir, rank=state.rank, keep_last=cfg.trainer.keep_last, lease=lease)
+    if cfg.trainer.eval_only:
+        resume_from, note = checkpoint_to_evaluate(ckpt, cfg.trainer), ""
+    else:
+        resume_from, note = choose_checkpoint(ckpt, cfg.trainer.resume, device)
     record = read_run_record(resume_from)
+    resume_step = step_of(resume_from) if resume_from is not None else 0
     log = MetricsLogger(run_dir, rank=state.rank, wandb_mode=cfg.logging.wandb_mode,
                         project=cfg.logging.project, run_name=cfg.logging.run_name or run_dir.name,
                         config=OmegaConf.to_container(OmegaConf.structured(cfg)),
                         wandb_run_id=record.get("wandb_run_id"),
-                        resume_step=step_of(resume_from) if resume_from is not None else 0, secrets=secrets)
+                        resume_step=None if cfg.trainer.eval_only else resume_step, secrets=secrets,
+                        tensorboard=cfg.logging.tensorboard)
     trainer = Trainer(cfg, state, engine, train_loader, eval_loader, run_dir, device, log,
                       dataset={"path": str(Path(dataset_dir).resolve()),
-                               "tokenizer_sha256": metadata.get("tokenizer_sha256")})
+                               "tokenizer_sha256": metadata.get("tokenizer_sha256")}, lease=lease)
+    took_over = f" | {lease.note}" if lease is not None and lease.note else ""
+    layout = (f" | world {state.dims.world_size} = TP {state.dims.tensor_parallel} x DP {state.dims.data_parallel}"
+              f" | ZeRO-{cfg.parallel.zero_stage}{' + SP' if cfg.parallel.sequence_parallel else ''}"
+              f" | {cfg.trainer.precision} on {device.type}")
     try:
+        if cfg.trainer.eval_only:
+            evaluate_only(trainer, resume_from, layout + took_over)
+            return
         resumed = trainer.resume(resume_from) if resume_from is not None else False
         if not resumed and cfg.trainer.init_from:
             trainer.load_weights(cfg.trainer.init_from)
         if state.rank == 0:
-            print(f"[mbert-train] run dir {run_dir} | {'resumed at step ' + str(trainer.step) if resumed else 'new run'}"
-                  f" | world {state.dims.world_size} = TP {state.dims.tensor_parallel} x DP {state.dims.data_parallel}"
-                  f" | ZeRO-{cfg.parallel.zero_stage}{' + SP' if cfg.parallel.sequence_parallel else ''}"
-                  f" | {cfg.trainer.precision} on {device.type}"
+            start = f"resumed at step {trainer.step}" if resumed else "new run"
+            notes = [f"trainer.resume={cfg.trainer.resume}", note] if resumed and cfg.trainer.resume != "auto" else []
+            notes = [n for n in (*notes, trainer.resume_note) if n]
+            if notes:
+                start += f" ({'; '.join(notes)})"
+            print(f"[mbert-train] run dir {run_dir} | {start}{layout}"
                   f" | global batch {train_loader.global_batch} = micro {cfg.trainer.micro_batch_size}"
-                  f" x accum {cfg.trainer.grad_accum} x DP {state.dims.data_parallel}", flush=True)
+                  f" x accum {cfg.trainer.grad_accum} x DP {state.dims.data_parallel}{took_over}", flush=True)
         trainer.install_signal_handlers()
         trainer.train()
         finish(trainer, run_dir, dataset_dir)
@@ -235,17 +313,38 @@ def run(cfg: TrainConfig, run_dir_candidate: str, record: dict[str, object] | No
     return run_dir
 
 
+def evaluate_only(trainer, checkpoint: Path | None, layout: str) -> dict:
+    """`trainer.eval_only=true`: the weights of `checkpoint` (else `trainer.init_from`), one
+    held-out evaluation logged at the checkpoint's step, printed on rank 0; nothing written
+    but the metrics."""
+    from mbert_train.checkpoint import step_of
+
+    source = checkpoint if checkpoint is not None else trainer.cfg.trainer.init_from
+    trainer.load_weights(source)
+    trainer.step = step_of(checkpoint) if checkpoint is not None else 0
+    if trainer.state.rank == 0:
+        print(f"[mbert-train] run dir {trainer.run_dir} | evaluating {source}{layout}", flush=True)
+    result = trainer.evaluate()
+    if trainer.state.rank == 0:
+        shown = " ".join(f"{k}={v:.4f}" for k, v in result.items())
+        print(f"[mbert-train] eval at step {trainer.step}: {shown} (appended to {trainer.run_dir / 'metrics.jsonl'})",
+              flush=True)
+    return result
+
+
 def finish(trainer, run_dir: Path, dataset_dir: str | None = None) -> None:
     """HF export (gathered over TP by the first replica; with the dataset's tokenizer and a
     model card) and the loss curves, on rank 0."""
     from mbert_train.model.weights import full_state_dict
 
     cfg, state = trainer.cfg, trainer.state
+    if not run_dir.is_dir():  # every rank sees the shared run dir: all stop here together
+        raise UserError(f"run dir {run_dir} is gone (deleted or unmounted while the run was training); the export "
+                        f"and curves of step {trainer.step} are not written: start again with a new run.dir")
     if cfg.trainer.export_hf and state.dp_rank == 0:
         full = full_state_dict(trainer.engine.module)
         if state.rank == 0:
-            from mbert_train.convert import export_hf
-            from mbert_train.hf_export import export_files
+            from mbert_train.convert.hf import export_files, export_hf
 
             files, missing = export_files(cfg.model, dataclasses.asdict(cfg), dataset_dir=dataset_dir,
                                           step=trainer.step, data_parallel=state.dims.data_parallel,
@@ -363,6 +462,10 @@ def _hydra_main(dcfg: DictConfig) -> None:
 
 
 def main() -> None:
+    from mbert_train.launcher import die_with_launcher, started_by_launcher
+
+    if started_by_launcher():  # first: a rank whose launcher is gone must not train on
+        die_with_launcher(os.getppid())
     sys.argv = strip_launcher_args(sys.argv)
     register_schema()
     try:

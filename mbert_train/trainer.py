@@ -17,17 +17,19 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from mbert_train import reshard
+from mbert_train import manifest, reshard
 from mbert_train.arithmetic import masked_fraction
-from mbert_train.checkpoint import (OPTIM_DIR, RUN_FILE, TRAINER_STATE_FILE, CheckpointDir, CheckpointError,
-                                    _as_os_error, find_latest, load_torch, require_format, rng_file,
-                                    write_errors)
+from mbert_train.checkpoint import (CHECKPOINT_ADVICE, META_FILE, OPTIM_DIR, RUN_FILE, TRAINER_STATE_FILE,
+                                    CheckpointDir, CheckpointError, find_latest, load_torch, require_format,
+                                    rng_file, step_of, write_errors)
 from mbert_train.config import TrainConfig
 from mbert_train.data.loader import STOP_SIGNALS
-from mbert_train.errors import UserError, describe_os_error
+from mbert_train.errors import UserError, as_os_error, describe_os_error
+from mbert_train.lease import Lease
 from mbert_train.metrics import MetricsLogger, ProgressBar, mfu, model_flops_per_token, peak_memory_gib, redact
 from mbert_train.model.weights import full_shapes, load_full_from_dir, save_model_shard, shard_state_dict
 from mbert_train.parallel.layout import ParallelState
+from mbert_train.parallel.random import seed_after_reshard
 from mbert_train.rng import capture_rng_state, restore_rng_state
 
 
@@ -78,27 +80,25 @@ def _dcp_errors(path: Path, action: str) -> Iterator[None]:
     except CheckpointError:
         raise
     except reshard.UnsafeCheckpoint as exc:
-        raise CheckpointError(f"checkpoint file {path / '.metadata'} names the Python global {exc.args[0]}, which "
-                              f"no checkpoint holds; refusing to load it") from None
+        raise CheckpointError(f"checkpoint file {path / reshard.METADATA_FILE} names the Python global "
+                              f"{exc.args[0]}, which no checkpoint holds; refusing to load it") from None
     except reshard.MissingState as exc:
         raise CheckpointError(f"checkpoint optimizer state {path}: {exc.args[0]}; it was written for another model - "
-                              f"{_ADVICE}") from None
+                              f"{CHECKPOINT_ADVICE}") from None
     except FileNotFoundError as exc:
-        raise CheckpointError(f"checkpoint file {exc.filename or path} is missing; {_ADVICE}") from None
-    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as exc:
-        if "read" not in action:
-            raise
-        raise CheckpointError(f"checkpoint optimizer state {path} is truncated or corrupt ({type(exc).__name__}); "
-                              f"{_ADVICE}") from None
+        raise CheckpointError(f"checkpoint file {exc.filename or path} is missing; {CHECKPOINT_ADVICE}") from None
     except Exception as exc:
-        os_error = _as_os_error(exc)
+        # A read that fails on the file's content: truncated or corrupt. Anything else (every
+        # write, and reads the disk refused) is one line only if it is an OS error; torch.save
+        # reports a full disk as the text of a RuntimeError ("unexpected pos").
+        if "read" in action and isinstance(exc, (pickle.UnpicklingError, EOFError, RuntimeError, ValueError)):
+            raise CheckpointError(f"checkpoint optimizer state {path} is truncated or corrupt "
+                                  f"({type(exc).__name__}); {CHECKPOINT_ADVICE}") from None
+        os_error = as_os_error(exc)
         if os_error is None:
             raise
         raise CheckpointError(describe_os_error(os_error, getattr(exc, "filename", None) or path,
                                                 action.split()[0] + " checkpoint")) from exc
-
-
-_ADVICE = "delete the checkpoint dir or point run.dir elsewhere"
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
@@ -132,19 +132,72 @@ def locate_checkpoint(ckpt: CheckpointDir, device: torch.device) -> Path | None:
     return latest
 
 
+def choose_checkpoint(ckpt: CheckpointDir, resume: str, device: torch.device) -> tuple[Path | None, str]:
+    """The checkpoint this start continues from as `trainer.resume` says (auto, none or a step),
+    agreed by every rank, and what the start line should add (checkpoints set aside)."""
+    if resume == "auto":
+        return locate_checkpoint(ckpt, device), ""
+    error, chosen, note = None, None, ""
+    try:
+        ckpt.collect_garbage()
+        existing = ckpt.list()
+        steps = ", ".join(str(step_of(p)) for p in sorted(existing, key=step_of)) or "none"
+        if resume == "none" and existing:
+            raise CheckpointError(f"trainer.resume=none but {ckpt.root} holds checkpoints (steps {steps}); point "
+                                  f"run.dir at a new folder to start over, or continue with trainer.resume=auto "
+                                  f"or trainer.resume=STEP")
+        if resume != "none":
+            chosen = ckpt.path(int(resume))
+            if chosen not in existing:
+                raise CheckpointError(f"trainer.resume={resume}: {ckpt.root} has no complete checkpoint of step "
+                                      f"{int(resume)} (its steps: {steps}); use one of those, auto or none")
+    except CheckpointError as exc:
+        error = exc
+    raise_together(error, f"choosing the checkpoint (trainer.resume={resume})", device)
+    if chosen is not None:
+        try:
+            aside = ckpt.set_aside_after(step_of(chosen)) if ckpt.rank == 0 else None
+            if aside is not None:
+                note = f"later checkpoints moved to {aside}"
+        except CheckpointError as exc:
+            error = exc
+        raise_together(error, f"setting aside the checkpoints after step {step_of(chosen)}", device)
+    return chosen, note
+
+
+def checkpoint_to_evaluate(ckpt: CheckpointDir, t) -> Path | None:
+    """`trainer.eval_only`'s checkpoint, read-only (nothing is cleaned up or set aside): the
+    latest, or `checkpoints/step_STEP` with `trainer.resume=STEP`; None to evaluate
+    `trainer.init_from`. One line when there is nothing to evaluate."""
+    if t.resume.isdigit():
+        chosen = ckpt.path(int(t.resume))
+        if not (chosen / META_FILE).is_file():
+            raise CheckpointError(f"trainer.eval_only=true with trainer.resume={t.resume}: {chosen} is not a complete "
+                                  f"checkpoint; choose a step of {ckpt.root}, or trainer.resume=auto")
+        return chosen
+    latest = find_latest(ckpt.root.parent)[0] if t.resume == "auto" else None
+    if latest is None and not t.init_from:
+        raise CheckpointError(f"trainer.eval_only=true found no checkpoint in {ckpt.root}"
+                              f"{' (trainer.resume=none)' if t.resume == 'none' else ''} and trainer.init_from is "
+                              f"unset; point run.dir at a run, or set trainer.init_from=MODEL_DIR")
+    return latest
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, state: ParallelState, engine, train_loader, eval_loader,
-                 run_dir: Path, device: torch.device, log: MetricsLogger | None = None, dataset: dict | None = None):
+                 run_dir: Path, device: torch.device, log: MetricsLogger | None = None, dataset: dict | None = None,
+                 lease: Lease | None = None):
         self.cfg, self.state, self.engine = cfg, state, engine
         self.dataset = dataset  # {"path", "tokenizer_sha256"}: the export finds the tokenizer by it
         self.train_loader, self.eval_loader = train_loader, eval_loader
         self.run_dir, self.device, self.log = run_dir, device, log
-        self.ckpt = CheckpointDir(run_dir, rank=state.rank, keep_last=cfg.trainer.keep_last)
+        self.ckpt = CheckpointDir(run_dir, rank=state.rank, keep_last=cfg.trainer.keep_last, lease=lease)
         self.step = 0
         self.bad_in_a_row = 0
         self.skipped = 0
         self._stop_requested = False
         self._pending_rng: dict | None = None
+        self.resume_note: str | None = None  # how the data stream continues, for the start line
         # MFU counts what runs: with mlm_masked_only the MLM head (and the last layer's
         # attention output and MLP) only on the masked positions and [CLS].
         self._flops_per_token = model_flops_per_token(
@@ -328,40 +381,50 @@ class Trainer:
             raise TrainingDiverged(f"parameters are not finite at step {self.step}; not writing a checkpoint: "
                                    f"lower optim.lr or raise trainer.grad_clip and resume from the last one")
         tmp = self.ckpt.tmp_path(self.step)
-        stages = (lambda: self.ckpt.begin(self.step), lambda: self._write_files(tmp),
-                  lambda: self.ckpt.commit(self.step, layout=self._layout()))
-        for stage in stages:
-            error = None
-            try:
-                stage()
-            except CheckpointError as exc:
-                error = exc
-            self._raise_together(error, f"writing the checkpoint of step {self.step}")
+        self._save_stage(lambda: self.ckpt.begin(self.step))
+        written = self._save_stage(lambda: self._write_files(tmp))
+        files = manifest.gather(written)  # every rank's files, on rank 0: the commit checks they are all there
+        self._save_stage(lambda: self.ckpt.commit(self.step, layout=self._layout(), files=files))
 
-    def _write_files(self, tmp: Path) -> None:
-        """Each rank's own files, then (once every rank wrote them) the optimizer state, a
-        collective of torch.distributed.checkpoint: no rank enters it while another has failed."""
-        error = None
+    def _save_stage(self, stage):
+        """Run one stage of `save` on every rank; if it failed on any, every rank raises."""
+        error, result = None, None
         try:
-            self._write_local_files(tmp)
+            result = stage()
+        except CheckpointError as exc:
+            error = exc
+        self._raise_together(error, f"writing the checkpoint of step {self.step}")
+        return result
+
+    def _write_files(self, tmp: Path) -> manifest.Manifest:
+        """Each rank's own files, then (once every rank wrote them) the optimizer state, a
+        collective of torch.distributed.checkpoint: no rank enters it while another has failed.
+        Returns the manifest entries of the files this rank wrote."""
+        error, written = None, []
+        try:
+            written = self._write_local_files(tmp)
         except CheckpointError as exc:
             error = exc
         self._raise_together(error, f"writing the checkpoint of step {self.step}")
         engine = self.engine
         with _dcp_errors(tmp / OPTIM_DIR, "writing the optimizer state to"):
-            reshard.save_state(tmp / OPTIM_DIR, engine.fragments(), full_shapes(self.cfg.model),
-                               tp=self.state.dims.tensor_parallel, tp_rank=self.state.tp_rank,
-                               write=engine.zero or self.state.dp_rank == 0, kinds=engine.state_kinds())
+            names = reshard.save_state(tmp / OPTIM_DIR, engine.fragments(), full_shapes(self.cfg.model),
+                                       tp=self.state.dims.tensor_parallel, tp_rank=self.state.tp_rank,
+                                       write=engine.zero or self.state.dp_rank == 0, kinds=engine.state_kinds())
+        with write_errors(tmp):
+            return manifest.describe(tmp, [*written, *(tmp / OPTIM_DIR / name for name in names)],
+                                     rank=self.state.rank)
 
-    def _write_local_files(self, tmp: Path) -> None:
-        model = self.engine.module
+    def _write_local_files(self, tmp: Path) -> list[Path]:
+        """This rank's files but the optimizer state; returns their paths."""
+        model, written = self.engine.module, [tmp / rng_file(self.state.rank)]
         if self.state.dp_rank == 0:
             with write_errors(tmp):
-                save_model_shard(tmp, model, self.state.tp_rank, self.state.dims.tensor_parallel)
+                written += save_model_shard(tmp, model, self.state.tp_rank, self.state.dims.tensor_parallel)
         with write_errors(tmp / rng_file(self.state.rank)):
             torch.save(capture_rng_state(), tmp / rng_file(self.state.rank))
         if self.state.rank != 0:
-            return
+            return written
         with write_errors(tmp / TRAINER_STATE_FILE):
             torch.save({
                 "step": self.step, "bad_in_a_row": self.bad_in_a_row, "skipped": self.skipped,
@@ -373,6 +436,7 @@ class Trainer:
             record = {"wandb_run_id": wandb_id, "dataset": getattr(self, "dataset", None),
                       "config": redact(asdict(self.cfg))}
             (tmp / RUN_FILE).write_text(json.dumps(record, indent=2, default=str))
+        return [*written, tmp / TRAINER_STATE_FILE, tmp / RUN_FILE]
 
     def load_weights(self, directory: str | Path) -> None:
         """Weights only, from any of our model dirs at any TP degree (resharded here)."""
@@ -394,9 +458,14 @@ class Trainer:
         latest = locate_checkpoint(self.ckpt, self.device) if latest is None else latest
         if latest is None:
             return False
-        error, state, rng = None, None, None
+        error, state, rng, meta = None, None, None, {}
         try:
-            require_format(latest)
+            meta = require_format(latest)
+        except CheckpointError as exc:
+            error = exc
+        self._raise_together(error, "reading the checkpoint")
+        self.ckpt.verify(latest, meta)  # every rank together, before anything loads
+        try:
             path = latest / TRAINER_STATE_FILE
             state = checked_trainer_state(load_torch(path), path)
             same = state["layout"] == self._layout()
@@ -405,6 +474,8 @@ class Trainer:
         except CheckpointError as exc:
             error = exc
         self._raise_together(error, "reading the checkpoint")
+        # The data position first: a corpus other than the one it counts is refused before the weights load.
+        self.resume_note = self.train_loader.load_state_dict(state["loader"])
         self.load_weights(latest)
         engine = self.engine
         with _dcp_errors(latest / OPTIM_DIR, "reading the optimizer state from"):
@@ -417,21 +488,13 @@ class Trainer:
         engine.load_scalar_state(state["optimizer"])
         engine.scheduler.load_state_dict(state["scheduler"])
         engine.after_load(master_loaded=master)
-        note = self.train_loader.load_state_dict(state["loader"])
         engine.set_counters(**state["engine"])
         self.step, self.bad_in_a_row, self.skipped = state["step"], state["bad_in_a_row"], state["skipped"]
         if rng is not None:
             self._pending_rng = rng
         else:
-            # Another layout: RNG streams cannot be carried over rank by rank. Fresh streams,
-            # derived from the seed and the step, keep the continuation reproducible.
-            from mbert_train.parallel.random import seed_for_training
-
-            seed_for_training(self.cfg.trainer.seed + 1_000_003 * self.step, self.state.dp_rank)
-        if self.state.rank == 0:
-            if rng is None:
-                print(f"[mbert-train] resharding checkpoint {latest.name} from {describe_layout(state['layout'])} "
-                      f"to {describe_layout(self._layout())}", flush=True)
-            if note:
-                print(f"[mbert-train] {note}", flush=True)
+            seed_after_reshard(self.cfg.trainer.seed, self.step, self.state.dp_rank)
+        if self.state.rank == 0 and rng is None:
+            print(f"[mbert-train] resharding checkpoint {latest.name} from {describe_layout(state['layout'])} "
+                  f"to {describe_layout(self._layout())}", flush=True)
         return True

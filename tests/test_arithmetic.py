@@ -61,7 +61,7 @@ def test_masked_fraction_follows_the_prediction_cap():
     assert masked_fraction(DataConfig(max_seq_length=512)) == 20 / 512
     assert masked_fraction(DataConfig(max_seq_length=512, max_predictions_per_seq=80)) == 0.15
     with pytest.raises(ValueError, match="masked_fraction=0"):
-        model_flops_per_token(ModelConfig(), 128, masked_fraction=0.0)
+        model_flops_per_token(ModelConfig(vocab_size=30522), 128, masked_fraction=0.0)
 
 
 def test_trainer_charges_what_it_runs(tmp_path):
@@ -69,6 +69,7 @@ def test_trainer_charges_what_it_runs(tmp_path):
 
     def flops(**trainer):
         cfg = TrainConfig()
+        cfg.model.vocab_size = 8192  # what the run takes from its dataset
         for key, value in trainer.items():
             setattr(cfg.trainer, key, value)
         t = Trainer(cfg, SimpleNamespace(rank=0), None, None, None, tmp_path, torch.device("cpu"))
@@ -85,8 +86,8 @@ def test_trainer_charges_what_it_runs(tmp_path):
 def test_bert_base_flops_per_token():
     # BERT-base at S=128: 669M FLOPs per token with the head on every token; what the trainer
     # runs (head on 15%, last layer on the read positions) is 518M.
-    assert model_flops_per_token(ModelConfig(), 128) == pytest.approx(668.9e6, rel=1e-3)
-    assert model_flops_per_token(ModelConfig(), 128, masked_fraction=0.15) == pytest.approx(518.3e6, rel=1e-3)
+    assert model_flops_per_token(ModelConfig(vocab_size=30522), 128) == pytest.approx(668.9e6, rel=1e-3)
+    assert model_flops_per_token(ModelConfig(vocab_size=30522), 128, masked_fraction=0.15) == pytest.approx(518.3e6, rel=1e-3)
 
 
 @pytest.mark.parametrize("name,precision,tflops", [

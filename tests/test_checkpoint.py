@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import textwrap
@@ -494,8 +495,8 @@ def _two_ranks_fail_together(run_dir: str) -> None:
     from mbert_train import trainer as trainer_module
 
     rank = dist.get_rank()
-    trainer_module.save_model_shard = lambda tmp, model, tp_rank, tp: torch.save(model.state_dict(),
-                                                                                 tmp / "model.pt")
+    trainer_module.save_model_shard = lambda tmp, model, tp_rank, tp: (torch.save(model.state_dict(), tmp / "model.pt"),
+                                                                       [tmp / "model.pt"])[1]
     trainer_module.full_shapes = lambda cfg: {"weight": (2, 2), "bias": (2,)}
     trainer = _fake_trainer(run_dir, rank)
     trainer.save()
@@ -528,6 +529,23 @@ def _two_ranks_fail_together(run_dir: str) -> None:
         trainer.save()
     torch.save = real_save
     assert (Path(run_dir) / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    # Rank 1's file is gone by the time rank 0 commits (a run.dir the nodes do not share): not committed.
+    trainer.step = 6
+    real_write = trainer._write_files
+    if rank == 1:
+        def write_then_lose(tmp):
+            entries = real_write(tmp)
+            (tmp / "rng_rank00001.pt").unlink()
+            return entries
+        trainer._write_files = write_then_lose
+    expected = (r"rng_rank00001.pt that rank 1 wrote is missing as rank 0 sees it; the checkpoint of step 6 is not "
+                r"committed \(the previous one stays\): run.dir must be one folder every node sees") if rank == 0 \
+        else "writing the checkpoint of step 6 failed on another rank"
+    with pytest.raises(CheckpointError, match=expected):
+        trainer.save()
+    trainer._write_files = real_write
+    assert (Path(run_dir) / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    assert not (Path(run_dir) / "checkpoints" / "step_00000006").exists()
     # An empty meta.json: resume names it, on every rank.
     dist.barrier()
     meta = (first / "meta.json").read_text()
@@ -536,16 +554,23 @@ def _two_ranks_fail_together(run_dir: str) -> None:
     dist.barrier()
     with pytest.raises(CheckpointError, match=f"checkpoint file {first / 'meta.json'} is empty"):
         trainer.resume()
-    # Rank 1's file of the committed checkpoint is truncated: resume fails on both ranks.
+    # Rank 1's file of the committed checkpoint is truncated, then missing: the manifest check
+    # (each rank reads its share of the files) names it on both ranks, before anything loads.
+    data = (first / "rng_rank00001.pt").read_bytes()
     dist.barrier()
     if rank == 0:
         (first / "meta.json").write_text(meta)
-        data = (first / "rng_rank00001.pt").read_bytes()
         (first / "rng_rank00001.pt").write_bytes(data[: len(data) // 2])
     dist.barrier()
-    expected = "rng_rank00001.pt is truncated or corrupt" if rank == 1 \
-        else "reading the checkpoint failed on another rank"
-    with pytest.raises(CheckpointError, match=expected):
+    expected = (f"checkpoint file {first / 'rng_rank00001.pt'} holds {len(data) // 2:,} bytes where {len(data):,} "
+                f"were saved (truncated); put the original back, or start over in a new run.dir")
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        trainer.resume()
+    dist.barrier()
+    if rank == 0:
+        (first / "rng_rank00001.pt").unlink()
+    dist.barrier()
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint file {first / 'rng_rank00001.pt'} is missing; ")):
         trainer.resume()
 
 
@@ -557,9 +582,17 @@ def test_truncated_trainer_file_stops_mbert_train_with_one_line(one_step_run, tm
     run_dir = tmp_path / "run"
     shutil.copytree(one_step_run, run_dir)
     state = run_dir / "checkpoints" / "step_00000001" / "trainer_state.pt"
+    saved = state.stat().st_size
     state.write_bytes(state.read_bytes()[:1000])
     proc = train(run_dir, corpus_cache, ["trainer.max_steps=2", *ONE_STEP], check=False, timeout=300)
     assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (  # found by the manifest check, before anything loads
+        f"mbert-train: error: checkpoint file {state} holds 1,000 bytes where {saved:,} were saved (truncated); "
+        "put the original back, or start over in a new run.dir (no earlier checkpoint exists)")
+    meta_file = state.parent / "meta.json"  # a checkpoint from before the manifest: found when it loads
+    meta_file.write_text(json.dumps({k: v for k, v in json.loads(meta_file.read_text()).items() if k != "files"}))
+    proc = train(run_dir, corpus_cache, ["trainer.max_steps=2", *ONE_STEP], check=False, timeout=300)
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         f"mbert-train: error: checkpoint file {state} is truncated or corrupt; "

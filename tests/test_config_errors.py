@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mbert_train.config import compose_config
-from mbert_train.convert import write_model_dir
+from mbert_train.convert.common import write_model_dir
 from mbert_train.engine import deepspeed_config
 from mbert_train.model import MegatronBert, ModelConfig
 from mbert_train.model.weights import (full_state_dict, load_full_from_dir, read_model_meta, shard_file,
@@ -135,7 +135,7 @@ def test_model_config_from_other_tp(model_dir):
 
 # --- Settings and run dirs through the real CLIs: exit != 0, one line, no traceback. ----------
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+CONFIG_DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
 
 def _one_error_line(proc: subprocess.CompletedProcess, prog: str) -> str:
@@ -166,10 +166,10 @@ def test_non_finite_lr_through_the_cli(tmp_path, corpus_cache):
     assert "optim.lr=nan is not a finite number" in _one_error_line(proc, "mbert-train")
 
 
-def test_readme_deepspeed_passthrough_composes():
-    """The README's `trainer.deepspeed='{...}'` line, as the shell hands it over (Hydra used to
+def test_documented_deepspeed_passthrough_composes():
+    """docs/configuration.md's `trainer.deepspeed='{...}'` line, as the shell hands it over (Hydra used to
     refuse it with "not in struct"); tests/test_secrets.py trains with the same form."""
-    (line,) = [line for line in README.read_text().splitlines() if line.startswith("mbert-train trainer.deepspeed=")]
+    (line,) = [line for line in CONFIG_DOC.read_text().splitlines() if line.startswith("mbert-train trainer.deepspeed=")]
     argv = shlex.split(line.split("#")[0])
     cfg = compose_config(argv[1:])
     assert cfg.trainer.deepspeed == {"zero_optimization": {"reduce_bucket_size": 2e8}}

@@ -15,7 +15,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import MegatronBertForMaskedLM, MegatronBertForPreTraining
 
-from mbert_train.convert import MARKER, export_hf, import_hf, main
+from mbert_train.convert import main
+from mbert_train.convert.common import MARKER
+from mbert_train.convert.hf import export_hf, import_hf
 from mbert_train.model import MegatronBert
 from mbert_train.model.weights import load_full_from_dir, shard_file, shard_state_dict
 from tests.dist import spawn
@@ -254,7 +256,7 @@ def test_to_hf_never_follows_latest_outside_the_run(hf_dir, tmp_path, capsys):
     make_checkpoint(hf_dir, run, 10)
     outside = tmp_path / "x"  # another model, where `latest = ../../x` points from checkpoints/
     full, cfg = import_hf(hf_dir)
-    from mbert_train.convert import write_model_dir
+    from mbert_train.convert.common import write_model_dir
     write_model_dir({k: torch.zeros_like(v) for k, v in full.items()}, cfg, outside, 1)
     (outside / "meta.json").write_text("{}")
     (run / "checkpoints" / "latest").write_text("../../x\n")
@@ -286,7 +288,7 @@ def test_disk_full_is_one_line_and_keeps_the_previous_output(direction, hf_dir, 
     def full_disk(*args, **kwargs):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr("mbert_train.convert.save_file", full_disk)
+    monkeypatch.setattr("mbert_train.convert.hf.save_file", full_disk)
     monkeypatch.setattr("mbert_train.model.weights.save_file", full_disk)
     err = error_of(capsys, *argv, "--overwrite")
     assert f"no space left on the device while writing {out}" in err
@@ -500,3 +502,17 @@ def test_to_hf_refuses_malformed_model_config_in_one_line(change, needle, hf_dir
     start = time.monotonic()
     assert needle in error_of(capsys, "to-hf", ours, tmp_path / "out")
     assert time.monotonic() - start < 5 and not (tmp_path / "out").exists()
+
+
+class Payload:
+    """A pickled object no allow-list holds (unpickling runs its module's code)."""
+
+
+def test_pickled_globals_are_named_and_never_unpickled(reference, tmp_path, capsys):
+    bin_dir = tmp_path / "bin"
+    reference.config.save_pretrained(bin_dir)
+    torch.save({**reference.state_dict(), "args": Payload()}, bin_dir / "pytorch_model.bin")
+    err = error_of(capsys, "from-hf", bin_dir, tmp_path / "out")
+    assert "pickles tests.test_convert.Payload, which a weights-only load refuses" in err, err
+    assert "weights_only=False" not in err and "likely succeed" not in err
+    assert not (tmp_path / "out").exists()

@@ -19,7 +19,7 @@ import pytest
 from data_prep import PrepConfig
 from data_prep.format import is_prepared_dataset
 from data_prep.prep import prepare
-from mbert_train.data import DataConfig, check_vocab, open_dataset, prepare_default_corpus
+from mbert_train.data import DataConfig, resolve_vocab, open_dataset, prepare_default_corpus
 from mbert_train.data import corpus as corpus_module
 from mbert_train.data import stdlib_docs
 from mbert_train.data.corpus import DatasetError
@@ -93,11 +93,12 @@ def test_two_processes_racing_on_first_use_share_one_result(tmp_path):
     assert leftovers == []
 
 
-def test_check_vocab_names_setting_file_and_fix(embedded_dir):
+def test_resolve_vocab_names_setting_file_and_fix(embedded_dir):
     meta = open_dataset(embedded_dir).metadata
-    check_vocab(meta, meta["vocab_size"], embedded_dir)
+    assert resolve_vocab(meta, meta["vocab_size"], embedded_dir) == meta["vocab_size"]
+    assert resolve_vocab(meta, None, embedded_dir) == meta["vocab_size"]  # unset: follows the dataset
     with pytest.raises(ValueError) as info:
-        check_vocab(meta, 30522, embedded_dir)
+        resolve_vocab(meta, 30522, embedded_dir)
     msg = str(info.value)
     assert "\n" not in msg
     fix = f"model.vocab_size={meta['vocab_size']}"

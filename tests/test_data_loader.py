@@ -211,8 +211,9 @@ class KeyDataset(torch.utils.data.Dataset):
     """Each sample is its own (epoch, index) key; epochs of varying size, as the pair maps have."""
 
     def __init__(self, fail_at: tuple[int, int] | None = None):
-        self.cfg = SimpleNamespace(objective="nsp", max_seq_length=16, short_seq_prob=0.1)
-        self.corpus = SimpleNamespace(metadata={"num_tokens": 1000})
+        self.cfg = SimpleNamespace(objective="nsp", max_seq_length=16, short_seq_prob=0.1,
+                                   accept_changed_corpus=False)
+        self.corpus = SimpleNamespace(metadata={"num_tokens": 1000}, fingerprint="keys", path="/keys")
         self.fail_at = fail_at
 
     def epoch_size(self, epoch: int) -> int:
@@ -331,8 +332,8 @@ def test_a_new_global_batch_continues_at_the_same_global_sample_and_says_so(k):
 def test_a_state_of_the_micro_batch_count_format_still_loads():
     reference = steps(key_loaders(2, 1, 2), 25)
     per_epoch0 = 37 // 4
-    old = {"epoch": 1, "position": 3, "seed": 7, "micro_batch_size": 2, "dp_size": 2,
-           "signature": key_loaders(1, 1, 1)[0].state_dict()["signature"]}
+    # Before the corpus fingerprint, the signature's last part was the corpus' token count.
+    old = {"epoch": 1, "position": 3, "seed": 7, "micro_batch_size": 2, "dp_size": 2, "signature": "nsp/16/0.1/1000"}
     for layout in ((2, 1, 2), (2, 2, 1)):
         resumed = key_loaders(*layout)
         assert {loader.load_state_dict(old) for loader in resumed} == {None}

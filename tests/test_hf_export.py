@@ -15,7 +15,8 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertTokenizer, pipeline
 
 from mbert_train.convert import main
-from mbert_train.hf_export import TOKENIZER_FILES, dataset_of_run
+from mbert_train.convert.common import TOKENIZER_FILES
+from mbert_train.convert.hf import dataset_of_run
 from tests.train_util import losses, train
 
 pytestmark = pytest.mark.slow

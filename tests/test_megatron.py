@@ -1,17 +1,22 @@
 """mbert-convert from-megatron / to-megatron against the referee, the `convert_megatron_bert_checkpoint.py`
 that transformers shipped in its 4.x releases (it reads TP=1 sources only; a TP=2 source is merged for it
 here from Megatron-LM's definition of the per-rank layout). Synthetic checkpoints are built from that
-definition: per-head Q, K, V tensors stacked per checkpoint_version and cut per TP rank."""
+definition: per-head Q, K, V tensors stacked per checkpoint_version and cut per TP rank. The referee
+comes from the package index (pip download, once); the tests that use it skip without the index."""
 
 import argparse
 import enum
 import importlib.util
 import os
 import random
+import shutil
+import socket
 import subprocess
 import sys
+import urllib.request
 import zipfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -20,7 +25,8 @@ from safetensors.torch import load_file
 from transformers import MegatronBertConfig
 
 from mbert_train.arithmetic import padded_vocab_size
-from mbert_train.convert import load_model_dir, main, write_model_dir
+from mbert_train.convert import main
+from mbert_train.convert.common import load_model_dir, write_model_dir
 from mbert_train.model.config import ModelConfig
 from mbert_train.model.weights import full_shapes
 from tests.train_util import run_python
@@ -32,15 +38,41 @@ H, HEADS, LAYERS, FFN, POS, PADDED = 32, 4, 2, 64, 24, 256  # 256: padded for TP
 HN = H // HEADS
 
 
+def index_unreachable(timeout_s: float = 5.0) -> str | None:
+    """Why pip's package index cannot be reached (a TCP connect to it, or to the proxy pip would
+    use), or None when it can: only then may a failed download count as a failure."""
+    listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                            timeout=60).stdout
+    settings = dict(line.split("=", 1) for line in listed.splitlines() if "=" in line)
+    url = next((settings[k].strip("'\"") for k in (":env:.index-url", "download.index-url", "global.index-url")
+                if k in settings), "https://pypi.org/simple")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return None  # a local index
+    proxy = None if urllib.request.proxy_bypass(parts.hostname) else urllib.request.getproxies().get(parts.scheme)
+    address = urlsplit(proxy) if proxy else parts
+    port = address.port or (443 if address.scheme == "https" else 80)
+    try:
+        socket.create_connection((address.hostname, port), timeout=timeout_s).close()
+    except OSError as exc:
+        return f"{address.hostname}:{port} ({'the proxy for ' if proxy else ''}{url}) cannot be reached: {exc}"
+    return None
+
+
 @pytest.fixture(scope="session")
 def referee():
-    """`convert_megatron_checkpoint` of transformers 4.x, extracted from its wheel (downloaded once
-    into ~/.cache/mbert-train-tests with pip; only that one pure-Python script is used)."""
+    """`convert_megatron_checkpoint` of transformers 4.x, extracted from its wheel. Needs the package
+    index once: the wheel is downloaded with pip into ~/.cache/mbert-train-tests (only that one
+    pure-Python script is used). Skipped when the index cannot be reached; any other failure fails."""
     script = CACHE / f"transformers-{REFEREE_VERSION}" / "convert_megatron_bert_checkpoint.py"
     if not script.is_file():
         wheels = CACHE / "wheels"
         wheel = wheels / f"transformers-{REFEREE_VERSION}-py3-none-any.whl"
         if not wheel.is_file():
+            offline = index_unreachable()
+            if offline:
+                pytest.skip(f"needs the package index to download the referee transformers=={REFEREE_VERSION} "
+                            f"(or {wheel.name} put into {wheels} by hand): {offline}")
             proc = subprocess.run([sys.executable, "-m", "pip", "download", f"transformers=={REFEREE_VERSION}",
                                    "--no-deps", "--only-binary", ":all:", "-d", str(wheels)],
                                   capture_output=True, text=True, timeout=600)
@@ -384,3 +416,52 @@ def test_missing_source_and_bad_tp(tmp_path, capsys):
     random_model_dir(tmp_path / "model", binary_head=True, tp=1)
     assert main(["to-megatron", str(tmp_path / "model"), str(tmp_path / "out"), "--tp", "3"]) == 2
     assert "--tp 3 does not fit" in capsys.readouterr().err
+
+
+# ---- shards of different models --------------------------------------------------------------
+
+def error_line(capsys, *argv) -> str:
+    assert main([str(a) for a in argv]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    return err
+
+
+def test_megatron_shards_of_different_models_are_refused(tmp_path, capsys):
+    """Same shapes, another model's mp_rank_01: its replicated tensors differ from mp_rank_00's."""
+    write_megatron(tmp_path / "a", canonical(0), 3.0, 2)
+    write_megatron(tmp_path / "b", canonical(1), 3.0, 2)
+    shard = Path("iter_0000007") / "mp_rank_01" / "model_optim_rng.pt"
+    shutil.copy(tmp_path / "b" / shard, tmp_path / "a" / shard)
+    err = error_line(capsys, "from-megatron", tmp_path / "a", tmp_path / "out")
+    assert "differs between" in err and "mp_rank_00" in err and "mp_rank_01" in err and "different models" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_our_shards_of_different_models_are_refused(tmp_path, capsys):
+    random_model_dir(tmp_path / "a", binary_head=True, tp=2)
+    cfg = ModelConfig(vocab_size=100, hidden_size=H, num_layers=LAYERS, num_heads=HEADS, intermediate_size=FFN,
+                      max_position_embeddings=POS, layer_norm_eps=1e-12, hidden_dropout=0.05)
+    g = torch.Generator().manual_seed(99)
+    write_model_dir({n: torch.randn(s, generator=g) for n, s in full_shapes(cfg).items()}, cfg, tmp_path / "b", 2)
+    shard = "model_tp01-of-02.safetensors"
+    shutil.copy(tmp_path / "b" / shard, tmp_path / "a" / shard)
+    for command in ("to-hf", "to-megatron"):
+        err = error_line(capsys, command, tmp_path / "a", tmp_path / command)
+        assert "differs between model_tp00-of-02.safetensors and model_tp01-of-02.safetensors" in err, err
+        assert not (tmp_path / command).exists()
+
+
+def test_vocab_size_below_the_recorded_one_is_said(tmp_path, capsys):
+    src = write_megatron(tmp_path / "megatron", canonical(seed=4), 3.0, 1)
+    shard = src / "iter_0000007" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(shard, weights_only=False)
+    state["args"].vocab_size = 120  # what Megatron records: the tokenizer's size before padding
+    torch.save(state, shard)
+    convert("from-megatron", src, tmp_path / "all")
+    assert load_model_dir(tmp_path / "all")[1].vocab_size == 120 and "note" not in capsys.readouterr().err
+    convert("from-megatron", src, tmp_path / "cut", "--vocab-size", 100)
+    err = capsys.readouterr().err.strip()
+    assert err == ("mbert-convert: note: --vocab-size 100 keeps the first 100 of the 120 vocabulary rows the "
+                   "checkpoint records (args.vocab_size); the other 20 are dropped"), err
+    assert load_model_dir(tmp_path / "cut")[1].vocab_size == 100

@@ -249,3 +249,31 @@ def test_inputs_that_cannot_be_converted_are_refused_in_one_line(tmp_path, vocab
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, (args, err)
         assert not (tmp_path / "ds").exists()
+
+
+def test_heldout_that_is_the_training_data_is_refused(tmp_path, vocab_file, capsys):
+    a = write_megatron(tmp_path / "train", make_docs(3, 12))
+    for name in ("bin", "idx"):  # a byte copy under another name
+        shutil.copy(f"{a}.{name}", tmp_path / f"copy.{name}")
+    for held in (a, tmp_path / "copy"):
+        capsys.readouterr()
+        assert prep(a, "--heldout", held, "--vocab-file", vocab_file, "-o", tmp_path / "ds") == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "every training document is also a held-out one" in err, err
+        assert not (tmp_path / "ds").exists()
+
+
+def test_training_copies_of_heldout_documents_leave_the_training_split(tmp_path, vocab_file):
+    train_docs, held_docs = make_docs(3, 12), make_docs(4, 6)
+    held_docs[0], held_docs[1] = train_docs[7], train_docs[9]  # two held-out documents also in training
+    a, b = write_megatron(tmp_path / "train", train_docs), write_megatron(tmp_path / "valid", held_docs)
+    out = tmp_path / "ds"
+    assert prep(a, "--heldout", b, "--vocab-file", vocab_file, "-o", out) == 0
+    corpus = open_dataset(str(out))
+    trained = prepared_docs(out, corpus.split_docs("train"))
+    expected = as_prepared(megatron_docs(a))
+    assert len(trained) == len(expected) - 2
+    assert as_prepared([train_docs[7]])[0] not in trained and as_prepared([train_docs[9]])[0] not in trained
+    assert prepared_docs(out, corpus.split_docs("heldout")) == as_prepared(megatron_docs(b))
+    summary = json.loads((out / "metadata.json").read_text())["summary"]
+    assert summary["heldout_copies_dropped"] == 2 and summary["train_documents"] == len(trained)

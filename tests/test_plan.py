@@ -17,10 +17,10 @@ from mbert_train.plan import (GIB, count_parameters, main, normalize_precision, 
 
 TINY = ModelConfig(vocab_size=1000, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
                    max_position_embeddings=64)
-BERT_BASE = ModelConfig()
-BERT_LARGE = ModelConfig(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096)
-MEGATRON_1_3B = ModelConfig(hidden_size=2048, num_layers=24, num_heads=32, intermediate_size=8192)
-MEGATRON_3_9B = ModelConfig(hidden_size=2560, num_layers=48, num_heads=40, intermediate_size=10240)
+BERT_BASE = ModelConfig(vocab_size=30522)
+BERT_LARGE = ModelConfig(vocab_size=30522, hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096)
+MEGATRON_1_3B = ModelConfig(vocab_size=30522, hidden_size=2048, num_layers=24, num_heads=32, intermediate_size=8192)
+MEGATRON_3_9B = ModelConfig(vocab_size=30522, hidden_size=2560, num_layers=48, num_heads=40, intermediate_size=10240)
 
 
 def _hf_model(cfg: ModelConfig) -> torch.nn.Module:

@@ -16,7 +16,7 @@ CLI_CANARY = "CANARY123cli"
 DICT_CANARY = "CANARY789dict"
 ENV_CANARY = "CANARY456env"
 SECRETS = [f"+trainer.deepspeed.comet.api_key={CLI_CANARY}",
-           # The README's dict form with a secret inside, replacing the first: the final config
+           # docs/configuration.md's dict form with a secret inside, replacing the first: the final config
            # holds only DICT_CANARY, yet the command line Hydra and W&B record holds both.
            f"trainer.deepspeed={{zero_optimization: {{reduce_bucket_size: 2e8}}, comet: {{api_key: {DICT_CANARY}}}}}"]
 SECRET_ENV = {"WANDB_API_KEY": ENV_CANARY}

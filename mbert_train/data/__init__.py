@@ -3,17 +3,16 @@
 The trainer's whole interface::
 
     dataset_dir = cfg.data.path or prepare_default_corpus(cfg.data)
-    check_vocab(open_dataset(dataset_dir).metadata, cfg.model.vocab_size, dataset_dir)
+    vocab_size = resolve_vocab(open_dataset(dataset_dir).metadata, cfg.model.vocab_size, dataset_dir)
     train_loader, eval_loader = build_loaders(cfg.data, dataset_dir, seed=..., micro_batch_size=...,
                                               dp_rank=..., dp_size=..., grad_accum=...)
 """
 
 from mbert_train.data.config import DataConfig
-from mbert_train.data.corpus import PreparedCorpus, SpecialIds, check_vocab, open_dataset
+from mbert_train.data.corpus import PreparedCorpus, SpecialIds, resolve_vocab, open_dataset
 from mbert_train.data.dataset import PretrainingDataset
 from mbert_train.data.default_corpus import prepare_default_corpus
 from mbert_train.data.loader import EvalLoader, TrainLoader, build_loaders
 
 __all__ = ["DataConfig", "EvalLoader", "PreparedCorpus", "PretrainingDataset", "SpecialIds",
-           "TrainLoader", "build_loaders", "check_vocab", "open_dataset",
-           "prepare_default_corpus"]
+           "TrainLoader", "build_loaders", "open_dataset", "prepare_default_corpus", "resolve_vocab"]

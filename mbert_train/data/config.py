@@ -41,6 +41,10 @@ class DataConfig:
     evaluations of runs with different seeds score the very same batches."""
     eval_max_samples: int = 2048
     """Upper bound on held-out samples per evaluation (spread evenly over the held-out set)."""
+    accept_changed_corpus: bool = False
+    """Resume from a checkpoint whose data position was recorded on another corpus (another text,
+    sentence split or held-out split of the same settings): its position then counts samples of
+    this corpus, which are other samples; the start line says so. False refuses such a resume."""
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:

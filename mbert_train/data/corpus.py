@@ -6,10 +6,14 @@ the length metadata.json records (a truncated file fails here, not as an `IndexE
 the offsets agreeing with the token count, the split ids in range, and every token id inside
 the vocabulary. The largest token id comes from metadata.json's `max_token_id` for large
 corpora and from a scan of `tokens.npy` for small ones or when it is absent (older datasets).
+
+`fingerprint` names the corpus by what decides its samples, so that a resume can tell the
+corpus it trained on from another one of the same size (see `PreparedCorpus.fingerprint`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -28,6 +32,11 @@ SCAN_TOKENS_UP_TO = 1 << 26
 """Corpora up to this many tokens (~0.1 s) have their largest id scanned, not read from
 metadata.json: a hand-edited small dataset cannot slip past the check."""
 _SCAN_CHUNK = 1 << 24
+FINGERPRINT_KEYS = ("format_version", "tokenizer_sha256", "special_ids", "token_dtype", "num_documents",
+                    "num_sentences", "num_tokens", "splits")
+"""metadata.json entries a corpus fingerprint covers: what decides the samples (not timings,
+paths or the prep settings that do not change the data)."""
+_TOKEN_BLOCKS, _TOKEN_BLOCK = 64, 1 << 14
 
 
 class DatasetError(UserError):
@@ -191,6 +200,27 @@ class PreparedCorpus:
         return int(np.searchsorted(self.doc_offsets, sentence, side="right") - 1)
 
     @cached_property
+    def fingerprint(self) -> str:
+        """blake2b-128 (hex) of what decides the samples: the `FINGERPRINT_KEYS` of metadata.json,
+        the document and sentence offsets, the split's document ids, and 64 evenly spaced blocks of
+        16k tokens (the tokens in full would cost a read of the whole corpus). The same text
+        split into sentences differently, or held out differently, has another fingerprint.
+        Computed once, when first asked for (a resume, the first checkpoint): ~300 MB/s, 3 s for
+        the 800 MB of offsets of 10^8 sentences."""
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(json.dumps({k: self.metadata.get(k) for k in FINGERPRINT_KEYS}, sort_keys=True).encode())
+        arrays = [self.doc_offsets, self.sentence_offsets, *(self.split_docs(s) for s in sorted(fmt.SPLIT_FILES))]
+        n = len(self.tokens)
+        if n <= _TOKEN_BLOCKS * _TOKEN_BLOCK:
+            arrays.append(self.tokens)
+        else:
+            arrays += [self.tokens[i:i + _TOKEN_BLOCK] for i in range(0, n, n // _TOKEN_BLOCKS)]
+        for array in arrays:
+            for i in range(0, len(array), _SCAN_CHUNK):
+                digest.update(np.ascontiguousarray(array[i:i + _SCAN_CHUNK]).data)
+        return digest.hexdigest()
+
+    @cached_property
     def vocab(self) -> list[str]:
         """Token strings by id, from the dataset's tokenizer.json."""
         tok = Tokenizer.from_file(os.path.join(self.path, self.metadata["tokenizer_file"]))
@@ -217,19 +247,21 @@ def open_dataset(path: str) -> PreparedCorpus:
     return PreparedCorpus(path)
 
 
-def check_vocab(metadata: dict, model_vocab_size: int, path: str) -> None:
-    """Fail fast, before the model is built, when the model's embedding does not match the
-    dataset's tokenizer or a token id of the dataset falls outside the embedding."""
+def resolve_vocab(metadata: dict, model_vocab_size: int | None, path: str) -> int:
+    """The model's vocabulary size: the dataset tokenizer's when `model.vocab_size` is unset,
+    else the one set, which must match it. Fails fast, before the model is built, on a mismatch
+    or a token id of the dataset outside the embedding."""
     vocab = int(metadata["vocab_size"])
-    if vocab != model_vocab_size:
+    if model_vocab_size is not None and vocab != model_vocab_size:
         meta_file = os.path.join(path, fmt.METADATA_FILE)
         raise DatasetError(
             f"model.vocab_size={model_vocab_size} does not match the dataset's tokenizer "
-            f"(vocab_size={vocab} in {meta_file}); set model.vocab_size={vocab}, or re-run "
-            f"mbert-prep with --vocab-size {model_vocab_size} (or a matching --tokenizer)")
+            f"(vocab_size={vocab} in {meta_file}); leave model.vocab_size unset (it then follows the "
+            f"dataset) or set model.vocab_size={vocab}, or re-run mbert-prep with --vocab-size {model_vocab_size} (or a matching --tokenizer)")
     # Set by open_dataset (read or scanned); a mismatch here means a corrupt metadata.json.
     max_id = metadata.get("max_token_id")
-    if isinstance(max_id, int) and max_id >= model_vocab_size:
+    if isinstance(max_id, int) and max_id >= vocab:
         raise DatasetError(
-            f"{os.path.join(path, fmt.TOKENS_FILE)} holds token id {max_id}, outside "
-            f"model.vocab_size={model_vocab_size}; the dataset is corrupt: re-run mbert-prep")
+            f"{os.path.join(path, fmt.TOKENS_FILE)} holds token id {max_id}, outside the tokenizer's "
+            f"vocab_size={vocab}; the dataset is corrupt: re-run mbert-prep")
+    return vocab

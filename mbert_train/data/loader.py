@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from mbert_train.data.collate import PadCollator
 from mbert_train.data.config import DataConfig
-from mbert_train.data.corpus import open_dataset
+from mbert_train.data.corpus import DatasetError, open_dataset
 from mbert_train.data.dataset import PretrainingDataset
 from mbert_train.data.sampler import ShardedBatchSampler, eval_batches
 
@@ -80,7 +80,8 @@ class TrainLoader:
     given that state yields exactly the batches an uninterrupted loader would have yielded
     next, with any number of workers, and a loader with another layout of the same global batch
     yields the same samples per step (see `load_state_dict`). The state is the same on every
-    rank, so saving rank 0's copy is enough. It holds only ints and strings (`weights_only`-safe).
+    rank, so saving rank 0's copy is enough. It holds only ints and strings (`weights_only`-safe),
+    among them the corpus fingerprint: a position means these samples only on this corpus.
     """
 
     def __init__(self, dataset: PretrainingDataset, collate: PadCollator, *, seed: int,
@@ -194,17 +195,20 @@ class TrainLoader:
                     worker.kill()
                     worker.join()
 
-    def _signature(self) -> str:
+    def _signature(self, *, with_tokens: bool) -> str:
+        """objective/max_seq_length/short_seq_prob, and the corpus' token count for states saved
+        before the corpus fingerprint (the only trace of the corpus they hold)."""
         c = self.dataset.cfg
-        return (f"{c.objective}/{c.max_seq_length}/{c.short_seq_prob}/"
-                f"{self.dataset.corpus.metadata['num_tokens']}")
+        settings = f"{c.objective}/{c.max_seq_length}/{c.short_seq_prob}"
+        return f"{settings}/{self.dataset.corpus.metadata['num_tokens']}" if with_tokens else settings
 
     def state_dict(self) -> dict:
         in_step = self.micro * self.micro_batch_size * self.dp_size
         return {"epoch": self.epoch, "sample": self.step_start + in_step, "in_step": in_step,
                 "global_samples": self._total, "seed": self.seed,
                 "micro_batch_size": self.micro_batch_size, "grad_accum": self.grad_accum,
-                "dp_size": self.dp_size, "signature": self._signature()}
+                "dp_size": self.dp_size, "signature": self._signature(with_tokens=False),
+                "corpus": self.dataset.corpus.fingerprint}
 
     def load_state_dict(self, state: dict) -> str | None:
         """Continue from `state`, saved at any micro_batch_size, grad_accum and DP size.
@@ -213,14 +217,18 @@ class TrainLoader:
         per optimizer step in the same order of chunks k = micro_step x DP + rank, so with the
         same micro_batch_size the same ids in each chunk. Another global batch continues at the
         same sample of the same epoch, its steps starting there, and returns a one-line note
-        that says so (None when the steps continue unchanged)."""
+        that says so (None when the steps continue unchanged). A state saved on another corpus
+        is refused unless `data.accept_changed_corpus`, which continues with a note."""
         if state["seed"] != self.seed:
             raise ValueError(f"data loader state was saved with seed={state['seed']}, this run "
                              f"has seed={self.seed}; resume with the original seed")
-        if state["signature"] != self._signature():
+        fingerprinted = "corpus" in state
+        signature = self._signature(with_tokens=not fingerprinted)
+        if state["signature"] != signature:
             raise ValueError(f"data loader state was saved for data {state['signature']} "
-                             f"(objective/max_seq_length/short_seq_prob/tokens), this run reads "
-                             f"{self._signature()}; resume with the original data settings")
+                             f"(objective/max_seq_length/short_seq_prob{'' if fingerprinted else '/tokens'}), "
+                             f"this run reads {signature}; resume with the original data settings")
+        corpus_note = self._corpus_note(state["corpus"]) if fingerprinted else None
         if "sample" not in state:
             state = self._from_micro_batch_count(state)
         epoch, sample, in_step = int(state["epoch"]), int(state["sample"]), int(state["in_step"])
@@ -228,16 +236,37 @@ class TrainLoader:
         per_micro = self.micro_batch_size * self.dp_size
         self.close()
         self.epoch, self._total = epoch, int(state["global_samples"])
-        if saved == self.global_batch and in_step % per_micro == 0:
+        exact = saved == self.global_batch and in_step % per_micro == 0
+        if exact and corpus_note is None:
             self.step_start, self.micro = sample - in_step, in_step // per_micro
             return None
+        # A new step starts at the sample reached (the next epoch if it no longer fits: a
+        # changed corpus may have smaller epochs).
         self.step_start, self.micro = sample, 0
         self._roll_over()
+        if exact:
+            return corpus_note
         why = (f"global batch changed from {saved} to {self.global_batch} samples "
                f"(micro_batch_size x grad_accum x DP)" if saved != self.global_batch else
                f"the state was saved {in_step} samples into an optimizer step, not a multiple of "
                f"micro_batch_size x DP = {per_micro}")
-        return f"{why}; continuing at global sample {self._total} of the data stream"
+        note = f"{why}; continuing at global sample {self._total} of the data stream"
+        return f"{corpus_note}; {note}" if corpus_note else note
+
+    def _corpus_note(self, saved: str) -> str | None:
+        """None for the corpus the state was saved on; a note for another one if the config
+        accepts it, else a one-line DatasetError."""
+        corpus = self.dataset.corpus
+        if saved == corpus.fingerprint:
+            return None
+        if not self.dataset.cfg.accept_changed_corpus:
+            raise DatasetError(
+                f"data.path={corpus.path} is not the corpus the checkpoint's data position counts samples of "
+                f"(fingerprint {corpus.fingerprint[:12]}, saved {saved[:12]}: other text, sentence splits or "
+                f"held-out documents); start a new run on it with a new run.dir (trainer.init_from=CHECKPOINT "
+                f"keeps the weights), or continue this one with data.accept_changed_corpus=true")
+        return (f"data.accept_changed_corpus=true: the corpus changed since the checkpoint (fingerprint "
+                f"{saved[:12]} -> {corpus.fingerprint[:12]}); the data position now counts its samples")
 
     def _from_micro_batch_count(self, state: dict) -> dict:
         """A state of the format before grad_accum counted (a position in global micro-batches,

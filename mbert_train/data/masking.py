@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-IGNORE_INDEX = -100
-"""Label of positions that are not predicted (PyTorch cross-entropy's ignore_index)."""
+from mbert_train.batch import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mbert_train.arithmetic import padded_vocab_size
+from mbert_train.batch import IGNORE_INDEX
 from mbert_train.model.attention import Packing, dropout_attention
 from mbert_train.model.config import ModelConfig
 from mbert_train.parallel.cross_entropy import vocab_parallel_argmax, vocab_parallel_cross_entropy
@@ -26,8 +27,6 @@ from mbert_train.parallel.random import sharded_cuda_rng
 # The shape-specialised graphs `MegatronBert.compile_layers` may keep per layer: one per padded
 # batch length at data.pad_to_multiple_of 8 and seq 512, with room to spare.
 MAX_COMPILED_SHAPES = 80
-
-IGNORE_INDEX = -100
 
 
 def _dense(n_in: int, n_out: int, std: float) -> nn.Linear:
@@ -172,6 +171,9 @@ class MegatronBert(nn.Module):
     def __init__(self, cfg: ModelConfig, tp=None, *, activation_checkpointing: bool = False,
                  mlm_masked_only: bool = True, unpad: bool = True):
         super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size is unset; it is taken from the dataset's tokenizer "
+                             "(mbert_train.data.resolve_vocab) before the model is built")
         if not isinstance(tp, TPContext):
             tp = TPContext(tp, invariant_dropout=cfg.tp_invariant_dropout)
         self.cfg, self.tp, self.group = cfg, tp, tp.group

@@ -34,8 +34,9 @@ def _type_problem(kind: str, value: Any) -> str | None:
 class ModelConfig:
     """Shape and regularisation of a MegatronBERT encoder with its pretraining heads."""
 
-    vocab_size: int = 30522
-    """Real vocabulary size (the tokenizer's); the embedding is padded beyond it for TP."""
+    vocab_size: int | None = None
+    """Real vocabulary size (the tokenizer's); the embedding is padded beyond it for TP. None (every
+    preset): taken from the dataset's tokenizer at start-up; set by hand it must match it."""
     hidden_size: int = 768
     """Width of the residual stream."""
     num_layers: int = 12
@@ -72,9 +73,11 @@ class ModelConfig:
             problem = _type_problem(f.type, getattr(self, f.name))
             if problem:
                 raise ValueError(f"model.{f.name}={getattr(self, f.name)!r} {problem}")
+        if self.vocab_size is not None and _type_problem("int", self.vocab_size):
+            raise ValueError(f"model.vocab_size={self.vocab_size!r} {_type_problem('int', self.vocab_size)}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                      "max_position_embeddings", "type_vocab_size"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
         if self.hidden_size % self.num_heads:
             raise ValueError(
@@ -88,7 +91,7 @@ class ModelConfig:
             raise ValueError(f"model.layer_norm_eps={self.layer_norm_eps} must be > 0")
         if self.initializer_range < 0:
             raise ValueError(f"model.initializer_range={self.initializer_range} must be >= 0")
-        if not 0 <= self.pad_token_id < self.vocab_size:
+        if not 0 <= self.pad_token_id < (self.vocab_size or self.pad_token_id + 1):
             raise ValueError(f"model.pad_token_id={self.pad_token_id} must be a token id below model.vocab_size="
                              f"{self.vocab_size}")
 

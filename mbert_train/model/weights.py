@@ -49,19 +49,24 @@ def full_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
     return shapes
 
 
+def pad_vocab(tensor: torch.Tensor, vocab_size: int, tp: int) -> torch.Tensor:
+    """A tensor of `VOCAB_PARAMS` with `vocab_size` rows, padded with zero rows to
+    `padded_vocab_size(vocab_size, tp)`."""
+    pad = padded_vocab_size(vocab_size, tp) - vocab_size
+    return torch.cat([tensor, tensor.new_zeros((pad, *tensor.shape[1:]))]) if pad else tensor
+
+
 def shard_full(full: dict[str, torch.Tensor], cfg: ModelConfig, tp: int, rank: int) -> dict[str, torch.Tensor]:
     """TP rank `rank`'s tensors of a TP=`tp` model from the full form, with no process group:
     vocabulary rows padded with zeros to `padded_vocab_size(vocab, tp)`, then cut."""
     spec = shard_spec(template(cfg))
-    pad = padded_vocab_size(cfg.vocab_size, tp) - cfg.vocab_size
     out = {}
     for name, tensor in full.items():
         if name in VOCAB_PARAMS:
             if tensor.shape[0] != cfg.vocab_size:
                 raise ValueError(f"checkpoint tensor {name} has {tensor.shape[0]} vocabulary rows but "
                                  f"model.vocab_size={cfg.vocab_size}; set model.vocab_size to the checkpoint's")
-            if pad:
-                tensor = torch.cat([tensor, tensor.new_zeros((pad, *tensor.shape[1:]))])
+            tensor = pad_vocab(tensor, cfg.vocab_size, tp)
         if name in spec:
             dim, stride = spec[name]
             tensor = shard(tensor, dim, tp, rank, stride=stride)
@@ -172,20 +177,24 @@ def shard_file(tp: int, rank: int) -> str:
 
 
 def save_shard_tensors(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], cfg: ModelConfig,
-                       tp_rank: int, tp: int) -> None:
-    """Write one TP rank's tensors (and, from TP rank 0, the model config) into `directory`."""
+                       tp_rank: int, tp: int) -> list[Path]:
+    """Write one TP rank's tensors (and, from TP rank 0, the model config) into `directory`;
+    returns the files written."""
     directory = Path(directory)
     path = directory / shard_file(tp, tp_rank)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
     os.chmod(path, 0o666 & ~process_umask())  # safetensors creates 0600 files; shared clusters need the umask's
-    if tp_rank == 0:
-        meta = {"model": cfg.to_dict(), "tensor_parallel": tp, "padded_vocab": padded_vocab_size(cfg.vocab_size, tp)}
-        (directory / MODEL_CONFIG).write_text(json.dumps(meta, indent=2))
+    if tp_rank != 0:
+        return [path]
+    meta = {"model": cfg.to_dict(), "tensor_parallel": tp, "padded_vocab": padded_vocab_size(cfg.vocab_size, tp)}
+    (directory / MODEL_CONFIG).write_text(json.dumps(meta, indent=2))
+    return [path, directory / MODEL_CONFIG]
 
 
-def save_model_shard(directory: str | os.PathLike, model: torch.nn.Module, tp_rank: int, tp: int) -> None:
-    """Write this rank's shard of `model` (and, from TP rank 0, the model config) into `directory`."""
-    save_shard_tensors(directory, model.state_dict(), model.cfg, tp_rank, tp)
+def save_model_shard(directory: str | os.PathLike, model: torch.nn.Module, tp_rank: int, tp: int) -> list[Path]:
+    """Write this rank's shard of `model` (and, from TP rank 0, the model config) into `directory`;
+    returns the files written."""
+    return save_shard_tensors(directory, model.state_dict(), model.cfg, tp_rank, tp)
 
 
 def read_model_meta(directory: str | os.PathLike) -> dict:
@@ -224,8 +233,15 @@ def load_full_from_dir(directory: str | os.PathLike) -> tuple[dict[str, torch.Te
         if any(name not in s for s in shards):
             raise ValueError(f"{directory} lacks tensor {name} in some shard; the checkpoint is incomplete "
                              f"or from another model")
-        tensor = unshard([s[name] for s in shards], *spec[name][:1], stride=spec[name][1]) \
-            if name in spec and tp > 1 else shards[0][name]
+        if name in spec and tp > 1:
+            tensor = unshard([s[name] for s in shards], *spec[name][:1], stride=spec[name][1])
+        else:
+            tensor = shards[0][name]
+            for r in range(1, tp):  # replicated over TP: every shard holds the same copy
+                if not torch.equal(shards[r][name], tensor):
+                    raise ValueError(f"{directory}: {name} differs between {shard_file(tp, 0)} and {shard_file(tp, r)}, "
+                                     f"but every TP shard holds the same copy of it; the shards come from different "
+                                     f"models or steps")
         want = (padded_vocab_size(cfg.vocab_size, tp), *like.shape[1:]) if name in VOCAB_PARAMS else like.shape
         if tuple(tensor.shape) != tuple(want):
             raise ValueError(f"{directory}: {name} has shape {tuple(tensor.shape)} but its {MODEL_CONFIG} implies "

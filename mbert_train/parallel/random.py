@@ -46,6 +46,12 @@ def seed_for_training(seed: int, dp_rank: int) -> None:
     torch.manual_seed(training_seed(seed, dp_rank))
 
 
+def seed_after_reshard(seed: int, step: int, dp_rank: int) -> None:
+    """Fresh streams for a run resumed at another layout, whose RNG states cannot be carried
+    over rank by rank: derived from the seed and the step, so the continuation is reproducible."""
+    seed_for_training(seed + _DP_SEED_STRIDE * step, dp_rank)
+
+
 # Keep-masks come from 15-bit lanes of 64-bit random words: four lanes per draw of the
 # generator, about 6x faster on CPU than `bernoulli_` (1.8 against 11 ns per element). The
 # dropout rate is p rounded to a multiple of 2^-15 (0.1 -> 0.100006), and kept values are scaled

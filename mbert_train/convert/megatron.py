@@ -40,20 +40,18 @@ import numpy as np
 import torch
 
 from mbert_train.arithmetic import VOCAB_MULTIPLE, padded_vocab_size
-from mbert_train.convert import (WEIGHT_DTYPES, ConvertError, _check_tensors, _check_tp, _staged_output,
-                                 _write_marker, check_out_dir, load_model_dir, resolve_model_dir, write_model_dir)
+from mbert_train.convert.common import (MEGATRON_RELEASE, MEGATRON_TRACKER, WEIGHT_DTYPES, ConvertError,
+                                        check_out_dir, check_tensors, check_tp, load_model_dir, resolve_model_dir,
+                                        staged_output, write_marker, write_model_dir)
 from mbert_train.errors import first_line
 from mbert_train.model.config import ModelConfig
-from mbert_train.model.weights import full_shapes
+from mbert_train.model.weights import VOCAB_PARAMS, full_shapes, pad_vocab
 
-TRACKER = "latest_checkpointed_iteration.txt"
 SHARD_FILE = "model_optim_rng.pt"
-RELEASE = "release"
 VERSIONS = (0, 1.0, 2.0, 3.0)
 WRITE_VERSION = 3.0
 MEGATRON_LN_EPS = 1e-5  # Megatron-LM's --norm-epsilon (older: --layernorm-epsilon) default
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-COMMANDS = ("from-megatron", "to-megatron")
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})$")
 _PP_RANK_DIR = re.compile(r"^mp_rank_\d{2}_\d{3}$")
 _ITER_DIR = re.compile(r"^iter_\d{7}$")
@@ -132,15 +130,15 @@ def find_shards(source: Path) -> list[Path]:
     if source.is_file():
         return [source]
     if not source.is_dir():
-        raise ConvertError(f"{source} does not exist; pass a Megatron checkpoint directory (with {TRACKER}) or "
-                           f"a {SHARD_FILE}")
+        raise ConvertError(f"{source} does not exist; pass a Megatron checkpoint directory (with "
+                           f"{MEGATRON_TRACKER}) or a {SHARD_FILE}")
     if (source / SHARD_FILE).is_file():
         return [source / SHARD_FILE]
-    tracker = source / TRACKER
+    tracker = source / MEGATRON_TRACKER
     if tracker.is_file():
         text = tracker.read_text(errors="replace").strip()
-        if text == RELEASE:
-            source = source / RELEASE
+        if text == MEGATRON_RELEASE:
+            source = source / MEGATRON_RELEASE
         elif text.isdigit():
             source = source / f"iter_{int(text):07d}"
         else:
@@ -148,13 +146,13 @@ def find_shards(source: Path) -> list[Path]:
                                f"fix it or pass the iter_XXXXXXX directory")
         if not source.is_dir():
             raise ConvertError(f"{tracker} names {source.name}, but {source} does not exist; copy that "
-                               f"iteration or fix {TRACKER}")
+                               f"iteration or fix {MEGATRON_TRACKER}")
     else:  # no tracker (e.g. NVIDIA's 345M zip holds only release/): a single release or iteration dir
         found = sorted(p.name for p in source.iterdir()
-                       if p.is_dir() and (p.name == RELEASE or _ITER_DIR.match(p.name)))
+                       if p.is_dir() and (p.name == MEGATRON_RELEASE or _ITER_DIR.match(p.name)))
         if len(found) > 1:
             raise ConvertError(f"{source} holds {len(found)} checkpoints ({', '.join(found[:3])}, ...) and no "
-                               f"{TRACKER}; pass one of them")
+                               f"{MEGATRON_TRACKER}; pass one of them")
         source = source / found[0] if found else source
     names = sorted(p.name for p in source.iterdir() if p.is_dir())
     if any(_PP_RANK_DIR.match(n) for n in names):
@@ -165,7 +163,7 @@ def find_shards(source: Path) -> list[Path]:
         hint = (" (a distributed torch_dist checkpoint: save it with --ckpt-format torch)"
                 if (source / ".metadata").exists() or (source / "common.pt").exists() else "")
         raise ConvertError(f"{source} holds no mp_rank_XX directories{hint}; pass a Megatron checkpoint "
-                           f"directory (with {TRACKER}), an iteration directory or a {SHARD_FILE}")
+                           f"directory (with {MEGATRON_TRACKER}), an iteration directory or a {SHARD_FILE}")
     if ranks != list(range(len(ranks))):
         missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
         raise ConvertError(f"{source} has mismatched shards: mp_rank_{missing[0]:02d} is missing among "
@@ -310,6 +308,10 @@ def _merge(shards: list[dict[str, torch.Tensor]], names, version, heads: int, pa
             elif dim is None or tp == 1:
                 if any(p.shape != parts[0].shape for p in parts):
                     raise RuntimeError(f"shapes {[tuple(p.shape) for p in parts]}")
+                for path, part in zip(paths[1:], parts[1:]):
+                    if not torch.equal(part, parts[0]):  # replicated over TP: one tensor in every shard
+                        raise ConvertError(f"{src} differs between {paths[0]} and {path}, but every TP shard holds "
+                                           f"the same copy of it; the shards come from different models or steps")
                 full[dst] = parts[0]
             else:
                 full[dst] = torch.cat(parts, dim=dim)
@@ -365,9 +367,9 @@ def read_megatron(source: str | os.PathLike, *, num_heads: int | None = None, vo
                            f"right --num-heads")
     full = _merge(flats, names, version, heads, paths)
     cfg = _config(full, args, heads, vocab_size, len(layers), binary_head, path)
-    full["word_embeddings.weight"] = full["word_embeddings.weight"][: cfg.vocab_size]
-    full["mlm_bias"] = full["mlm_bias"][: cfg.vocab_size]
-    _check_tensors(full, full_shapes(cfg), path, path, cfg)
+    for name in VOCAB_PARAMS:
+        full[name] = full[name][: cfg.vocab_size]
+    check_tensors(full, full_shapes(cfg), path, path, cfg)
     return full, cfg
 
 
@@ -397,12 +399,17 @@ def _config(full, args, heads, vocab_size, num_layers, binary_head, path: Path) 
     if saved_padded is not None and saved_padded != padded:
         raise ConvertError(f"{path}: args.padded_vocab_size={saved_padded} but the word embeddings have {padded} "
                            f"rows; the shards are mismatched")
+    saved = _arg(args, "vocab_size")  # the size before padding, where the checkpoint records it
+    recorded = saved if isinstance(saved, int) and 0 < saved <= padded else None
     if vocab_size is None:
-        saved = _arg(args, "vocab_size")  # the size before padding, where the checkpoint records it
-        vocab_size = saved if isinstance(saved, int) and 0 < saved <= padded else padded
+        vocab_size = recorded or padded
     if not 0 < vocab_size <= padded:
         raise ConvertError(f"--vocab-size {vocab_size} must be in 1..{padded} (the checkpoint's padded "
                            f"vocabulary)")
+    if recorded is not None and vocab_size < recorded:  # allowed (a smaller tokenizer), never silent
+        print(f"mbert-convert: note: --vocab-size {vocab_size} keeps the first {vocab_size} of the "
+              f"{recorded} vocabulary rows the checkpoint records (args.vocab_size); the other "
+              f"{recorded - vocab_size} are dropped", file=sys.stderr, flush=True)
     for name, value in (("hidden_size", hidden), ("num_layers", num_layers),
                         ("ffn_hidden_size", full["layers.0.mlp.fc1.weight"].shape[0]),
                         ("max_position_embeddings", full["position_embeddings.weight"].shape[0])):
@@ -431,7 +438,7 @@ def from_megatron(source: str | os.PathLike, out_dir: str | os.PathLike, tp: int
         raise ConvertError(f"--tp {tp} must be >= 1 (the tensor-parallel degree to shard for)")
     check_out_dir(out_dir, overwrite=overwrite, inputs=(source,))
     full, cfg = read_megatron(source, num_heads=num_heads, vocab_size=vocab_size)
-    _check_tp(cfg, tp, source)
+    check_tp(cfg, tp, source)
     return write_model_dir(full, cfg, out_dir, tp, overwrite=overwrite), cfg
 
 
@@ -456,12 +463,9 @@ def megatron_args(cfg: ModelConfig, tp: int, tokenizer_type: str) -> argparse.Na
 def megatron_shard(full: dict[str, torch.Tensor], cfg: ModelConfig, tp: int, rank: int, dtype: torch.dtype) -> dict:
     """TP rank `rank`'s {'model': ...} in checkpoint_version 3.0 layout and Megatron's key order
     (layers first, then final_layernorm; QKV weight before bias)."""
-    pad = padded_vocab_size(cfg.vocab_size, tp) - cfg.vocab_size
     flat = {}
     for src, (dst, dim) in name_map(cfg.num_layers, binary_head=cfg.binary_head).items():
-        tensor = full[dst]
-        if dst in ("word_embeddings.weight", "mlm_bias") and pad:
-            tensor = torch.cat([tensor, tensor.new_zeros((pad, *tensor.shape[1:]))])
+        tensor = pad_vocab(full[dst], cfg.vocab_size, tp) if dst in VOCAB_PARAMS else full[dst]
         if dim == -1:
             blocks = tensor.reshape(3, cfg.hidden_size, *tensor.shape[1:]).chunk(tp, dim=1)[rank]
             tensor = blocks_to_qkv(blocks, cfg.num_heads // tp)
@@ -492,61 +496,15 @@ def to_megatron(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int
     inputs = (ckpt_dir,) if not ckpt_dir.is_dir() else (ckpt_dir, resolve_model_dir(ckpt_dir))
     check_out_dir(out_dir, overwrite=overwrite, inputs=inputs)
     full, cfg = load_model_dir(inputs[-1])
-    _check_tp(cfg, tp, inputs[-1])
+    check_tp(cfg, tp, inputs[-1])
     args = megatron_args(cfg, tp, tokenizer_type)
-    with _staged_output(out_dir, overwrite=overwrite) as staging:
+    with staged_output(out_dir, overwrite=overwrite) as staging:
         for rank in range(tp):
-            shard_dir = staging / RELEASE / f"mp_rank_{rank:02d}"
+            shard_dir = staging / MEGATRON_RELEASE / f"mp_rank_{rank:02d}"
             shard_dir.mkdir(parents=True)
             state = {"model": megatron_shard(full, cfg, tp, rank, DTYPES[dtype]), "checkpoint_version": WRITE_VERSION,
                      "args": args, "iteration": 0}
             torch.save(state, shard_dir / SHARD_FILE)
-        (staging / TRACKER).write_text(RELEASE + "\n")
-        _write_marker(staging, "megatron")
+        (staging / MEGATRON_TRACKER).write_text(MEGATRON_RELEASE + "\n")
+        write_marker(staging, "megatron")
     return out_dir
-
-
-# ---- command line ---------------------------------------------------------------------------
-
-def add_parsers(sub) -> None:
-    """The from-megatron / to-megatron subcommands of `mbert-convert`."""
-    p = sub.add_parser("from-megatron", help="Megatron-LM BERT checkpoint (legacy torch format) -> mbert-train "
-                                             "model directory with TP shards",
-                       description="Read a Megatron-LM BERT checkpoint at any TP degree (DIR with "
-                                   f"{TRACKER}, an iter_XXXXXXX/release directory, or one {SHARD_FILE}, e.g. "
-                                   "NVIDIA's MegatronBERT 345M) and write OUT_DIR/model_config.json + "
-                                   "model_tpRR-of-NN.safetensors.")
-    p.add_argument("megatron_dir", metavar="MEGATRON_DIR", help="Megatron checkpoint directory or file")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="model directory to create (trainer.init_from)")
-    p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel degree to shard for (default: 1)")
-    p.add_argument("--vocab-size", type=int, default=None, metavar="V",
-                   help="keep the first V vocabulary rows (your tokenizer's size); default: args.vocab_size if "
-                        "recorded, else the whole padded vocabulary, as Megatron's model computes it")
-    p.add_argument("--num-heads", type=int, default=None, metavar="N",
-                   help="attention heads, for checkpoints without args (default: hidden_size/64, as in "
-                        "NVIDIA's 345M)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
-    p = sub.add_parser("to-megatron", help="mbert-train model/checkpoint/run directory -> Megatron-LM checkpoint",
-                       description="Write OUT_DIR/latest_checkpointed_iteration.txt ('release') and "
-                                   f"OUT_DIR/release/mp_rank_XX/{SHARD_FILE} (checkpoint_version 3.0) for "
-                                   "Megatron-LM's legacy BERT; load it there with --load OUT_DIR (add --finetune "
-                                   "if your args differ).")
-    p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="a model dir, checkpoint step dir or run dir")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="Megatron checkpoint directory to create")
-    p.add_argument("--tp", type=int, default=1, metavar="N", help="Megatron tensor-parallel size (default: 1)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default: float32)")
-    p.add_argument("--tokenizer-type", default="BertWordPieceLowerCase",
-                   help="args.tokenizer_type recorded for Megatron (default: BertWordPieceLowerCase)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
-
-
-def run(args: argparse.Namespace) -> None:
-    if args.command == "from-megatron":
-        out, cfg = from_megatron(args.megatron_dir, args.out_dir, args.tp, num_heads=args.num_heads,
-                                 vocab_size=args.vocab_size, overwrite=args.overwrite)
-        print(f"wrote {out} (tensor_parallel={args.tp}, vocab_size={cfg.vocab_size}, layer_norm_eps="
-              f"{cfg.layer_norm_eps}); train from it with trainer.init_from={out}")
-    else:
-        out = to_megatron(args.ckpt_dir, args.out_dir, args.tp, dtype=args.dtype, tokenizer_type=args.tokenizer_type,
-                          overwrite=args.overwrite)
-        print(f"wrote {out} (Megatron-LM, tensor_model_parallel_size={args.tp}); load it with --load {out}")
