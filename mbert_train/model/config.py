@@ -1,4 +1,5 @@
-"""Model hyper-parameters, mirrored one-to-one with `transformers.MegatronBertConfig`."""
+"""Model hyper-parameters, mirrored one-to-one with `transformers.MegatronBertConfig` (and, for
+`arch=modernbert`, with `transformers.ModernBertConfig`: model/modernbert_hf.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ _HF_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_layer
             "attention_dropout": "attention_probs_dropout_prob", "initializer_range": "initializer_range",
             "pad_token_id": "pad_token_id"}
 _HF_REQUIRED = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size")
+ARCHS = ("megatron_bert", "modernbert")
 
 
 def _type_problem(kind: str, value: Any) -> str | None:
@@ -32,7 +34,7 @@ def _type_problem(kind: str, value: Any) -> str | None:
 
 @dataclass
 class ModelConfig:
-    """Shape and regularisation of a MegatronBERT encoder with its pretraining heads."""
+    """Shape and regularisation of a MegatronBERT (or ModernBERT) encoder with its pretraining heads."""
 
     vocab_size: int | None = None
     """Real vocabulary size (the tokenizer's); the embedding is padded beyond it for TP. None (every
@@ -67,6 +69,18 @@ class ModelConfig:
     """Id of [PAD]; its embedding row starts at zero as in the reference."""
     binary_head: bool = True
     """Pooler + NSP/SOP head; False gives the MLM-only (RoBERTa-style) model."""
+    arch: str = "megatron_bert"
+    """Model family: `megatron_bert` (this class's other fields) or `modernbert` (Warner et al.
+    2024, `transformers.ModernBertForMaskedLM`: RoPE, GeGLU, alternating global and sliding-window
+    attention, no biases; `hidden_dropout` is its embedding and MLP dropout; MLM only)."""
+    global_attn_every_n_layers: int = 3
+    """modernbert: layer i attends globally where i % n == 0, else within the local window."""
+    local_attention: int = 128
+    """modernbert: width of the sliding window; a token sees the tokens at most half of it away."""
+    global_rope_theta: float = 160_000.0
+    """modernbert: RoPE base of the global layers."""
+    local_rope_theta: float = 10_000.0
+    """modernbert: RoPE base of the sliding-window layers."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -91,16 +105,39 @@ class ModelConfig:
             raise ValueError(f"model.layer_norm_eps={self.layer_norm_eps} must be > 0")
         if self.initializer_range < 0:
             raise ValueError(f"model.initializer_range={self.initializer_range} must be >= 0")
+        if self.arch not in ARCHS:
+            raise ValueError(f"model.arch={self.arch!r} is not a model family; choose one of {', '.join(ARCHS)}")
+        if self.arch == "modernbert":
+            self._check_modernbert()
         if not 0 <= self.pad_token_id < (self.vocab_size or self.pad_token_id + 1):
             raise ValueError(f"model.pad_token_id={self.pad_token_id} must be a token id below model.vocab_size="
                              f"{self.vocab_size}")
+
+    def _check_modernbert(self) -> None:
+        if self.binary_head:
+            raise ValueError("model.arch=modernbert has no NSP/SOP head; set model.binary_head=false "
+                             "(and data.objective=none)")
+        if self.head_dim % 2:
+            raise ValueError(f"model.arch=modernbert rotates pairs of dimensions (RoPE), but hidden_size/num_heads="
+                             f"{self.head_dim} is odd; choose an even head size")
+        for name in ("global_attn_every_n_layers", "local_attention", "global_rope_theta", "local_rope_theta"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
+        if self.local_attention % 2:
+            raise ValueError(f"model.local_attention={self.local_attention} must be even (a window of "
+                             f"+-local_attention/2 tokens)")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The `config.json` of the equivalent `MegatronBertForPreTraining`."""
+        """The `config.json` of the equivalent `MegatronBertForPreTraining` (or
+        `ModernBertForMaskedLM`)."""
+        if self.arch == "modernbert":
+            from mbert_train.model.modernbert_hf import hf_config
+
+            return hf_config(self)
         return {
             "architectures": ["MegatronBertForPreTraining"],
             "model_type": "megatron-bert",
@@ -124,6 +161,10 @@ class ModelConfig:
     def from_hf_dict(cls, hf: dict[str, Any]) -> "ModelConfig":
         """From a `config.json`; a missing required key raises KeyError, a wrong type ValueError
         naming the config.json key."""
+        if hf.get("model_type") == "modernbert":
+            from mbert_train.model.modernbert_hf import config_from_hf
+
+            return config_from_hf(hf)
         act = hf.get("hidden_act", "gelu")
         if act != "gelu":
             raise ValueError(f"config.json hidden_act={act!r} is not supported; only 'gelu' (exact erf GELU)")

@@ -20,8 +20,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from mbert_train.arithmetic import padded_vocab_size
-from mbert_train.model.bert import MegatronBert
 from mbert_train.model.config import ModelConfig
+from mbert_train.model.factory import build_model
 from mbert_train.parallel.layers import shard, sharding, unshard
 from mbert_train.parallel.mappings import group_rank, group_size
 from mbert_train.staging import process_umask
@@ -35,10 +35,10 @@ def shard_spec(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     return {n: (sh.dim, sh.stride) for n, p in model.named_parameters() if (sh := sharding(p)).sharded}
 
 
-def template(cfg: ModelConfig) -> MegatronBert:
+def template(cfg: ModelConfig) -> torch.nn.Module:
     """A TP=1 model on the meta device: names, shapes and partition attributes, no memory."""
     with torch.device("meta"):
-        return MegatronBert(cfg)
+        return build_model(cfg)
 
 
 def full_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:

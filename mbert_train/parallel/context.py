@@ -76,17 +76,31 @@ class TPContext:
                 return F.dropout(x, p, True)
         return apply_keep(x, local_dropout_keep(tuple(x.shape), p, self.group, x.device), p)
 
+    def sharded_dropout(self, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+        """Dropout on an activation split along its last dim over the group (a column-parallel
+        output): each rank draws its own mask from its stream, or in the invariant mode keeps its
+        slice of the whole tensor's mask, which is then the mask at any TP degree."""
+        if not training or p == 0:
+            return x
+        if self.invariant_dropout:
+            return apply_keep(x, sharded_keep_mask(tuple(x.shape), p, x.dim() - 1, self.group, x.device), p)
+        if x.is_cuda:
+            with sharded_cuda_rng(x.device, self.group):
+                return F.dropout(x, p, True)
+        return apply_keep(x, local_dropout_keep(tuple(x.shape), p, self.group, x.device), p)
+
 
 class LayerNorm(torch.nn.LayerNorm):
     """nn.LayerNorm (same parameter names) that, under sequence parallelism, sums its gradients
     over the TP group: each rank normalises only its chunk of the sequence."""
 
-    def __init__(self, hidden: int, eps: float, tp: TPContext):
-        super().__init__(hidden, eps=eps)
+    def __init__(self, hidden: int, eps: float, tp: TPContext, *, bias: bool = True):
+        super().__init__(hidden, eps=eps, bias=bias)
         self.tp = tp
         if tp.sp:
-            self.weight.sequence_parallel = self.bias.sequence_parallel = True
+            for p in self.parameters():
+                p.sequence_parallel = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.normalized_shape, self.tp.replicated_param(self.weight),
-                            self.tp.replicated_param(self.bias), self.eps)
+        bias = None if self.bias is None else self.tp.replicated_param(self.bias)
+        return F.layer_norm(x, self.normalized_shape, self.tp.replicated_param(self.weight), bias, self.eps)

@@ -1,0 +1,322 @@
+"""ModernBERT (Warner et al. 2024): numerically `transformers.ModernBertForMaskedLM`, built from
+the same column-, row- and vocab-parallel layers as MegatronBERT (bert.py).
+
+What differs from bert.py: no position table, rotary embeddings on queries and keys (one RoPE base
+for global layers, another for local ones); layer i attends globally where i %
+`global_attn_every_n_layers` == 0 and otherwise within +-`local_attention`/2 tokens (the window is
+a mask on the local heads); a GeGLU MLP; LayerNorms without bias, one after the embedding and none
+before the first layer's attention; no biases but the decoder's; the MLM head only.
+
+With no tensor-parallel group (or a group of one) every layer is the plain dense layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mbert_train.arithmetic import padded_vocab_size
+from mbert_train.batch import IGNORE_INDEX
+from mbert_train.model.attention import Packing
+from mbert_train.model.bert import PretrainOutput, read_mask, read_positions
+from mbert_train.model.config import ModelConfig
+from mbert_train.model.rotary import apply_rope, rope_tables
+from mbert_train.parallel.context import LayerNorm, TPContext
+from mbert_train.parallel.cross_entropy import (
+    vocab_parallel_argmax,
+    vocab_parallel_cross_entropy,
+)
+from mbert_train.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    mark_sharded,
+)
+from mbert_train.parallel.mappings import (
+    copy_to_tp,
+    gather_from_tp,
+    gather_seq_replicated,
+)
+from mbert_train.parallel.random import (
+    apply_keep,
+    keep_bytes_from_seeds,
+    replicated_seed,
+    sharded_cuda_rng,
+)
+
+INIT_CUTOFF = 2.0
+"""`ModernBertConfig.initializer_cutoff_factor`: weights are normal, truncated at 2 std."""
+
+
+def trunc_init(std: float):
+    return lambda w: nn.init.trunc_normal_(w, 0.0, std, -INIT_CUTOFF * std, INIT_CUTOFF * std)
+
+
+def is_global(cfg: ModelConfig, layer: int) -> bool:
+    return layer % cfg.global_attn_every_n_layers == 0
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """What every layer's attention reads, built once per batch."""
+
+    masks: dict[str, torch.Tensor | None]
+    """Per layer kind ("global", "local") on the padded layout, True = attend: global (b, 1, 1, s)
+    or None (no padding); local (b|1, 1, s, s)."""
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    """Per layer kind, cos and sin (1, s|T, d) of the positions of the tokens the layers hold."""
+    packing: Packing | None = None
+
+
+def attention_inputs(cfg: ModelConfig, s: int, attention_mask: torch.Tensor | None, positions: torch.Tensor,
+                     packing: Packing | None) -> AttentionInputs:
+    """The masks for a batch of length `s` (padding from `attention_mask` or `packing`) and the RoPE
+    tables of `positions` (1, s|T)."""
+    device = positions.device
+    if packing is not None:
+        real = packing.attention_mask.view(packing.batch, s)
+    else:
+        real = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+    pos = torch.arange(s, device=device)
+    window = (pos[:, None] - pos[None, :]).abs() <= cfg.local_attention // 2  # (s, s)
+    if real is None:
+        masks = {"global": None, "local": window[None, None]}
+    else:
+        # A padding query's window may hold padding only: it also sees itself, so that no row of
+        # the softmax is empty (nobody reads its output; real queries never see a padding key).
+        local = (window & real[:, None, None, :]) | torch.eye(s, dtype=torch.bool, device=device)
+        masks = {"global": real[:, None, None, :], "local": local}
+    rope = {"global": rope_tables(positions, cfg.head_dim, cfg.global_rope_theta),
+            "local": rope_tables(positions, cfg.head_dim, cfg.local_rope_theta)}
+    return AttentionInputs(masks, rope, packing)
+
+
+def dropped_attention(q, k, v, mask: torch.Tensor | None, p: float, heads_total: int, head_offset: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) with dropout p, times v; q (b, n, sq, d), k and v (b, n, sk, d).
+    Each (sample, global head) draws its mask from a generator seeded with one replicated draw +
+    sample * heads_total + global head, as attention.py's blockwise path does: the masks do not
+    depend on the TP degree, and recomputation under activation checkpointing redraws them. It keeps
+    the (b, n, sq, sk) probabilities: the published models train without attention dropout."""
+    b, n, sq, d = q.shape
+    scores = torch.matmul(q, k.transpose(-1, -2)) * d ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+    base = replicated_seed()
+    seeds = [base + i * heads_total + head_offset + h for i in range(b) for h in range(n)]
+    keep = keep_bytes_from_seeds(seeds, (b * n, sq, k.shape[2]), p, q.device).view(b, n, sq, -1)
+    return torch.matmul(apply_keep(probs, keep, p), v)
+
+
+class Attention(nn.Module):
+    """Fused QKV split by whole heads (stride 3, as bert.SelfAttention), RoPE on this rank's heads,
+    global or sliding-window attention, then the row-parallel output projection. No biases."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPContext, *, global_attention: bool):
+        super().__init__()
+        self.tp, self.kind = tp, "global" if global_attention else "local"
+        self.local_heads = cfg.num_heads // tp.size
+        self.heads_total, self.head_offset = cfg.num_heads, self.local_heads * tp.rank
+        self.head_dim, self.dropout = cfg.head_dim, cfg.attention_dropout
+        std, h = cfg.initializer_range, cfg.hidden_size
+        # The master weight is [Q; K; V] stacked (3h, h), as transformers' Wqkv.
+        self.qkv = ColumnParallelLinear(h, 3 * h, tp, bias=False, stride=3, init=trunc_init(std))
+        self.out = RowParallelLinear(h, h, tp, bias=False, init=trunc_init(std / math.sqrt(2 * cfg.num_layers)))
+
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(b, s, h) -> (b, s, h); with `rows` (b, m) only those queries: (b, m, h). Under sequence
+        parallelism x and the output are this rank's chunk (b, s/tp, h). Packed (`inputs.packing`),
+        x is the real tokens (1, T, h) and `rows` (1, M) packed positions."""
+        qkv = self.qkv(x)  # (b, s, 3h/tp): the whole sequence, gathered under SP
+        b, s, _ = qkv.shape
+        qkv = qkv.view(b, s, 3, self.local_heads, self.head_dim)  # (b, s, 3, n/tp, d)
+        cos, sin = inputs.rope[self.kind]
+        q, k, v = apply_rope(qkv[:, :, 0], cos, sin), apply_rope(qkv[:, :, 1], cos, sin), qkv[:, :, 2]
+        mask, packing = inputs.masks[self.kind], inputs.packing
+        if packing is not None:
+            # SDPA has no variable-length form: the padded layout, whose masks keep samples apart
+            # (and windows inside them); then the real tokens' (or the read positions') rows.
+            q, k, v = (packing.unpack(t[0]) for t in (q, k, v))  # (b, s, n/tp, d)
+        elif rows is not None:  # keys and values stay over all s positions
+            q = q.gather(1, rows[:, :, None, None].expand(-1, -1, *q.shape[2:]))  # (b, m, n/tp, d)
+            if mask is not None and mask.shape[2] > 1:
+                mask = mask.expand(b, -1, -1, -1).gather(2, rows[:, None, :, None].expand(-1, 1, -1, mask.shape[3]))
+        ctx = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2)
+        if packing is not None:
+            keep = packing.index if rows is None else packing.index[rows[0]]
+            ctx = ctx.flatten(0, 1).index_select(0, keep)[None]  # (1, T|M, n/tp, d)
+        return self.out(ctx.reshape(*ctx.shape[:2], self.local_heads * self.head_dim))
+
+    def _attend(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+        """(b, n/tp, sq, d) context of this rank's heads."""
+        p = self.dropout if self.training else 0.0
+        if p == 0:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if q.is_cuda and not self.tp.invariant_dropout:  # fused, on this TP rank's stream
+            with sharded_cuda_rng(q.device, self.tp.group):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return dropped_attention(q, k, v, mask, p, self.heads_total, self.head_offset)
+
+
+class GeGLU(nn.Module):
+    """out(drop(gelu(x W_in) * x W_gate)), transformers' ModernBertMLP. Its input projection's
+    master weight is [W_in; W_gate] (2I, h) and stride 2 splits each half alike: rank r holds
+    the matching slices r of both, so it pairs them without communication."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPContext):
+        super().__init__()
+        self.tp, self.dropout = tp, cfg.hidden_dropout
+        std, h, inter = cfg.initializer_range, cfg.hidden_size, cfg.intermediate_size
+        self.fc1 = ColumnParallelLinear(h, 2 * inter, tp, bias=False, stride=2, init=trunc_init(std))
+        self.fc2 = RowParallelLinear(inter, h, tp, bias=False, init=trunc_init(std / math.sqrt(2 * cfg.num_layers)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act, gate = self.fc1(x).chunk(2, dim=-1)  # each (b, s, I/tp)
+        return self.fc2(self.tp.sharded_dropout(F.gelu(act) * gate, self.dropout, self.training))
+
+
+class Layer(nn.Module):
+    """Pre-LN: x + Drop(Attn(LN(x))), then x + MLP(LN(x)) (transformers' ModernBertEncoderLayer:
+    the attention dropout also drops the output projection's; the MLP's is inside it). Layer 0
+    reads the embedding's LayerNorm directly. Under sequence parallelism the LayerNorms, dropout and
+    residuals run on this rank's chunk of the sequence."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPContext, index: int):
+        super().__init__()
+        self.tp, self.dropout = tp, cfg.attention_dropout
+        h, eps = cfg.hidden_size, cfg.layer_norm_eps
+        self.attn_norm = LayerNorm(h, eps, tp, bias=False) if index > 0 else nn.Identity()
+        self.attn = Attention(cfg, tp, global_attention=is_global(cfg, index))
+        self.mlp_norm = LayerNorm(h, eps, tp, bias=False)
+        self.mlp = GeGLU(cfg, tp)
+
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs, rows: torch.Tensor | None = None) -> torch.Tensor:
+        attn = self.attn(self.attn_norm(x), inputs, rows)
+        if rows is not None:
+            x = x.gather(1, rows[..., None].expand(*rows.shape, x.shape[-1]))  # (b, m, h)
+        x = x + self.tp.hidden_dropout(attn, self.dropout, self.training)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class ModernBert(nn.Module):
+    """Encoder + MLM head (decoder tied to the word embeddings, with a bias). The interface of
+    `MegatronBert`: `tp` a `TPContext` (or a bare group, or None); `mlm_masked_only` runs the head,
+    and the last layer, on [CLS] and the masked positions only (the loss is the same); `unpad` runs
+    batches with padding packed. Under sequence parallelism every layer but the last runs on this
+    rank's chunk of the sequence; the chunks are gathered before the last."""
+
+    def __init__(self, cfg: ModelConfig, tp=None, *, activation_checkpointing: bool = False,
+                 mlm_masked_only: bool = True, unpad: bool = True):
+        super().__init__()
+        if cfg.arch != "modernbert":
+            raise ValueError(f"ModernBert needs model.arch=modernbert, not {cfg.arch!r}")
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size is unset; it is taken from the dataset's tokenizer "
+                             "(mbert_train.data.resolve_vocab) before the model is built")
+        if not isinstance(tp, TPContext):
+            tp = TPContext(tp, invariant_dropout=cfg.tp_invariant_dropout)
+        self.cfg, self.tp, self.group = cfg, tp, tp.group
+        self.activation_checkpointing, self.mlm_masked_only, self.unpad = activation_checkpointing, mlm_masked_only, unpad
+        self.padded_vocab = padded_vocab_size(cfg.vocab_size, tp.size)
+        h, eps, std, n = cfg.hidden_size, cfg.layer_norm_eps, cfg.initializer_range, cfg.num_layers
+        self.word_embeddings = VocabParallelEmbedding(self.padded_vocab, h, tp, real_vocab=cfg.vocab_size,
+                                                      padding_idx=cfg.pad_token_id, init=trunc_init(std))
+        self.embedding_norm = LayerNorm(h, eps, tp, bias=False)
+        self.layers = nn.ModuleList(Layer(cfg, tp if i < n - 1 else tp.without_sp(), i) for i in range(n))
+        self.final_norm = nn.LayerNorm(h, eps=eps, bias=False)
+        self.mlm_dense = nn.Linear(h, h, bias=False)
+        trunc_init(std / math.sqrt(2 * n))(self.mlm_dense.weight)
+        self.mlm_norm = nn.LayerNorm(h, eps=eps, bias=False)
+        self.mlm_bias = mark_sharded(nn.Parameter(torch.zeros(self.padded_vocab // tp.size)), 0)
+
+    def compile_layers(self) -> None:
+        raise NotImplementedError("trainer.compile=true is not supported for model.arch=modernbert yet; "
+                                  "set trainer.compile=false")
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               rows: torch.Tensor | None = None, packing: Packing | None = None) -> torch.Tensor:
+        """Final hidden states (b, s, h); with `rows` (b, m) only at those positions (b, m, h), the
+        last layer then running its queries, MLP and LayerNorms there alone (as in bert.py). With a
+        `packing` the layers run on the real tokens (1, T, h), RoPE positions restart with every
+        sample, `rows` (1, M) are packed positions, and the result is (1, T|M, h)."""
+        s = input_ids.shape[1]
+        tp = self.tp
+        positions = torch.arange(s, device=input_ids.device)[None]
+        if packing is not None:
+            if tp.sp:
+                raise ValueError("packed batches do not combine with sequence parallelism")
+            input_ids = input_ids.reshape(-1)[packing.index][None]
+            positions = (packing.index % s)[None]  # (1, T): a sample's tokens sit at [0, length) of its row
+        elif tp.sp and s % tp.size:
+            raise ValueError(f"sequence length {s} is not divisible by TP={tp.size}, which sequence "
+                             f"parallelism needs; pad batches to a multiple of it (data.pad_to_multiple_of)")
+        x = self.word_embeddings(input_ids)  # (b, s, h); (b, s/tp, h) under SP; (1, T, h) packed
+        x = tp.hidden_dropout(self.embedding_norm(x), self.cfg.hidden_dropout, self.training)
+        inputs = attention_inputs(self.cfg, s, attention_mask, positions, packing)
+        for i, layer in enumerate(self.layers):
+            last = i == len(self.layers) - 1
+            if tp.sp and last:
+                x = gather_seq_replicated(x, tp.group)  # (b, s, h) on every rank
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, inputs, rows if last else None, use_reentrant=False)
+            else:
+                x = layer(x, inputs, rows if last else None)
+        return self.final_norm(x)
+
+    def _packs(self, attention_mask: torch.Tensor | None) -> bool:
+        """Whether this batch runs packed: it has padding, and neither sequence parallelism nor
+        TP-invariant dropout (whose masks are those of the padded tensors) is on."""
+        tp = self.tp
+        return (self.unpad and attention_mask is not None and not tp.sp and not tp.invariant_dropout
+                and not bool(attention_mask.all()))
+
+    def mlm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocab-shard logits (..., V_pad/tp); the decoder is tied to the word embeddings."""
+        hidden = self.mlm_norm(F.gelu(self.mlm_dense(hidden)))
+        return F.linear(copy_to_tp(hidden, self.group), self.word_embeddings.weight, self.mlm_bias)
+
+    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Full-vocab logits (..., V) from shards; for tests and export, not the training path."""
+        return gather_from_tp(logits, self.group)[..., : self.cfg.vocab_size]
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None,
+                nsp_labels: torch.Tensor | None = None) -> PretrainOutput:
+        """`token_type_ids` are ignored (ModernBERT has none); there is no NSP head."""
+        if nsp_labels is not None:
+            raise ValueError("model.arch=modernbert has no NSP/SOP head; use data.objective=none")
+        out = PretrainOutput()
+        if mlm_labels is not None and self.mlm_masked_only:
+            if self._packs(attention_mask):  # the layers run on the real tokens only
+                read = read_mask(mlm_labels)
+                packing, rows = Packing.from_masks(attention_mask, read)  # rows (1, M): packed read positions
+                hidden = self.encode(input_ids, attention_mask, rows, packing)[0]  # (M, h)
+                labels = mlm_labels[read & attention_mask.bool()]  # (M,) sample after sample
+            else:
+                rows = read_positions(mlm_labels)  # (b, m): [CLS] first, then the masked positions
+                hidden = self.encode(input_ids, attention_mask, rows)  # (b, m, h)
+                labels = mlm_labels.gather(1, rows)
+            selected = labels != IGNORE_INDEX
+            out.mlm_logits = self.mlm_head(hidden[selected])  # (n_masked, V_pad/tp)
+            logits_flat, targets = out.mlm_logits, labels[selected]
+        else:
+            hidden = self.encode(input_ids, attention_mask)  # (b, s, h)
+            out.mlm_logits = self.mlm_head(hidden)  # (b, s, V_pad/tp)
+            if mlm_labels is None:
+                return out
+            selected = (mlm_labels != IGNORE_INDEX).view(-1)
+            logits_flat = out.mlm_logits.view(-1, out.mlm_logits.shape[-1])[selected]
+            targets = mlm_labels.view(-1)[selected]
+        count = targets.numel()
+        per_token = vocab_parallel_cross_entropy(logits_flat, targets, self.cfg.vocab_size, self.group)
+        out.loss = out.mlm_loss = per_token.sum() / max(count, 1)
+        with torch.no_grad():
+            pred = vocab_parallel_argmax(logits_flat.detach(), self.cfg.vocab_size, self.group)
+            out.mlm_correct = (pred == targets).sum()
+            out.mlm_count = torch.tensor(count, device=hidden.device)
+        return out

@@ -1,0 +1,250 @@
+"""model.arch=modernbert: our ModernBert at TP=1, 2, 4 (sequence parallelism on and off; padded and
+packed batches) is `transformers.ModernBertForMaskedLM`, forward and backward, at a length above
+the local window; its sparse head (masked positions only) gives the reference's dense loss."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+from mbert_train.config import compose_config
+from mbert_train.model import ModelConfig, ModernBert, build_model
+from mbert_train.model.modernbert_hf import (
+    config_from_hf,
+    full_to_hf,
+    hf_config,
+    hf_to_full,
+)
+from mbert_train.model.weights import full_shapes, full_state_dict, shard_state_dict
+from mbert_train.parallel.context import TPContext
+from tests.dist import spawn
+
+VOCAB = 301  # not a multiple of 128 x TP: exercises vocab padding
+SEQ = 24  # above the local window (+-4 tokens), divisible by TP=2 and 4 for sequence parallelism
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def small_config(dropout: float = 0.0, **changes) -> ModelConfig:
+    """4 layers: global, local, local, global (the presets' last layer is global too)."""
+    return ModelConfig(arch="modernbert", binary_head=False, vocab_size=VOCAB, hidden_size=64, num_layers=4,
+                       num_heads=4, intermediate_size=96, max_position_embeddings=64, layer_norm_eps=1e-5,
+                       initializer_range=0.2, hidden_dropout=dropout, attention_dropout=dropout, pad_token_id=2,
+                       global_attn_every_n_layers=3, local_attention=8, **changes)
+
+
+def reference_model(cfg: ModelConfig) -> ModernBertForMaskedLM:
+    """The reference, with noise on every parameter (at init the norms are the identity and the
+    decoder bias zero, which would hide a dropped affine or a bias added on every TP rank)."""
+    torch.manual_seed(0)
+    hf_cfg = ModernBertConfig(**{k: v for k, v in hf_config(cfg).items() if k != "architectures"},
+                              attn_implementation="eager")
+    model = ModernBertForMaskedLM(hf_cfg).float()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def make_batch(cfg: ModelConfig, lengths=(24, 15, 20, 7)) -> dict:
+    b = len(lengths)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (b, SEQ), generator=g)
+    real = torch.arange(SEQ)[None] < torch.tensor(lengths)[:, None]
+    ids[~real] = cfg.pad_token_id
+    labels = torch.full((b, SEQ), -100)
+    pick = (torch.rand(b, SEQ, generator=g) < 0.3) & real
+    pick[:, 1] = pick[:, SEQ - 1] = True
+    pick &= real
+    labels[pick] = torch.randint(0, cfg.vocab_size, (int(pick.sum()),), generator=g)
+    return {"input_ids": ids, "attention_mask": real.long(), "mlm_labels": labels}
+
+
+def ours_from_reference(ref, cfg, tp, **kw) -> ModernBert:
+    model = build_model(cfg, tp, **kw)
+    model.load_state_dict(shard_state_dict(hf_to_full(ref.state_dict(), cfg), model))
+    return model
+
+
+def grads_as_hf(model: ModernBert) -> dict:
+    return full_to_hf(full_state_dict(model, {n: p.grad for n, p in model.named_parameters()}), model.cfg)
+
+
+def assert_grads_equal(grads: dict, ref_grads: dict, what: str) -> None:
+    assert set(grads) == set(ref_grads), (what, set(grads) ^ set(ref_grads))
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], **TOL, msg=f"{what} {name}")
+
+
+def check_against_reference(tp, cfg: ModelConfig | None = None) -> None:
+    """Dense head, sparse head padded and (without SP) packed: the reference's logits, loss and
+    gradients within 1e-5."""
+    cfg = cfg or small_config()
+    ref = reference_model(cfg)
+    batch = make_batch(cfg)
+    out_ref = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["mlm_labels"])
+    out_ref.loss.backward()
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    real = batch["attention_mask"].bool()
+
+    dense = ours_from_reference(ref, cfg, tp, mlm_masked_only=False)
+    out = dense(**batch)
+    out.loss.backward()
+    torch.testing.assert_close(dense.gather_logits(out.mlm_logits)[real], out_ref.logits[real], **TOL)
+    torch.testing.assert_close(out.loss, out_ref.loss, **TOL)
+    assert_grads_equal(grads_as_hf(dense), ref_grads, "dense head")
+
+    selected = batch["mlm_labels"] != -100
+    ctx = TPContext.of(tp)
+    for unpad in (False, True) if not (ctx.sp or ctx.invariant_dropout) else (False,):
+        sparse = ours_from_reference(ref, cfg, tp, unpad=unpad)
+        seen: list[tuple] = []
+        sparse.layers[0].register_forward_hook(lambda mod, args, out, seen=seen: seen.append(tuple(args[0].shape)))
+        out_s = sparse(**batch)
+        out_s.loss.backward()
+        rows = int(real.sum()) if unpad else SEQ // ctx.size if ctx.sp else SEQ
+        assert seen == [(1 if unpad else 4, rows, cfg.hidden_size)]
+        torch.testing.assert_close(out_s.loss, out_ref.loss, **TOL)
+        torch.testing.assert_close(sparse.gather_logits(out_s.mlm_logits), out_ref.logits[selected], **TOL)
+        assert out_s.mlm_count == int(selected.sum())
+        assert out_s.mlm_correct == (out_ref.logits[selected].argmax(-1) == batch["mlm_labels"][selected]).sum()
+        assert_grads_equal(grads_as_hf(sparse), ref_grads, f"sparse head unpad={unpad}")
+
+
+def dropout_loss(tp, *, checkpointing: bool = False, tp_invariant: bool = True, unpad: bool = True):
+    cfg = small_config(dropout=0.1, tp_invariant_dropout=tp_invariant)
+    if not isinstance(tp, TPContext):
+        tp = TPContext(tp, invariant_dropout=tp_invariant)
+    torch.manual_seed(5)
+    model = ModernBert(cfg, tp, activation_checkpointing=checkpointing, unpad=unpad).train()
+    torch.manual_seed(9)
+    out = model(**make_batch(cfg))
+    out.loss.backward()
+    return out.loss.detach(), full_state_dict(model, {n: p.grad for n, p in model.named_parameters()})
+
+
+def assert_close_grads(a: dict, b: dict, **tol) -> None:
+    for name, g in a.items():
+        torch.testing.assert_close(b[name], g, **tol, msg=name)
+
+
+def check_dropout(group) -> None:
+    """TP-invariant masks: TP=N (SP on and off) drops what TP=1 drops; in both modes recomputation
+    under activation checkpointing redraws the same masks."""
+    loss_tp1, grads_tp1 = dropout_loss(None)
+    for sp in (False, True):
+        loss, grads = dropout_loss(TPContext(group, sequence_parallel=sp, invariant_dropout=True))
+        torch.testing.assert_close(loss, loss_tp1, **TOL)
+        assert_close_grads(grads_tp1, grads, rtol=1e-4, atol=1e-6)
+    for tp_invariant in (True, False):
+        for sp in (False, True) if group is not None else (False,):
+            tp = TPContext(group, sequence_parallel=sp, invariant_dropout=tp_invariant)
+            loss, grads = dropout_loss(tp, tp_invariant=tp_invariant)
+            loss_ckpt, grads_ckpt = dropout_loss(tp, checkpointing=True, tp_invariant=tp_invariant)
+            assert torch.equal(loss_ckpt, loss)
+            assert_close_grads(grads, grads_ckpt, rtol=1e-6, atol=1e-7)
+
+
+def _ranks_main():
+    group = dist.group.WORLD
+    check_against_reference(group)
+    check_against_reference(TPContext(group, sequence_parallel=True))
+    check_dropout(group)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_matches_reference(tp):
+    spawn(_ranks_main, tp)
+
+
+def test_tp1_matches_reference():
+    check_against_reference(None)
+
+
+def test_tp1_last_layer_local_matches_reference():
+    """3 layers: the last one, which runs on the read positions only, is a sliding-window layer."""
+    check_against_reference(None, small_config(num_layers=3))
+
+
+def test_window_and_rope_bases_matter():
+    """The batch is long enough that the window changes the loss, and both RoPE bases are used."""
+    batch = make_batch(small_config())
+    losses = []
+    for changes in ({}, {"local_attention": 64}, {"local_rope_theta": 500.0}, {"global_rope_theta": 500.0}):
+        torch.manual_seed(0)
+        losses.append(ModernBert(small_config(**changes))(**batch).loss.item())
+    assert len(set(losses)) == 4, losses
+
+
+def test_tp1_dropout():
+    check_dropout(None)
+    cfg = small_config(dropout=0.1)
+    torch.manual_seed(5)
+    model = ModernBert(cfg)
+    batch = make_batch(cfg)
+    train_loss = model(**batch).loss
+    model.eval()
+    assert not torch.allclose(train_loss, model(**batch).loss)
+
+
+def test_weights_round_trip():
+    """transformers -> ours (full) -> transformers gives every tensor back (the tied decoder
+    weight is the embedding's); the full form has the shapes the model's template gives."""
+    cfg = small_config()
+    hf = reference_model(cfg).state_dict()
+    full = hf_to_full(hf, cfg)
+    assert {k: v.shape for k, v in full.items()} == full_shapes(cfg)
+    back = full_to_hf(full, cfg)
+    assert set(hf) - set(back) == {"decoder.weight"} and set(back) <= set(hf)
+    for name, tensor in back.items():
+        assert torch.equal(tensor, hf[name]), name
+
+
+def test_config_round_trip_and_hub_config():
+    cfg = small_config()
+    assert config_from_hf(hf_config(cfg)) == cfg
+    # The Hub's config.json (answerdotai/ModernBERT-base) still has the older rope keys.
+    hub = {"model_type": "modernbert", "vocab_size": 50368, "hidden_size": 768, "num_hidden_layers": 22,
+           "num_attention_heads": 12, "intermediate_size": 1152, "global_attn_every_n_layers": 3,
+           "local_attention": 128, "global_rope_theta": 160000.0, "local_rope_theta": 10000.0, "norm_eps": 1e-05,
+           "norm_bias": False, "attention_bias": False, "mlp_bias": False, "pad_token_id": 50283,
+           "max_position_embeddings": 8192, "embedding_dropout": 0.0, "mlp_dropout": 0.0, "attention_dropout": 0.0}
+    got = ModelConfig.from_hf_dict(hub)
+    assert (got.arch, got.num_layers, got.local_rope_theta, got.pad_token_id) == ("modernbert", 22, 1e4, 50283)
+    with pytest.raises(ValueError, match="mlp_bias"):
+        config_from_hf({**hub, "mlp_bias": True})
+
+
+PUBLISHED = {"modernbert-base": (768, 22, 12, 1152), "modernbert-large": (1024, 28, 16, 2624)}
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED))
+def test_presets_are_the_published_configurations(preset):
+    """Composed with Hydra, each preset is transformers' ModernBertConfig of that shape (whose
+    other defaults are the published ones); the vocabulary comes from the dataset."""
+    cfg = compose_config([f"model={preset}", "data.objective=none"]).model
+    assert cfg.vocab_size is None
+    ours = ModernBertConfig(**{k: v for k, v in hf_config(dataclasses.replace(cfg, vocab_size=50368, pad_token_id=50283))
+                               .items() if k != "architectures"})
+    hidden, layers, heads, inter = PUBLISHED[preset]
+    published = ModernBertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                 intermediate_size=inter)
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "layer_types", "rope_parameters", "sliding_window", "local_attention", "norm_eps", "norm_bias",
+                "attention_bias", "mlp_bias", "decoder_bias", "hidden_activation", "classifier_activation",
+                "classifier_bias", "max_position_embeddings", "pad_token_id", "tie_word_embeddings",
+                "embedding_dropout", "attention_dropout", "mlp_dropout", "initializer_range",
+                "initializer_cutoff_factor"):
+        assert getattr(ours, key) == getattr(published, key), key
+    assert published.layer_types[:4] == ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+
+
+def test_modernbert_config_errors():
+    with pytest.raises(ValueError, match="binary_head=false"):
+        ModelConfig(arch="modernbert")
+    with pytest.raises(ValueError, match="model.arch='gpt'"):
+        ModelConfig(arch="gpt")
+    with pytest.raises(ValueError, match="local_attention=7"):
+        small_config(local_attention=7)
