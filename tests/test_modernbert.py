@@ -28,10 +28,11 @@ TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 def small_config(dropout: float = 0.0, **changes) -> ModelConfig:
     """4 layers: global, local, local, global (the presets' last layer is global too)."""
-    return ModelConfig(arch="modernbert", binary_head=False, vocab_size=VOCAB, hidden_size=64, num_layers=4,
-                       num_heads=4, intermediate_size=96, max_position_embeddings=64, layer_norm_eps=1e-5,
-                       initializer_range=0.2, hidden_dropout=dropout, attention_dropout=dropout, pad_token_id=2,
-                       global_attn_every_n_layers=3, local_attention=8, **changes)
+    fields = {"arch": "modernbert", "binary_head": False, "vocab_size": VOCAB, "hidden_size": 64, "num_layers": 4,
+              "num_heads": 4, "intermediate_size": 96, "max_position_embeddings": 64, "layer_norm_eps": 1e-5,
+              "initializer_range": 0.2, "hidden_dropout": dropout, "attention_dropout": dropout, "pad_token_id": 2,
+              "global_attn_every_n_layers": 3, "local_attention": 8}
+    return ModelConfig(**{**fields, **changes})
 
 
 def reference_model(cfg: ModelConfig) -> ModernBertForMaskedLM:
