@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from mbert_train.model.config import ModelConfig
+from mbert_train.model.weights import shard_state_dict
 
 # config.json key of each ModelConfig field that ModernBertConfig has under another name or alone.
 _HF_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
@@ -121,3 +122,9 @@ def full_to_hf(full: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, tor
     """Our full form -> `ModernBertForMaskedLM` names (the tied `decoder.weight` omitted, as
     transformers saves it)."""
     return {theirs: full[ours].contiguous().clone() for ours, theirs in hf_names(cfg).items()}
+
+
+def load_hf_state_dict(model: torch.nn.Module, hf: dict[str, torch.Tensor]) -> None:
+    """Load a `ModernBertForMaskedLM` state dict (whole tensors) into `model`, this rank's shards
+    of it at the model's TP degree (no communication)."""
+    model.load_state_dict(shard_state_dict(hf_to_full(hf, model.cfg), model))
