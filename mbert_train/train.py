@@ -227,7 +227,7 @@ def _train_in(run_dir: Path, cfg: TrainConfig, state, device: torch.device, secr
     from mbert_train.data import build_loaders, open_dataset, resolve_vocab
     from mbert_train.engine import build_engine
     from mbert_train.metrics import MetricsLogger
-    from mbert_train.model import MegatronBert
+    from mbert_train.model import build_model
     from mbert_train.parallel.context import TPContext
     from mbert_train.parallel.random import seed_for_training, training_seed
     from mbert_train.trainer import Trainer, checkpoint_to_evaluate, choose_checkpoint
@@ -255,8 +255,8 @@ def _train_in(run_dir: Path, cfg: TrainConfig, state, device: torch.device, secr
         tp = TPContext(state.tp_group, sequence_parallel=cfg.parallel.sequence_parallel,
                        sp_keep_gathered=cfg.parallel.sp_keep_gathered,
                        invariant_dropout=cfg.model.tp_invariant_dropout)
-        model = MegatronBert(cfg.model, tp, activation_checkpointing=cfg.trainer.activation_checkpointing,
-                             mlm_masked_only=cfg.trainer.mlm_masked_only, unpad=cfg.trainer.unpad)
+        model = build_model(cfg.model, tp, activation_checkpointing=cfg.trainer.activation_checkpointing,
+                            mlm_masked_only=cfg.trainer.mlm_masked_only, unpad=cfg.trainer.unpad)
     if cfg.trainer.compile:
         model.compile_layers()  # the graphs are built by the first step (compile_s)
     seed_for_training(cfg.trainer.seed, state.dp_rank)

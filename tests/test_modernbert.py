@@ -209,6 +209,26 @@ def test_weights_round_trip():
         assert torch.equal(tensor, hf[name]), name
 
 
+def test_export_loads_in_transformers(tmp_path):
+    """The trainer's Hugging Face export of a ModernBert loads as ModernBertForMaskedLM with no
+    missing or unexpected tensors, and computes our logits."""
+    from mbert_train.convert.hf import export_hf
+
+    cfg = small_config()
+    torch.manual_seed(0)
+    ours = ModernBert(cfg, mlm_masked_only=False).eval()
+    export_hf(full_state_dict(ours), cfg, tmp_path / "hf")
+    ref, info = ModernBertForMaskedLM.from_pretrained(tmp_path / "hf", output_loading_info=True,
+                                                      attn_implementation="eager")
+    assert not any(info.values()), info
+    batch = make_batch(cfg)
+    with torch.no_grad():
+        logits = ours.gather_logits(ours(**batch).mlm_logits)
+        ref_logits = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[real], ref_logits[real], **TOL)
+
+
 def test_config_round_trip_and_hub_config():
     cfg = small_config()
     assert config_from_hf(hf_config(cfg)) == cfg

@@ -44,6 +44,7 @@ from mbert_train.data.config import DataConfig
 from mbert_train.data.default_corpus import cached_corpus_dir
 from mbert_train.errors import first_line
 from mbert_train.metrics import METRICS_FILE
+from mbert_train.model import modernbert_hf
 from mbert_train.model.config import ModelConfig
 from mbert_train.model.weights import full_shapes, full_to_hf, hf_to_full
 
@@ -189,7 +190,7 @@ def from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int, *, o
 def hf_config_dict(cfg: ModelConfig) -> dict:
     """config.json for `cfg`; the MLM-only model (no pooler/NSP) loads as MegatronBertForMaskedLM."""
     hf = cfg.to_hf_dict()
-    if not cfg.binary_head:
+    if not cfg.binary_head and cfg.arch == "megatron_bert":
         hf["architectures"] = [HF_MLM_ONLY]
     return hf
 
@@ -205,7 +206,7 @@ def export_hf(full_state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: st
     unknown = sorted(set(files or {}) - set(HF_EXTRA_FILES))
     if unknown:
         raise ValueError(f"export_hf writes only {HF_EXTRA_FILES} besides the weights, not {unknown}")
-    hf = full_to_hf(full_state, cfg)
+    hf = (modernbert_hf.full_to_hf if cfg.arch == "modernbert" else full_to_hf)(full_state, cfg)
     with staged_output(out_dir, overwrite=overwrite) as staging:
         save_file(hf, str(staging / HF_WEIGHTS), metadata={"format": "pt"})
         (staging / HF_CONFIG).write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
@@ -278,6 +279,8 @@ def load_hint(out: Path) -> str:
 
 def hf_class(cfg: ModelConfig) -> str:
     """The transformers class that holds every exported weight."""
+    if cfg.arch != "megatron_bert":
+        return cfg.to_hf_dict()["architectures"][0]
     return "MegatronBertForPreTraining" if cfg.binary_head else HF_MLM_ONLY
 
 

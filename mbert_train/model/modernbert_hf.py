@@ -44,6 +44,9 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": cfg.global_rope_theta},
                             "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_rope_theta}},
         "initializer_cutoff_factor": 2.0,
+        # The published ids (50281, 50282) are the ModernBERT tokenizer's; the model reads none of
+        # them, and the exported tokenizer files carry the run's own.
+        "bos_token_id": None, "eos_token_id": None, "cls_token_id": None, "sep_token_id": None,
         **_HF_FIXED,
     }
 
