@@ -49,10 +49,13 @@ class ParamBreakdown:
     """MLM transform dense + LayerNorm (replicated) and the vocab-parallel decoder bias."""
     nsp_head: int
     """Next-sentence classifier h -> 2; zero without the binary head."""
+    embedding_layernorm: int = 0
+    """LayerNorm after the embedding (ModernBERT's), replicated."""
 
     @property
     def embeddings(self) -> int:
-        return self.word_embeddings + self.position_embeddings + self.token_type_embeddings
+        return (self.word_embeddings + self.position_embeddings + self.token_type_embeddings
+                + self.embedding_layernorm)
 
     @property
     def total(self) -> int:
@@ -72,6 +75,11 @@ def count_parameters(model: ModelConfig, *, tensor_parallel: int = 1,
         raise ValueError(f"tensor_parallel={t} must divide model.num_heads={model.num_heads} and "
                          f"model.intermediate_size={i}")
     vocab = padded_vocab_size(model.vocab_size, t, vocab_multiple)
+    if model.arch == "modernbert":  # no biases but the decoder's; no position or type table
+        return ParamBreakdown(
+            word_embeddings=vocab * h // t, position_embeddings=0, token_type_embeddings=0,
+            layers=sum(_modernbert_layer_parameters(h, i, t, first=k == 0) for k in range(model.num_layers)),
+            final_layernorm=h, pooler=0, mlm_head=h * h + h + vocab // t, nsp_head=0, embedding_layernorm=h)
     return ParamBreakdown(
         word_embeddings=vocab * h // t,
         position_embeddings=model.max_position_embeddings * h,
@@ -90,6 +98,12 @@ def _layer_parameters(h: int, i: int, t: int = 1) -> int:
             + h * h // t + h               # row-parallel out-proj, replicated bias
             + (h * i + i) // t             # column-parallel MLP in
             + i * h // t + h)              # row-parallel MLP out, replicated bias
+
+
+def _modernbert_layer_parameters(h: int, i: int, t: int = 1, *, first: bool = False) -> int:
+    return ((1 if first else 2) * h         # LayerNorms without bias (none before layer 0's attention)
+            + 4 * h * h // t                # column-parallel QKV, row-parallel out-proj
+            + 3 * h * i // t)               # GeGLU: column-parallel in (2I), row-parallel out
 
 
 # ---- FLOPs --------------------------------------------------------------------------------
@@ -121,6 +135,8 @@ def model_flops_per_token(model: ModelConfig, seq_len: int, *, masked_fraction: 
     """
     if not 0.0 < masked_fraction <= 1.0:
         raise ValueError(f"masked_fraction={masked_fraction} must be in (0, 1]")
+    if model.arch == "modernbert":
+        return _modernbert_flops_per_token(model, seq_len, masked_fraction)
     h, i, n, v, s = model.hidden_size, model.intermediate_size, model.num_layers, model.vocab_size, seq_len
     p = count_parameters(model, vocab_multiple=1)
     # Per token, in multiply-adds (x6 below): QK^T and AV are s x h each for a full query row.
@@ -135,6 +151,25 @@ def model_flops_per_token(model: ModelConfig, seq_len: int, *, masked_fraction: 
         forward = (n - 1) * (layer + attention) + last + read * p.final_layernorm + masked_fraction * head
     per_sequence = p.pooler + p.nsp_head
     return 6.0 * (forward + per_sequence / s)
+
+
+def _modernbert_flops_per_token(model: ModelConfig, s: int, masked_fraction: float) -> float:
+    """`model_flops_per_token` of ModernBERT: the same accounting, with each sliding-window layer's
+    QK^T and AV over the keys of its window (at most `local_attention` + 1), as a windowed kernel
+    runs them (SDPA with the window as a mask computes all s keys: that is overhead, not model
+    FLOPs), and no pooler or NSP head."""
+    h, i, n, v = model.hidden_size, model.intermediate_size, model.num_layers, model.vocab_size
+    p = count_parameters(model, vocab_multiple=1)
+    keys = [s if k % model.global_attn_every_n_layers == 0 else min(s, model.local_attention + 1) for k in range(n)]
+    layers = [_modernbert_layer_parameters(h, i, first=k == 0) + 2 * h * keys[k] for k in range(n)]
+    head = p.mlm_head + h * v
+    if masked_fraction == 1.0:
+        forward = sum(layers) + p.final_layernorm + head
+    else:
+        read = min(1.0, masked_fraction + 1.0 / s)  # masked positions and [CLS]
+        qkv = 3 * h * h  # the last layer's fused QKV projection still runs on every token
+        forward = sum(layers[:-1]) + qkv + read * (layers[-1] - qkv + p.final_layernorm) + masked_fraction * head
+    return 6.0 * forward
 
 
 # ---- device peaks -------------------------------------------------------------------------

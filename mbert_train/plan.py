@@ -1,4 +1,5 @@
-"""Per-GPU memory and tensor-parallel traffic of a MegatronBERT layout, and a layout advisor.
+"""Per-GPU memory and tensor-parallel traffic of a MegatronBERT (or ModernBERT) layout, and a
+layout advisor.
 
 Accounting, all per GPU:
 
@@ -145,6 +146,17 @@ def _activation_bytes(model: ModelConfig, *, t: int, b: int, s: int, vocab: int,
     else:
         scores = 4 * a * s * b
     sharded = 4 * e * sbh + 2 * e * s * b * i + scores
+    window_mask = 0
+    if model.arch == "modernbert":
+        # Q and K rotated (RoPE) beside the QKV projection, which V's view keeps (5e sbh), and
+        # the out-proj input; GeGLU keeps its input projection (2I wide), the GELU output and the
+        # product (4e sbI). With attention dropout off the GPU (or TP-invariant) attention is
+        # explicit and keeps the paper's (2e+1) a s^2 b. The sliding-window mask, one bool
+        # (b, s, s) per batch, is shared by every layer.
+        if model.attention_dropout > 0 and model.tp_invariant_dropout:
+            scores = (2 * e + 1) * a * s * s * b
+        sharded = 6 * e * sbh + 4 * e * s * b * i + scores
+        window_mask = b * s * s
     per_layer = replicated + sharded // t
     # Sequence parallelism splits the replicated part too: sbh(10/t + 24/t + as/(ht)), every
     # layer but the last (which runs replicated, on the positions the heads read).
@@ -152,7 +164,7 @@ def _activation_bytes(model: ModelConfig, *, t: int, b: int, s: int, vocab: int,
     # Outside the layers: embedding dropout mask, final-LN input, MLM transform input, GELU
     # and LN inputs, then the vocab-parallel logits and the fp32 softmax that the parallel
     # cross-entropy saves for backward.
-    head = sbh * (1 + 4 * e) + s * b * vocab // t * (e + 4)
+    head = sbh * (1 + 4 * e) + s * b * vocab // t * (e + 4) + window_mask
     if checkpointing:
         # Each layer keeps only its input (a sequence chunk under SP); backward recomputes one
         # layer at a time.

@@ -268,6 +268,36 @@ def test_presets_are_the_published_configurations(preset):
     assert published.layer_types[:4] == ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
 
 
+@pytest.mark.parametrize("preset", sorted(PUBLISHED))
+def test_parameter_count_is_transformers(preset):
+    """arithmetic.count_parameters (mbert-plan, MFU, the model card) counts what transformers
+    builds (on the meta device) and what our model holds (vocabulary padded)."""
+    from mbert_train.arithmetic import count_parameters
+
+    cfg = dataclasses.replace(compose_config([f"model={preset}", "data.objective=none"]).model,
+                              vocab_size=50368, pad_token_id=50283)
+    with torch.device("meta"):
+        ref = ModernBertForMaskedLM(ModernBertConfig(**{k: v for k, v in hf_config(cfg).items()
+                                                        if k != "architectures"}))
+        ours = ModernBert(cfg)
+    assert count_parameters(cfg, vocab_multiple=1).total == sum(p.numel() for p in ref.parameters())
+    assert count_parameters(cfg).total == sum(p.numel() for p in ours.parameters())
+
+
+def test_flops_count_the_window():
+    """Sliding-window layers' attention FLOPs stop growing with the sequence past the window; the
+    masked-only path counts less than the full one."""
+    from mbert_train.arithmetic import model_flops_per_token
+
+    cfg = small_config()
+    f = {s: model_flops_per_token(cfg, s) for s in (16, 32)}
+    all_global = dataclasses.replace(cfg, global_attn_every_n_layers=1)
+    g = {s: model_flops_per_token(all_global, s) for s in (16, 32)}
+    assert f[32] - f[16] == 6 * 2 * 64 * 16 * 2  # the two global layers, 16 more keys each
+    assert g[32] - g[16] == 6 * 2 * 64 * 16 * 4
+    assert model_flops_per_token(cfg, 32, masked_fraction=0.15) < f[32]
+
+
 def test_modernbert_config_errors():
     with pytest.raises(ValueError, match="binary_head=false"):
         ModelConfig(arch="modernbert")
