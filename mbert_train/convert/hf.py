@@ -80,6 +80,9 @@ def read_hf_config(hf_dir: Path) -> ModelConfig:
         raise ConvertError(f"{path} is not valid JSON ({first_line(exc)}); re-save it with save_pretrained") from None
     if not isinstance(hf, dict):
         raise ConvertError(f"{path} does not hold a JSON object; re-save it with save_pretrained")
+    if hf.get("model_type") == "modernbert":
+        raise ConvertError(f"{path} is a ModernBERT config.json; importing ModernBERT checkpoints is not supported yet "
+                           f"(mbert_train.model.modernbert_hf.load_hf_state_dict loads one in Python)")
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise ConvertError(f"{path}: position_embedding_type={hf['position_embedding_type']!r} is not supported; "
                            f"only 'absolute' position embeddings")
@@ -375,6 +378,10 @@ def _n(value) -> str:
     return f"{value:,}" if isinstance(value, int) else "?"
 
 
+_FAMILIES = {"megatron_bert": ("MegatronBERT", HF_MLM_ONLY), "modernbert": ("ModernBERT", "ModernBertForMaskedLM")}
+"""model.arch -> (its name in the model card, the class `AutoModelForMaskedLM` loads)."""
+
+
 def model_card(cfg: ModelConfig, config: Mapping | None, *, dataset_dir: str | None, step: int | None,
                data_parallel: int | None, evaluation: tuple[int, float] | None, name: str) -> str:
     """README.md: architecture, data, steps, tokens seen, final held-out loss, and how to load it."""
@@ -400,17 +407,18 @@ def model_card(cfg: ModelConfig, config: Mapping | None, *, dataset_dir: str | N
     rows.append(("final eval MLM loss", f"{evaluation[1]:.4f} (held-out split, step {evaluation[0]:,})"
                  if evaluation else "not evaluated"))
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
+    family, masked_lm_class = _FAMILIES[cfg.arch]
     return f"""---
 library_name: transformers
 pipeline_tag: fill-mask
 tags:
-- megatron-bert
+- {cfg.to_hf_dict()["model_type"]}
 - mbert-train
 ---
 
 # {name}
 
-A MegatronBERT model pretrained from scratch with mbert-train {__version__}.
+A {family} model pretrained from scratch with mbert-train {__version__}.
 
 | | |
 |---|---|
@@ -422,7 +430,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
 fill = pipeline("fill-mask", model="path/to/{name}")
 print(fill("The capital of France is [MASK]."))
 tokenizer = AutoTokenizer.from_pretrained("path/to/{name}")
-model = AutoModelForMaskedLM.from_pretrained("path/to/{name}")  # MegatronBertForMaskedLM
+model = AutoModelForMaskedLM.from_pretrained("path/to/{name}")  # {masked_lm_class}
 ```
 """
 
