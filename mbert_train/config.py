@@ -241,6 +241,9 @@ class TrainConfig:
         if self.data.max_seq_length > self.model.max_position_embeddings:
             raise ValueError(f"data.max_seq_length={self.data.max_seq_length} exceeds "
                              f"model.max_position_embeddings={self.model.max_position_embeddings}; lower it")
+        if self.model.arch == "modernbert" and self.data.objective != "none":
+            raise ValueError(f"model.arch=modernbert is masked LM only, but data.objective={self.data.objective}; "
+                             f"set data.objective=none")
         if (self.data.objective == "none") == self.model.binary_head:
             want = "false" if self.data.objective == "none" else "true"
             raise ValueError(f"data.objective={self.data.objective} needs model.binary_head={want}")

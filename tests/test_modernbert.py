@@ -305,3 +305,5 @@ def test_modernbert_config_errors():
         ModelConfig(arch="gpt")
     with pytest.raises(ValueError, match="local_attention=7"):
         small_config(local_attention=7)
+    with pytest.raises(ValueError, match="set data.objective=none"):
+        compose_config(["model=modernbert-base"])

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mbert_train.arithmetic import padded_vocab_size
 from mbert_train.batch import IGNORE_INDEX
+from mbert_train.errors import UserError
 from mbert_train.model.attention import Packing
 from mbert_train.model.bert import PretrainOutput, read_mask, read_positions
 from mbert_train.model.config import ModelConfig
@@ -235,8 +236,7 @@ class ModernBert(nn.Module):
         self.mlm_bias = mark_sharded(nn.Parameter(torch.zeros(self.padded_vocab // tp.size)), 0)
 
     def compile_layers(self) -> None:
-        raise NotImplementedError("trainer.compile=true is not supported for model.arch=modernbert yet; "
-                                  "set trainer.compile=false")
+        raise UserError("trainer.compile=true is not supported with model.arch=modernbert yet; set trainer.compile=false")
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                rows: torch.Tensor | None = None, packing: Packing | None = None) -> torch.Tensor:
