@@ -207,6 +207,8 @@ def test_weights_round_trip():
     assert set(hf) - set(back) == {"decoder.weight"} and set(back) <= set(hf)
     for name, tensor in back.items():
         assert torch.equal(tensor, hf[name]), name
+    with pytest.raises(ValueError, match="untied"):
+        hf_to_full({**hf, "decoder.weight": hf["decoder.weight"] + 1}, cfg)
 
 
 def test_export_loads_in_transformers(tmp_path):

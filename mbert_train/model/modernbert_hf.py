@@ -118,6 +118,10 @@ def hf_to_full(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch
             raise ValueError(f"Hugging Face checkpoint lacks tensor {theirs}; is it a ModernBertForMaskedLM "
                              f"with {cfg.num_layers} layers?")
         full[ours] = hf[theirs].float().contiguous()
+    decoder = hf.get("decoder.weight")
+    if decoder is not None and not torch.equal(decoder.float(), full["word_embeddings.weight"]):
+        raise ValueError("Hugging Face checkpoint's decoder.weight differs from its word embeddings; untied MLM "
+                         "decoders are not supported")
     return full
 
 
