@@ -21,6 +21,7 @@ from mbert_train.model.modernbert_hf import (
 from mbert_train.model.weights import full_shapes, full_state_dict
 from mbert_train.parallel.context import TPContext
 from tests.dist import spawn
+from tests.train_util import losses, train
 
 VOCAB = 301  # not a multiple of 128 x TP: exercises vocab padding
 SEQ = 24  # above the local window (+-4 tokens), divisible by TP=2 and 4 for sequence parallelism
@@ -309,3 +310,23 @@ def test_modernbert_config_errors():
         small_config(local_attention=7)
     with pytest.raises(ValueError, match="set data.objective=none"):
         compose_config(["model=modernbert-base"])
+
+
+MODERN_RUN = ["model=modernbert-base", "data.objective=none", "model.intermediate_size=96", "model.local_attention=16",
+              "trainer.max_steps=4", "trainer.eval_every=0"]
+
+
+@pytest.mark.slow
+def test_mbert_train_runs_modernbert(tmp_path, corpus_cache):
+    """`mbert-train model=modernbert-base` (shrunk, sequences of 64 over a 16-token window) trains
+    at TP=1 and at TP=2 with sequence parallelism to the same losses, and exports a model that
+    transformers loads as ModernBertForMaskedLM."""
+    train(tmp_path / "tp1", corpus_cache, MODERN_RUN)
+    train(tmp_path / "tp2", corpus_cache, [*MODERN_RUN, "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"],
+          nproc=2)
+    tp1, tp2 = losses(tmp_path / "tp1"), losses(tmp_path / "tp2")
+    assert sorted(tp1) == [1, 2, 3, 4]
+    for step, loss in tp1.items():
+        assert tp2[step] == pytest.approx(loss, rel=1e-5), step
+    model = ModernBertForMaskedLM.from_pretrained(tmp_path / "tp2" / "hf")
+    assert model.config.num_hidden_layers == 2 and model.config.layer_types == ["full_attention", "sliding_attention"]
