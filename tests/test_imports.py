@@ -125,3 +125,15 @@ def test_data_does_not_import_the_trainer(graph):
 def test_layer_exceptions_are_still_needed(graph):
     found = layer_imports(graph, "mbert_train.parallel", ("mbert_train.model",))
     assert LAYER_IMPORTS_ALLOWED - found == set(), "fixed: delete it from LAYER_IMPORTS_ALLOWED"
+
+
+def test_the_test_forkserver_preloads_modules_that_exist():
+    """multiprocessing's forkserver swallows an ImportError of its preload: a module renamed away
+    would silently end the preload there, and every forked run would import the rest itself."""
+    import importlib.util
+
+    tree = ast.parse((ROOT / "tests" / "preload.py").read_text(encoding="utf-8"))
+    names = next(ast.literal_eval(node.value) for node in tree.body
+                 if isinstance(node, ast.Assign) and node.targets[0].id == "MODULES")
+    missing = [name for name in names if importlib.util.find_spec(name) is None]
+    assert missing == [], f"tests/preload.py MODULES names modules that do not exist: {missing}"
