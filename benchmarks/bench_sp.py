@@ -273,7 +273,7 @@ def main() -> int:
     return 0
 
 
-TARGET = 0.65  # issue 9: activation bytes per rank, SP on <= 0.65x SP off
+TARGET = 0.65  # the goal for activation bytes per rank: SP on <= 0.65x SP off
 
 
 def _verdict(ratio: float) -> str:

@@ -23,7 +23,7 @@ metrics.jsonl at log_every=1 (tokens / tokens_per_s; the compile warm-up include
 callback timing each step from the end of the previous one (or of the save after it). HF's
 `train_runtime` (saves included) is printed too.
 
-Two ratio lines. The issue's: the time of the first evaluation at which ours is at or below HF's
+Two ratio lines. The first: the time of the first evaluation at which ours is at or below HF's
 final held-out loss, over HF's time to its final step. Near a plateau that verdict is decided by
 the evaluator's noise (printed: the standard error of each mean, and of the paired difference),
 so the second line compares both runs at a target both reach, the larger of the two final

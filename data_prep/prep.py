@@ -265,7 +265,7 @@ def _metadata(cfg: PrepConfig, tok: Tokenizer, tmp: str, dtype: np.dtype, source
         # Readers check it against the model's vocabulary without scanning tokens.npy.
         "max_token_id": max_token_id,
         "special_ids": special_ids(tok, cfg.tokenizer or "trained"),
-        "lowercase": is_lowercasing(tok, cfg.lowercase),
+        "lowercase": is_lowercasing(tok),
         "token_dtype": dtype.name,
         "splitter": cfg.splitter,
         "num_documents": summary["documents"],

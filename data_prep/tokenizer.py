@@ -129,14 +129,17 @@ def special_ids(tok: Tokenizer, source: str) -> dict[str, int]:
     return ids
 
 
-def is_lowercasing(tok: Tokenizer, default: bool) -> bool:
-    """Whether the tokenizer's normaliser lower-cases (`default` when it cannot be told)."""
-    normalizer = json.loads(tok.to_str()).get("normalizer") or {}
-    if normalizer.get("type") == "BertNormalizer":
-        return bool(normalizer.get("lowercase", default))
-    if normalizer.get("type") == "Sequence":
-        return any(n.get("type") == "Lowercase" for n in normalizer.get("normalizers", []))
-    return normalizer.get("type") == "Lowercase" or default
+def is_lowercasing(tok: Tokenizer) -> bool:
+    """Whether the tokenizer's normaliser lower-cases: a `Lowercase` or a lower-casing
+    `BertNormalizer`, alone or in a `Sequence`. A byte-level BPE (GPT-2, RoBERTa, ModernBERT)
+    normalises with NFC or not at all, and is cased."""
+    def lowercases(normalizer: dict) -> bool:
+        kind = normalizer.get("type")
+        if kind == "Sequence":
+            return any(lowercases(n) for n in normalizer.get("normalizers", []))
+        return kind == "Lowercase" or (kind == "BertNormalizer" and bool(normalizer.get("lowercase", True)))
+
+    return lowercases(json.loads(tok.to_str()).get("normalizer") or {})
 
 
 def for_corpus(tok: Tokenizer) -> Tokenizer:

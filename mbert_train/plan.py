@@ -41,6 +41,7 @@ from typing import Any
 
 from mbert_train.arithmetic import VOCAB_MULTIPLE, count_parameters, padded_vocab_size
 from mbert_train.model.config import ModelConfig
+from mbert_train.parallel.layout import model_problem
 
 GIB = 1024**3
 TP_MIN_SHARD_WIDTH = 1024
@@ -247,8 +248,7 @@ class LayoutRecommendation:
 def valid_tensor_parallel(model: ModelConfig, world: int, gpus_per_node: int) -> list[int]:
     """TP degrees that stay within a node and divide world, heads and MLP width."""
     return [t for t in range(1, gpus_per_node + 1)
-            if gpus_per_node % t == 0 and world % t == 0 and model.num_heads % t == 0
-            and model.intermediate_size % t == 0]
+            if gpus_per_node % t == 0 and world % t == 0 and model_problem(model, t) is None]
 
 
 def recommend_layout(model: ModelConfig, world: int, gpus_per_node: int, gpu_mem_bytes: int, *,

@@ -12,7 +12,7 @@ MODULES = ["torch.distributed", "torch._dynamo",  # the first optimizer imports 
            "transformers.models.megatron_bert.modeling_megatron_bert", "hydra._internal.utils",
            "hydra._internal.config_loader_impl", "hydra.core.override_parser.overrides_parser", "matplotlib.pyplot",
            "mbert_train.train", "mbert_train.trainer", "mbert_train.engine", "mbert_train.data", "mbert_train.model",
-           "mbert_train.convert", "mbert_train.hf_export", "mbert_train.plot", "data_prep.prep", "tests.dist",
+           "mbert_train.convert", "mbert_train.plot", "data_prep.prep", "tests.dist",
            "tests.train_util"]
 
 

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -157,6 +158,23 @@ def test_errors_are_one_line_and_early(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".ds.")]
 
 
+def byte_level_bpe(inputs: list[str]) -> Tokenizer:
+    """A 300-entry byte-level BPE trained on `inputs`, then [UNK] [CLS] [SEP] [PAD] [MASK] (ids
+    300-304), the way ModernBERT's tokenizer holds them."""
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    texts = [Path(path).read_text(errors="replace") for path in inputs if path.endswith((".txt", ".jsonl"))]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_special_tokens(["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"])
+    return tok
+
+
 def test_existing_tokenizer_files_and_datasets_inputs(tmp_path):
     inputs = write_bad_corpus(tmp_path)
     first = tmp_path / "first"
@@ -169,6 +187,17 @@ def test_existing_tokenizer_files_and_datasets_inputs(tmp_path):
         corpus = open_dataset(str(out))
         assert corpus.vocab_size == 250
         assert np.array_equal(np.asarray(corpus.tokens), reference)
+    # A byte-level BPE with BERT's special tokens at the end of its vocabulary, as ModernBERT's:
+    # the ids are its own, the case is kept, and the model's vocabulary is the tokenizer's.
+    bpe = tmp_path / "bpe.json"
+    byte_level_bpe(inputs).save(str(bpe))
+    out = tmp_path / "bpe"
+    prepare(PrepConfig(inputs=inputs, output=str(out), tokenizer=str(bpe), quiet=True))
+    corpus = open_dataset(str(out))
+    meta = corpus.metadata
+    assert meta["lowercase"] is False and meta["vocab_size"] == 305
+    assert meta["special_ids"] == {"unk": 300, "cls": 301, "sep": 302, "pad": 303, "mask": 304}
+    assert int(np.asarray(corpus.tokens).max()) < 300  # the text holds no special token
     # A directory that is not made of .txt/.jsonl/.parquet goes to datasets.load_dataset.
     csv_dir = tmp_path / "csv"
     csv_dir.mkdir()

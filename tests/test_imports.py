@@ -17,6 +17,9 @@ PRIVATE_IMPORTS_ALLOWED: set[tuple[str, str, str]] = set()
 LAYER_IMPORTS_ALLOWED = {
     # Only for the annotation of ParallelDims.check_model(cfg), under TYPE_CHECKING; nothing runs.
     ("mbert_train.parallel.layout", "mbert_train.model.config"),
+    # Only for the annotations of the FLOP and memory formulas' arguments, under TYPE_CHECKING.
+    ("mbert_train.arithmetic", "mbert_train.model.config"),
+    ("mbert_train.arithmetic", "mbert_train.data.config"),
 }
 
 
@@ -113,6 +116,57 @@ def layer_imports(graph, lower: str, upper: tuple[str, ...]) -> set[tuple[str, s
             for target, _ in edges if any(inside(target, m) for m in upper)}
 
 
+# The layers of docs/architecture.md, lowest first. A module imports only modules of lower layers
+# or of its own part (the same file, or the same folder: mbert_train.model.bert may import
+# mbert_train.model.config). Names are prefixes: "mbert_train.checkpoint" covers a module or a package.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("mbert_train.errors", "mbert_train.staging", "mbert_train.batch", "mbert_train.arithmetic", "mbert_train.rng",
+     "mbert_train.manifest", "mbert_train.launcher"),
+    ("mbert_train.lease", "mbert_train.parallel", "data_prep"),
+    ("mbert_train.model", "mbert_train.data"),
+    ("mbert_train.config", "mbert_train.checkpoint", "mbert_train.reshard", "mbert_train.metrics", "mbert_train.plot"),
+    ("mbert_train.engine", "mbert_train.convert", "mbert_train.plan"),
+    ("mbert_train.trainer",),
+    ("mbert_train.train", "mbert_train"),
+)
+
+
+def part_of(module: str) -> tuple[int, str] | None:
+    """(layer, part) of a module: the longest prefix in LAYERS that names it."""
+    found = [(len(prefix), layer, prefix) for layer, prefixes in enumerate(LAYERS) for prefix in prefixes
+             if module == prefix or module.startswith(f"{prefix}.")]
+    return max(found)[1:] if found else None
+
+
+def test_every_module_has_a_layer(graph):
+    assert [name for name in graph if part_of(name) is None] == [], "add it to LAYERS (and docs/architecture.md)"
+
+
+def upward_imports(graph) -> set[tuple[str, str]]:
+    upward = set()
+    for name, edges in graph.items():
+        layer, part = part_of(name)
+        for target, _ in edges:
+            if target == "mbert_train":
+                continue  # the package root holds the version only
+            target_layer, target_part = part_of(target)
+            if target_part != part and target_layer >= layer:
+                upward.add((name, target))
+    return upward
+
+
+def test_imports_go_down_the_layers(graph):
+    assert upward_imports(graph) - LAYER_IMPORTS_ALLOWED == set(), \
+        "an import against the layers of docs/architecture.md: move the code to its layer"
+
+
+def test_the_layers_promise_what_the_docs_say():
+    assert part_of("mbert_train.parallel.layers")[0] < part_of("mbert_train.model.bert")[0]
+    assert part_of("mbert_train.data.loader")[0] < part_of("mbert_train.trainer")[0]
+    assert part_of("mbert_train.data.loader")[0] < part_of("mbert_train.engine")[0]
+    assert part_of("mbert_train.model.bert")[0] < part_of("mbert_train.checkpoint")[0]
+
+
 def test_parallel_does_not_import_the_model(graph):
     assert layer_imports(graph, "mbert_train.parallel", ("mbert_train.model",)) <= LAYER_IMPORTS_ALLOWED
 
@@ -123,5 +177,16 @@ def test_data_does_not_import_the_trainer(graph):
 
 
 def test_layer_exceptions_are_still_needed(graph):
-    found = layer_imports(graph, "mbert_train.parallel", ("mbert_train.model",))
-    assert LAYER_IMPORTS_ALLOWED - found == set(), "fixed: delete it from LAYER_IMPORTS_ALLOWED"
+    assert LAYER_IMPORTS_ALLOWED - upward_imports(graph) == set(), "fixed: delete it from LAYER_IMPORTS_ALLOWED"
+
+
+def test_the_test_forkserver_preloads_modules_that_exist():
+    """multiprocessing's forkserver swallows an ImportError of its preload: a module renamed away
+    would silently end the preload there, and every forked run would import the rest itself."""
+    import importlib.util
+
+    tree = ast.parse((ROOT / "tests" / "preload.py").read_text(encoding="utf-8"))
+    names = next(ast.literal_eval(node.value) for node in tree.body
+                 if isinstance(node, ast.Assign) and node.targets[0].id == "MODULES")
+    missing = [name for name in names if importlib.util.find_spec(name) is None]
+    assert missing == [], f"tests/preload.py MODULES names modules that do not exist: {missing}"

@@ -49,15 +49,21 @@ class ParallelDims:
         return rank // self.tensor_parallel
 
     def check_model(self, cfg: "ModelConfig") -> None:
-        tp = self.tensor_parallel
-        if cfg.num_heads % tp:
-            raise ValueError(
-                f"model.num_heads={cfg.num_heads} is not divisible by parallel.tensor_parallel={tp}; "
+        problem = model_problem(cfg, self.tensor_parallel)
+        if problem:
+            raise ValueError(problem)
+
+
+def model_problem(cfg: "ModelConfig", tp: int) -> str | None:
+    """Why a model cannot be split over `tp` tensor-parallel ranks (with the fix), or None: the
+    heads and the MLP width are divided among the ranks."""
+    if cfg.num_heads % tp:
+        return (f"model.num_heads={cfg.num_heads} is not divisible by parallel.tensor_parallel={tp}; "
                 f"choose a tensor_parallel that divides {cfg.num_heads}")
-        if cfg.intermediate_size % tp:
-            raise ValueError(
-                f"model.intermediate_size={cfg.intermediate_size} is not divisible by "
+    if cfg.intermediate_size % tp:
+        return (f"model.intermediate_size={cfg.intermediate_size} is not divisible by "
                 f"parallel.tensor_parallel={tp}; choose a tensor_parallel that divides it")
+    return None
 
 
 class ParallelState:
