@@ -241,7 +241,7 @@ def test_config_round_trip_and_hub_config():
            "local_attention": 128, "global_rope_theta": 160000.0, "local_rope_theta": 10000.0, "norm_eps": 1e-05,
            "norm_bias": False, "attention_bias": False, "mlp_bias": False, "pad_token_id": 50283,
            "max_position_embeddings": 8192, "embedding_dropout": 0.0, "mlp_dropout": 0.0, "attention_dropout": 0.0}
-    got = ModelConfig.from_hf_dict(hub)
+    got = config_from_hf(hub)
     assert (got.arch, got.num_layers, got.local_rope_theta, got.pad_token_id) == ("modernbert", 22, 1e4, 50283)
     with pytest.raises(ValueError, match="mlp_bias"):
         config_from_hf({**hub, "mlp_bias": True})
@@ -308,6 +308,8 @@ def test_modernbert_config_errors():
         ModelConfig(arch="gpt")
     with pytest.raises(ValueError, match="local_attention=7"):
         small_config(local_attention=7)
+    with pytest.raises(ValueError, match="modernbert_hf.py"):
+        small_config().to_hf_dict()
     with pytest.raises(ValueError, match="set data.objective=none"):
         compose_config(["model=modernbert-base"])
 

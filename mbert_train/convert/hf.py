@@ -192,8 +192,10 @@ def from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int, *, o
 
 def hf_config_dict(cfg: ModelConfig) -> dict:
     """config.json for `cfg`; the MLM-only model (no pooler/NSP) loads as MegatronBertForMaskedLM."""
+    if cfg.arch == "modernbert":
+        return modernbert_hf.hf_config(cfg)
     hf = cfg.to_hf_dict()
-    if not cfg.binary_head and cfg.arch == "megatron_bert":
+    if not cfg.binary_head:
         hf["architectures"] = [HF_MLM_ONLY]
     return hf
 
@@ -283,7 +285,7 @@ def load_hint(out: Path) -> str:
 def hf_class(cfg: ModelConfig) -> str:
     """The transformers class that holds every exported weight."""
     if cfg.arch != "megatron_bert":
-        return cfg.to_hf_dict()["architectures"][0]
+        return hf_config_dict(cfg)["architectures"][0]
     return "MegatronBertForPreTraining" if cfg.binary_head else HF_MLM_ONLY
 
 
@@ -412,7 +414,7 @@ def model_card(cfg: ModelConfig, config: Mapping | None, *, dataset_dir: str | N
 library_name: transformers
 pipeline_tag: fill-mask
 tags:
-- {cfg.to_hf_dict()["model_type"]}
+- {hf_config_dict(cfg)["model_type"]}
 - mbert-train
 ---
 

@@ -1,5 +1,5 @@
 """Model hyper-parameters, mirrored one-to-one with `transformers.MegatronBertConfig` (and, for
-`arch=modernbert`, with `transformers.ModernBertConfig`: model/modernbert_hf.py)."""
+`arch=modernbert`, with `transformers.ModernBertConfig`: model/modernbert_hf.py maps them)."""
 
 from __future__ import annotations
 
@@ -132,12 +132,10 @@ class ModelConfig:
         return self.hidden_size // self.num_heads
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The `config.json` of the equivalent `MegatronBertForPreTraining` (or
-        `ModernBertForMaskedLM`)."""
-        if self.arch == "modernbert":
-            from mbert_train.model.modernbert_hf import hf_config
-
-            return hf_config(self)
+        """The `config.json` of the equivalent `MegatronBertForPreTraining` (ModernBERT's:
+        `model.modernbert_hf.hf_config`)."""
+        if self.arch != "megatron_bert":
+            raise ValueError(f"model.arch={self.arch}: its config.json comes from model/modernbert_hf.py (hf_config)")
         return {
             "architectures": ["MegatronBertForPreTraining"],
             "model_type": "megatron-bert",
@@ -162,9 +160,7 @@ class ModelConfig:
         """From a `config.json`; a missing required key raises KeyError, a wrong type ValueError
         naming the config.json key."""
         if hf.get("model_type") == "modernbert":
-            from mbert_train.model.modernbert_hf import config_from_hf
-
-            return config_from_hf(hf)
+            raise ValueError("model_type=modernbert: read it with model/modernbert_hf.py (config_from_hf)")
         act = hf.get("hidden_act", "gelu")
         if act != "gelu":
             raise ValueError(f"config.json hidden_act={act!r} is not supported; only 'gelu' (exact erf GELU)")
