@@ -22,9 +22,13 @@ from torch.utils.checkpoint import checkpoint
 
 from mbert_train.arithmetic import padded_vocab_size
 from mbert_train.batch import IGNORE_INDEX
-from mbert_train.errors import UserError
 from mbert_train.model.attention import Packing
-from mbert_train.model.bert import PretrainOutput, read_mask, read_positions
+from mbert_train.model.bert import (
+    MAX_COMPILED_SHAPES,
+    PretrainOutput,
+    read_mask,
+    read_positions,
+)
 from mbert_train.model.config import ModelConfig
 from mbert_train.model.rotary import apply_rope, rope_tables
 from mbert_train.parallel.context import LayerNorm, TPContext
@@ -114,6 +118,12 @@ def dropped_attention(q, k, v, mask: torch.Tensor | None, p: float, heads_total:
     return torch.matmul(apply_keep(probs, keep, p), v)
 
 
+def fused_dropout_attention(q, k, v, mask: torch.Tensor | None, p: float, group) -> torch.Tensor:
+    """SDPA with dropout on this TP rank's stream (CUDA: flash / memory-efficient kernels)."""
+    with sharded_cuda_rng(q.device, group):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+
+
 class Attention(nn.Module):
     """Fused QKV split by whole heads (stride 3, as bert.SelfAttention), RoPE on this rank's heads,
     global or sliding-window attention, then the row-parallel output projection. No biases."""
@@ -128,6 +138,9 @@ class Attention(nn.Module):
         # The master weight is [Q; K; V] stacked (3h, h), as transformers' Wqkv.
         self.qkv = ColumnParallelLinear(h, 3 * h, tp, bias=False, stride=3, init=trunc_init(std))
         self.out = RowParallelLinear(h, h, tp, bias=False, init=trunc_init(std / math.sqrt(2 * cfg.num_layers)))
+        # The dropout paths manage RNG streams that torch.compile cannot trace; `compile_layers`
+        # wraps them in torch.compiler.disable (as bert.SelfAttention's).
+        self._dropped_attention, self._fused_dropout_attention = dropped_attention, fused_dropout_attention
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, rows: torch.Tensor | None = None) -> torch.Tensor:
         """(b, s, h) -> (b, s, h); with `rows` (b, m) only those queries: (b, m, h). Under sequence
@@ -159,9 +172,8 @@ class Attention(nn.Module):
         if p == 0:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         if q.is_cuda and not self.tp.invariant_dropout:  # fused, on this TP rank's stream
-            with sharded_cuda_rng(q.device, self.tp.group):
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        return dropped_attention(q, k, v, mask, p, self.heads_total, self.head_offset)
+            return self._fused_dropout_attention(q, k, v, mask, p, self.tp.group)
+        return self._dropped_attention(q, k, v, mask, p, self.heads_total, self.head_offset)
 
 
 class GeGLU(nn.Module):
@@ -234,9 +246,19 @@ class ModernBert(nn.Module):
         trunc_init(std / math.sqrt(2 * n))(self.mlm_dense.weight)
         self.mlm_norm = nn.LayerNorm(h, eps=eps, bias=False)
         self.mlm_bias = mark_sharded(nn.Parameter(torch.zeros(self.padded_vocab // tp.size)), 0)
+        self._compiled_layers: list | None = None
 
     def compile_layers(self) -> None:
-        raise UserError("trainer.compile=true is not supported with model.arch=modernbert yet; set trainer.compile=false")
+        """torch.compile each layer for training, as `MegatronBert.compile_layers` does (inductor,
+        static shapes, one graph per padded length shared by the layers of a kind); evaluation,
+        packed batches and the last layer on the read positions stay eager."""
+        import torch._dynamo.config
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MAX_COMPILED_SHAPES)
+        for layer in self.layers:
+            layer.attn._dropped_attention = torch.compiler.disable(dropped_attention)
+            layer.attn._fused_dropout_attention = torch.compiler.disable(fused_dropout_attention)
+        self._compiled_layers = [torch.compile(layer, dynamic=False) for layer in self.layers]
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                rows: torch.Tensor | None = None, packing: Packing | None = None) -> torch.Tensor:
@@ -258,10 +280,13 @@ class ModernBert(nn.Module):
         x = self.word_embeddings(input_ids)  # (b, s, h); (b, s/tp, h) under SP; (1, T, h) packed
         x = tp.hidden_dropout(self.embedding_norm(x), self.cfg.hidden_dropout, self.training)
         inputs = attention_inputs(self.cfg, s, attention_mask, positions, packing)
+        compiled = self._compiled_layers if self.training and packing is None else None
         for i, layer in enumerate(self.layers):
             last = i == len(self.layers) - 1
             if tp.sp and last:
                 x = gather_seq_replicated(x, tp.group)  # (b, s, h) on every rank
+            if compiled is not None and not (last and rows is not None):
+                layer = compiled[i]
             if self.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, inputs, rows if last else None, use_reentrant=False)
             else:
@@ -269,11 +294,12 @@ class ModernBert(nn.Module):
         return self.final_norm(x)
 
     def _packs(self, attention_mask: torch.Tensor | None) -> bool:
-        """Whether this batch runs packed: it has padding, and neither sequence parallelism nor
-        TP-invariant dropout (whose masks are those of the padded tensors) is on."""
+        """Whether this batch runs packed: it has padding, and none of these is in the way:
+        sequence parallelism, compiled layers (a packed length would compile for nearly every
+        batch), TP-invariant dropout (whose masks are those of the padded tensors)."""
         tp = self.tp
         return (self.unpad and attention_mask is not None and not tp.sp and not tp.invariant_dropout
-                and not bool(attention_mask.all()))
+                and not (self.training and self._compiled_layers is not None) and not bool(attention_mask.all()))
 
     def mlm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocab-shard logits (..., V_pad/tp); the decoder is tied to the word embeddings."""
