@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 FIXTURE = Path(__file__).resolve().parent / "data" / "format2"
 # With tests/train_util.FAST before them, the settings the fixture was trained with (its README).
-EXTRA = ["data.default_vocab_size=512", "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
+EXTRA = ["data=prepared", f"data.path={FIXTURE / 'corpus'}", "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
          "model.intermediate_size=64", "model.max_position_embeddings=64", "data.max_seq_length=32",
          "trainer.micro_batch_size=4", "optim.warmup_steps=2", "data.num_workers=0", "parallel.tensor_parallel=2",
          "trainer.max_steps=6", "trainer.checkpoint_every=3", "trainer.eval_every=0", "trainer.export_hf=false",
@@ -26,9 +26,6 @@ EXTRA = ["data.default_vocab_size=512", "model.hidden_size=32", "model.num_layer
 
 
 def test_a_format2_checkpoint_is_refused_then_upgraded_and_resumes_exactly(tmp_path, corpus_cache, capsys):
-    from mbert_train.data import DataConfig, prepare_default_corpus
-
-    prepare_default_corpus(DataConfig(cache_dir=corpus_cache, default_vocab_size=512))  # not under a collective
     run_dir = tmp_path / "run"
     shutil.copytree(FIXTURE / "run", run_dir)
     step = run_dir / "checkpoints" / "step_00000003"
