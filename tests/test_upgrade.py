@@ -18,8 +18,8 @@ pytestmark = pytest.mark.slow
 
 FIXTURE = Path(__file__).resolve().parent / "data" / "format2"
 # With tests/train_util.FAST before them, the settings the fixture was trained with (its README).
-EXTRA = ["data=prepared", f"data.path={FIXTURE / 'corpus'}", "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
-         "model.intermediate_size=64", "model.max_position_embeddings=64", "data.max_seq_length=32",
+EXTRA = ["data=prepared", f"data.path={FIXTURE / 'corpus'}", "model.hidden_size=32", "model.num_layers=1",
+         "model.num_heads=2", "model.intermediate_size=64", "model.max_position_embeddings=64", "data.max_seq_length=32",
          "trainer.micro_batch_size=4", "optim.warmup_steps=2", "data.num_workers=0", "parallel.tensor_parallel=2",
          "trainer.max_steps=6", "trainer.checkpoint_every=3", "trainer.eval_every=0", "trainer.export_hf=false",
          "trainer.keep_last=2", "logging.wandb_mode=disabled"]

@@ -162,7 +162,8 @@ def _read_scalars(blob: bytes, where: Path) -> dict:
     try:
         return checked_scalars(json.loads(blob), where)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"checkpoint {where}: its scalars are truncated or corrupt; {CHECKPOINT_ADVICE}") from None
+        raise CheckpointError(f"checkpoint {where}: its scalars are truncated or corrupt; "
+                              f"{CHECKPOINT_ADVICE}") from None
 
 
 def _model_config(meta: dict, checkpoint: Path) -> ModelConfig:

@@ -8,7 +8,8 @@
     mbert-convert upgrade-checkpoint CKPT_DIR      # a checkpoint (or every one of a run) of format 2 -> 3, in place
 
 The conversions are `mbert_train.convert.hf`, `mbert_train.convert.megatron` and
-`mbert_train.checkpoint.upgrade`; this module only parses the command line and turns errors into one line and exit status 2.
+`mbert_train.checkpoint.upgrade`; this module only parses the command line and turns errors
+into one line and exit status 2.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def _add_hf_parsers(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--dataset", metavar="DIR", default=None,
                    help="the mbert-prep dataset whose tokenizer to write (default: the one the checkpoint's "
-                        "run.json names; pass this when it moved)")
+                        "meta.json records; pass this when it moved)")
 
 
 def _add_megatron_parsers(sub) -> None:
