@@ -6,7 +6,9 @@
 - *hf*: `transformers.MegatronBertForPreTraining` names and layout (Q, K, V separate).
 
 On disk a model directory holds `model_config.json` and one `model_tp{r}-of-{N}.safetensors`
-per TP rank.
+per TP rank: what `mbert-convert` writes and `trainer.init_from` reads (`load_shard_from_dir`,
+each rank its own rows). Training checkpoints are not model directories
+(`mbert_train.checkpoint`).
 """
 
 from __future__ import annotations
@@ -190,12 +192,6 @@ def save_shard_tensors(directory: str | os.PathLike, tensors: dict[str, torch.Te
     meta = {"model": cfg.to_dict(), "tensor_parallel": tp, "padded_vocab": padded_vocab_size(cfg.vocab_size, tp)}
     (directory / MODEL_CONFIG).write_text(json.dumps(meta, indent=2))
     return [path, directory / MODEL_CONFIG]
-
-
-def save_model_shard(directory: str | os.PathLike, model: torch.nn.Module, tp_rank: int, tp: int) -> list[Path]:
-    """Write this rank's shard of `model` (and, from TP rank 0, the model config) into `directory`;
-    returns the files written."""
-    return save_shard_tensors(directory, model.state_dict(), model.cfg, tp_rank, tp)
 
 
 def read_model_meta(directory: str | os.PathLike) -> dict:
