@@ -162,8 +162,8 @@ MASTER = "master"
 
 class Engine:
     """The trainer's one view of DeepSpeed: forward/backward/step, what a step did, the counters
-    a resume restores, and the optimizer state as per-parameter fragments (`reshard.Fragment`)
-    that a checkpoint writes and reads at any layout."""
+    a resume restores, and the weights and optimizer state as per-parameter fragments
+    (`checkpoint.dcp.Fragment`) that a checkpoint writes and reads at any layout."""
 
     def __init__(self, ds_engine, scheduler, cfg: TrainConfig, state: ParallelState):
         self.ds, self.scheduler, self.cfg, self.state = ds_engine, scheduler, cfg, state
@@ -219,9 +219,11 @@ class Engine:
         return {id(p): n for n, p in self.module.named_parameters()}
 
     def fragments(self):
-        """This rank's optimizer state per parameter, as views of the optimizer's own tensors
-        (created as a fresh Adam state when no step was applied yet)."""
-        from mbert_train.reshard import Fragment
+        """This rank's part of every parameter as a checkpoint writes it: the weights (`param`)
+        and the optimizer state, as views of the model's and the optimizer's own tensors
+        (created as a fresh Adam state when no step was applied yet). At ZeRO-1/2 the range of
+        each parameter in this rank's partition, else the whole TP shard."""
+        from mbert_train.checkpoint.dcp import PARAM, Fragment
 
         names, out = self._names(), []
         if not self.zero:
@@ -229,8 +231,9 @@ class Engine:
             for group in opt.param_groups:
                 for p in group["params"]:
                     st = _adam_state(opt.state, p)
-                    out.append(Fragment(names[id(p)], tuple(p.shape), 0, p.numel(),
-                                        {k: st[k].view(-1) for k in MOMENTS}, **_sharding(p)))
+                    views = {k: st[k].view(-1) for k in MOMENTS}
+                    views[PARAM] = p.data.view(-1)
+                    out.append(Fragment(names[id(p)], tuple(p.shape), 0, p.numel(), views, **_sharding(p)))
             return out
         opt = self.optimizer
         for i, params in enumerate(opt.bit16_groups):
@@ -240,12 +243,19 @@ class Engine:
                 m = getattr(p, "_hp_mapping", None)
                 if m is None:
                     continue  # no part of it in this rank's partition
-                hp = m.get_hp_fragment_address()
+                hp, lp = m.get_hp_fragment_address(), m.lp_fragment_address
                 views = {k: st[k].narrow(0, hp.start, hp.numel) for k in MOMENTS}
                 views[MASTER] = m.hp_fragment
-                out.append(Fragment(names[id(p)], tuple(p.shape), m.lp_fragment_address.start,
-                                    m.lp_fragment_address.numel, views, **_sharding(p)))
+                views[PARAM] = p.data.view(-1).narrow(0, lp.start, lp.numel)
+                out.append(Fragment(names[id(p)], tuple(p.shape), lp.start, lp.numel, views, **_sharding(p)))
         return out
+
+    def weight_fragments(self):
+        """The whole TP shard of every parameter (`param` only): what every rank loads."""
+        from mbert_train.checkpoint.dcp import PARAM, Fragment
+
+        return [Fragment(n, tuple(p.shape), 0, p.numel(), {PARAM: p.data.view(-1)}, **_sharding(p))
+                for n, p in self.module.named_parameters()]
 
     def scalar_state(self) -> dict:
         """The optimizer state that is one number per run: Adam's step count, the loss scaler."""

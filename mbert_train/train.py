@@ -224,13 +224,14 @@ def _train_in(run_dir: Path, cfg: TrainConfig, state, device: torch.device, secr
     """Everything after the run dir is held: config, data, model, engine, then evaluate or
     train (resuming from the run dir if possible) and export."""
     from mbert_train.checkpoint import CheckpointDir, read_run_record, step_of
+    from mbert_train.checkpoint.state import checkpoint_to_evaluate, choose_checkpoint
     from mbert_train.data import build_loaders, open_dataset, resolve_vocab
     from mbert_train.engine import build_engine
     from mbert_train.metrics import MetricsLogger
     from mbert_train.model import build_model
     from mbert_train.parallel.context import TPContext
     from mbert_train.parallel.random import seed_for_training, training_seed
-    from mbert_train.trainer import Trainer, checkpoint_to_evaluate, choose_checkpoint
+    from mbert_train.trainer import Trainer
 
     # config.yaml records the run as started, then (below) with the vocabulary the dataset gave;
     # an evaluation leaves the training run's record alone. Decided on rank 0, for every rank.
@@ -295,7 +296,7 @@ def _train_in(run_dir: Path, cfg: TrainConfig, state, device: torch.device, secr
             return
         resumed = trainer.resume(resume_from) if resume_from is not None else False
         if not resumed and cfg.trainer.init_from:
-            trainer.load_weights(cfg.trainer.init_from)
+            trainer.checkpoints.load_weights(cfg.trainer.init_from)
         if state.rank == 0:
             start = f"resumed at step {trainer.step}" if resumed else "new run"
             notes = [f"trainer.resume={cfg.trainer.resume}", note] if resumed and cfg.trainer.resume != "auto" else []
@@ -320,7 +321,7 @@ def evaluate_only(trainer, checkpoint: Path | None, layout: str) -> dict:
     from mbert_train.checkpoint import step_of
 
     source = checkpoint if checkpoint is not None else trainer.cfg.trainer.init_from
-    trainer.load_weights(source)
+    trainer.checkpoints.load_weights(source)
     trainer.step = step_of(checkpoint) if checkpoint is not None else 0
     if trainer.state.rank == 0:
         print(f"[mbert-train] run dir {trainer.run_dir} | evaluating {source}{layout}", flush=True)
@@ -333,27 +334,25 @@ def evaluate_only(trainer, checkpoint: Path | None, layout: str) -> dict:
 
 
 def finish(trainer, run_dir: Path, dataset_dir: str | None = None) -> None:
-    """HF export (gathered over TP by the first replica; with the dataset's tokenizer and a
-    model card) and the loss curves, on rank 0."""
-    from mbert_train.model.weights import full_state_dict
-
+    """HF export (the weights of the final checkpoint, read on rank 0; with the dataset's
+    tokenizer and a model card) and the loss curves, on rank 0."""
     cfg, state = trainer.cfg, trainer.state
     if not run_dir.is_dir():  # every rank sees the shared run dir: all stop here together
         raise UserError(f"run dir {run_dir} is gone (deleted or unmounted while the run was training); the export "
                         f"and curves of step {trainer.step} are not written: start again with a new run.dir")
-    if cfg.trainer.export_hf and state.dp_rank == 0:
-        full = full_state_dict(trainer.engine.module)
-        if state.rank == 0:
-            from mbert_train.convert.hf import export_files, export_hf
+    if cfg.trainer.export_hf and state.rank == 0:
+        from mbert_train.checkpoint.dcp import PARAM, read_full
+        from mbert_train.convert.hf import export_files, export_hf
 
-            files, missing = export_files(cfg.model, dataclasses.asdict(cfg), dataset_dir=dataset_dir,
-                                          step=trainer.step, data_parallel=state.dims.data_parallel,
-                                          metrics_file=run_dir / "metrics.jsonl", name=run_dir.name)
-            if missing:
-                print(f"[mbert-train] {run_dir / 'hf'}: tokenizer not written: {missing}; add it with "
-                      f"mbert-convert to-hf {run_dir} OUT_DIR --dataset DATASET_DIR", flush=True)
-            export_hf({k: v.float() for k, v in full.items()}, cfg.model, run_dir / "hf", overwrite=True,
-                      files=files)
+        files, missing = export_files(cfg.model, dataclasses.asdict(cfg), dataset_dir=dataset_dir,
+                                      step=trainer.step, data_parallel=state.dims.data_parallel,
+                                      metrics_file=run_dir / "metrics.jsonl", name=run_dir.name)
+        if missing:
+            print(f"[mbert-train] {run_dir / 'hf'}: tokenizer not written: {missing}; add it with "
+                  f"mbert-convert to-hf {run_dir} OUT_DIR --dataset DATASET_DIR", flush=True)
+        # The checkpoint of the last step, which the loop has just written (or resumed from).
+        full = read_full(trainer.checkpoints.dir.path(trainer.step), PARAM)
+        export_hf({k: v.float() for k, v in full.items()}, cfg.model, run_dir / "hf", overwrite=True, files=files)
     if state.rank == 0:
         from mbert_train.plot import plot_curves, read_metrics
 

@@ -142,7 +142,8 @@ def test_bench_sp_dry_run():
 
 
 def test_bench_checkpoint_dry_run():
-    out = _run([sys.executable, str(BENCH / "bench_checkpoint.py"), "--shape", "tiny", "--repeats", "1"])
-    assert "save time new/old (slowest rank):" in out
+    out = _run([sys.executable, str(BENCH / "bench_checkpoint.py"), "--shape", "tiny", "--tp", "2"])
+    assert "peak RSS resume / train+save (worst rank):" in out
     result = json.loads(out.split("JSON ", 1)[1])
-    assert all(r["new_bytes"] > 0 and r["old_bytes"] > 0 for r in result["ranks"])
+    assert len(result["ranks"]) == 2
+    assert all(r["bytes_read"] > 0 and r["bytes_written"] > 0 and r["resume_peak"] > 0 for r in result["ranks"])

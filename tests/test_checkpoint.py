@@ -5,6 +5,7 @@ trainer stores in checkpoints."""
 from __future__ import annotations
 
 import errno
+import io
 import json
 import logging
 import os
@@ -20,16 +21,19 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from mbert_train.checkpoint import (CheckpointDir, CheckpointError, load_tensors, load_torch,
-                                    read_meta, step_of, step_tag, write_errors)
+from mbert_train.checkpoint import CheckpointDir, CheckpointError, read_meta, step_of, step_tag, write_errors
+from mbert_train.checkpoint.state import Checkpointer, checked_scalars
 from mbert_train.config import TrainConfig
 from mbert_train.errors import UserError
 from mbert_train.rng import capture_rng_state, restore_rng_state, seed_everything
-from mbert_train.trainer import Trainer, TrainingDiverged, checked_trainer_state
+from mbert_train.trainer import Trainer, TrainingDiverged
 from tests.dist import spawn
 from tests.train_util import ONE_STEP, Forked, train
+
+
+def load_torch(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _save(ckpt: CheckpointDir, step: int, value: float | None = None) -> Path:
@@ -136,29 +140,24 @@ def test_nonzero_ranks_do_not_touch_the_directory(tmp_path):
         leader.commit(200)
 
 
-def test_truncated_and_missing_files_give_one_line_errors(tmp_path):
-    torch.save({"w": torch.randn(256)}, tmp_path / "model.pt")
-    full = (tmp_path / "model.pt").read_bytes()
-    (tmp_path / "model.pt").write_bytes(full[: len(full) // 2])
+def test_truncated_or_foreign_state_blobs_give_one_line_errors(tmp_path):
+    from mbert_train.checkpoint.state import _read_rng, _read_scalars
+
+    buffer = io.BytesIO()
+    torch.save(capture_rng_state(), buffer)
+    blob = buffer.getvalue()
+    assert _read_rng(blob, tmp_path).keys() == capture_rng_state().keys()
     with pytest.raises(CheckpointError) as info:
-        load_torch(tmp_path / "model.pt")
-    msg = str(info.value)
-    assert msg == (f"checkpoint file {tmp_path / 'model.pt'} is truncated or corrupt; "
-                   "delete the checkpoint dir or point run.dir elsewhere")
-    save_file({"w": torch.randn(256)}, tmp_path / "model.safetensors")
-    full = (tmp_path / "model.safetensors").read_bytes()
-    (tmp_path / "model.safetensors").write_bytes(full[:-100])
-    with pytest.raises(CheckpointError, match="model.safetensors is truncated or corrupt"):
-        load_tensors(tmp_path / "model.safetensors")
-    with pytest.raises(CheckpointError, match="optim.pt is missing"):
-        load_torch(tmp_path / "optim.pt")
-    (tmp_path / "empty.pt").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        load_torch(tmp_path / "empty.pt")
-    good = {"w": torch.arange(3.0)}
-    save_file(good, tmp_path / "good.safetensors")
-    assert torch.equal(load_tensors(tmp_path / "good.safetensors")["w"], good["w"])
-    assert "\n" not in msg
+        _read_rng(blob[: len(blob) // 2], tmp_path)
+    assert str(info.value) == (f"checkpoint {tmp_path}: its RNG state is truncated or corrupt (ValueError); "
+                               "delete the checkpoint dir or point run.dir elsewhere")
+    buffer = io.BytesIO()
+    torch.save({"x": SimpleNamespace(a=1)}, buffer)
+    with pytest.raises(CheckpointError, match="holds types.SimpleNamespace in its RNG state"):
+        _read_rng(buffer.getvalue(), tmp_path)
+    with pytest.raises(CheckpointError, match="its scalars are truncated or corrupt"):
+        _read_scalars(b'{"step": 1', tmp_path)
+    assert "\n" not in str(info.value)
 
 
 # The child saves step 100, then starts step 200 and announces "PAUSED" from inside the
@@ -350,6 +349,39 @@ def test_interrupted_recommit_restores_the_only_complete_copy(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000100", "step_00000200"]
 
 
+def test_replace_keeps_the_order_and_latest_and_survives_a_kill_between_its_renames(tmp_path, monkeypatch):
+    ckpt = CheckpointDir(tmp_path, keep_last=None)
+    _save(ckpt, 100)
+    _save(ckpt, 200)
+    root = tmp_path / "checkpoints"
+    commit = read_meta(ckpt.path(100))["commit"]
+    tmp = ckpt.begin(100)
+    torch.save({"w": torch.full((4,), 7.0)}, tmp / "model.pt")
+    ckpt.replace(100, layout={"tensor_parallel": 1}, files=None, record={"model": {"x": 1}})
+    meta = read_meta(ckpt.path(100))
+    assert meta["commit"] == commit and meta["model"] == {"x": 1} and meta["format"] == 3
+    assert (root / "latest").read_text().strip() == "step_00000200" and ckpt.latest() == ckpt.path(200)
+    assert [p.name for p in ckpt.list()] == ["step_00000100", "step_00000200"]
+    # Killed between its two renames: the rewritten copy (same commit) wins over the original.
+    tmp = ckpt.begin(100)
+    torch.save({"w": torch.full((4,), 8.0)}, tmp / "model.pt")
+    real_rename = os.rename
+
+    def die_after_first(src, dst):
+        real_rename(src, dst)
+        if ".tmp-replaced-" in str(dst):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(os, "rename", die_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.replace(100, layout={}, files=None, record={})
+    monkeypatch.undo()
+    assert not ckpt.path(100).exists()
+    ckpt.collect_garbage()
+    assert load_torch(ckpt.path(100) / "model.pt")["w"][0].item() == 8.0
+    assert read_meta(ckpt.path(100))["commit"] == commit
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000100", "step_00000200"]
+
+
 def test_rotation_and_fallback_follow_the_order_checkpoints_were_written(tmp_path, caplog):
     keep_all = CheckpointDir(tmp_path, keep_last=None)
     for step in (100, 200, 300):
@@ -432,24 +464,23 @@ def test_empty_or_corrupt_json_names_the_file(tmp_path):
     assert issubclass(CheckpointError, UserError) and issubclass(TrainingDiverged, UserError)
 
 
-def test_trainer_state_accepts_only_the_engine_counters(tmp_path):
+def test_scalars_accept_only_the_engine_counters(tmp_path):
     counters = {"global_steps": 4, "skipped_steps": 0}
     good = {"step": 4, "bad_in_a_row": 0, "skipped": 0, "optimizer": {}, "scheduler": {}, "loader": {},
-            "layout": {}, "engine": counters}
-    path = tmp_path / "trainer_state.pt"
-    assert checked_trainer_state(good, path) is good
+            "engine": counters}
+    assert checked_scalars(good, tmp_path) is good
     for engine in [{**counters, "optimizer": None}, {**counters, "__class__": "x"},
                    {**counters, "global_steps": "4"}, {k: v for k, v in counters.items() if k != "skipped_steps"}]:
         with pytest.raises(CheckpointError, match="only the integer counters"):
-            checked_trainer_state({**good, "engine": engine}, path)
-    with pytest.raises(CheckpointError, match=r"lacks \['layout'\]"):
-        checked_trainer_state({k: v for k, v in good.items() if k != "layout"}, path)
-    with pytest.raises(CheckpointError, match="holds a list"):
-        checked_trainer_state([good], path)
+            checked_scalars({**good, "engine": engine}, tmp_path)
+    with pytest.raises(CheckpointError, match=r"lacks \['loader'\]"):
+        checked_scalars({k: v for k, v in good.items() if k != "loader"}, tmp_path)
+    with pytest.raises(CheckpointError, match="holds list scalars"):
+        checked_scalars([good], tmp_path)
 
 
 class _FakeEngine:
-    """The `Engine` seam around a Linear and an SGD-like state, DP=2 at ZeRO-0."""
+    """The `Engine` seam around a Linear and an Adam-like state, DP=2 at ZeRO-0."""
 
     zero, mixed = False, False
 
@@ -461,16 +492,28 @@ class _FakeEngine:
                         for n, p in self.module.named_parameters()}
 
     def fragments(self):
-        from mbert_train.reshard import Fragment
+        from mbert_train.checkpoint.dcp import Fragment
 
-        return [Fragment(n, tuple(p.shape), 0, p.numel(), self.moments[n], False)
+        return [Fragment(n, tuple(p.shape), 0, p.numel(), {**self.moments[n], "param": p.data.view(-1)}, False)
                 for n, p in self.module.named_parameters()]
+
+    def weight_fragments(self):
+        return [f for f in self.fragments()]
 
     def state_kinds(self):
         return ("exp_avg", "exp_avg_sq")
 
     def scalar_state(self):
         return {"adam_step": 3.0}
+
+    def load_scalar_state(self, scalars):
+        pass
+
+    def after_load(self, master_loaded):
+        pass
+
+    def set_counters(self, global_steps, skipped_steps):
+        pass
 
     def counters(self):
         return {"global_steps": 3, "skipped_steps": 0}
@@ -483,25 +526,23 @@ def _fake_trainer(run_dir: str, rank: int) -> Trainer:
     trainer.state = SimpleNamespace(rank=rank, dp_rank=rank, tp_rank=0,
                                     dims=SimpleNamespace(tensor_parallel=1, data_parallel=2))
     trainer.engine = _FakeEngine()
-    trainer.train_loader = SimpleNamespace(state_dict=lambda: {"batches": 3})
-    trainer.device, trainer.log = torch.device("cpu"), None
-    trainer.ckpt = CheckpointDir(run_dir, rank=rank)
+    trainer.device = torch.device("cpu")
+    loader = SimpleNamespace(state_dict=lambda: {"batches": 3}, load_state_dict=lambda state: None)
+    trainer.checkpoints = Checkpointer(trainer.cfg, trainer.state, trainer.engine, loader, Path(run_dir),
+                                       trainer.device)
     return trainer
 
 
 def _two_ranks_fail_together(run_dir: str) -> None:
     import torch.distributed as dist
-
-    from mbert_train import trainer as trainer_module
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
     rank = dist.get_rank()
-    trainer_module.save_model_shard = lambda tmp, model, tp_rank, tp: (torch.save(model.state_dict(), tmp / "model.pt"),
-                                                                       [tmp / "model.pt"])[1]
-    trainer_module.full_shapes = lambda cfg: {"weight": (2, 2), "bias": (2,)}
     trainer = _fake_trainer(run_dir, rank)
     trainer.save()
     first = Path(run_dir) / "checkpoints" / "step_00000003"
-    assert {"rng_rank00000.pt", "rng_rank00001.pt", "trainer_state.pt", "optim"} <= {p.name for p in first.iterdir()}
+    assert {p.name for p in first.iterdir()} == {".metadata", "__0_0.distcp", "__1_0.distcp", "meta.json"}
+    assert trainer.resume() and trainer.step == 3 and trainer._pending_rng is not None
     # Non-finite weights on one rank only (one TP shard): every rank refuses, none waits.
     trainer.step = 4
     weight = trainer.engine.module.weight
@@ -516,34 +557,31 @@ def _two_ranks_fail_together(run_dir: str) -> None:
         weight.copy_(saved)
     # The disk fills while rank 1 writes its file: both ranks raise, the first checkpoint stays.
     trainer.step = 5
-    real_save = torch.save
+    real_write = FileSystemWriter.write_data
     if rank == 1:
-        def full_disk(obj, path, *args, **kwargs):
-            if "rng_rank" in str(path):
-                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
-            return real_save(obj, path, *args, **kwargs)
-        torch.save = full_disk
-    expected = "no space left on the device while writing checkpoint .*rng_rank00001.pt" if rank == 1 \
-        else "writing the checkpoint of step 5 failed on another rank"
-    with pytest.raises(CheckpointError, match=expected):
+        def full_disk(self, plan, planner):
+            raise OSError(errno.ENOSPC, "No space left on device", str(Path(self.path) / "__1_0.distcp"))
+        FileSystemWriter.write_data = full_disk
+    with pytest.raises(CheckpointError, match="no space left on the device while writing checkpoint .*__1_0.distcp"):
         trainer.save()
-    torch.save = real_save
+    FileSystemWriter.write_data = real_write
     assert (Path(run_dir) / "checkpoints" / "latest").read_text().strip() == "step_00000003"
     # Rank 1's file is gone by the time rank 0 commits (a run.dir the nodes do not share): not committed.
     trainer.step = 6
-    real_write = trainer._write_files
+    checkpoints = trainer.checkpoints
+    real = checkpoints._write
     if rank == 1:
-        def write_then_lose(tmp):
-            entries = real_write(tmp)
-            (tmp / "rng_rank00001.pt").unlink()
+        def write_then_lose(tmp, counters):
+            entries = real(tmp, counters)
+            (tmp / "__1_0.distcp").unlink()
             return entries
-        trainer._write_files = write_then_lose
-    expected = (r"rng_rank00001.pt that rank 1 wrote is missing as rank 0 sees it; the checkpoint of step 6 is not "
+        checkpoints._write = write_then_lose
+    expected = (r"__1_0.distcp that rank 1 wrote is missing as rank 0 sees it; the checkpoint of step 6 is not "
                 r"committed \(the previous one stays\): run.dir must be one folder every node sees") if rank == 0 \
         else "writing the checkpoint of step 6 failed on another rank"
     with pytest.raises(CheckpointError, match=expected):
         trainer.save()
-    trainer._write_files = real_write
+    checkpoints._write = real
     assert (Path(run_dir) / "checkpoints" / "latest").read_text().strip() == "step_00000003"
     assert not (Path(run_dir) / "checkpoints" / "step_00000006").exists()
     # An empty meta.json: resume names it, on every rank.
@@ -556,21 +594,21 @@ def _two_ranks_fail_together(run_dir: str) -> None:
         trainer.resume()
     # Rank 1's file of the committed checkpoint is truncated, then missing: the manifest check
     # (each rank reads its share of the files) names it on both ranks, before anything loads.
-    data = (first / "rng_rank00001.pt").read_bytes()
+    data = (first / "__1_0.distcp").read_bytes()
     dist.barrier()
     if rank == 0:
         (first / "meta.json").write_text(meta)
-        (first / "rng_rank00001.pt").write_bytes(data[: len(data) // 2])
+        (first / "__1_0.distcp").write_bytes(data[: len(data) // 2])
     dist.barrier()
-    expected = (f"checkpoint file {first / 'rng_rank00001.pt'} holds {len(data) // 2:,} bytes where {len(data):,} "
+    expected = (f"checkpoint file {first / '__1_0.distcp'} holds {len(data) // 2:,} bytes where {len(data):,} "
                 f"were saved (truncated); put the original back, or start over in a new run.dir")
     with pytest.raises(CheckpointError, match=re.escape(expected)):
         trainer.resume()
     dist.barrier()
     if rank == 0:
-        (first / "rng_rank00001.pt").unlink()
+        (first / "__1_0.distcp").unlink()
     dist.barrier()
-    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint file {first / 'rng_rank00001.pt'} is missing; ")):
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint file {first / '__1_0.distcp'} is missing; ")):
         trainer.resume()
 
 
@@ -578,10 +616,10 @@ def test_checkpoint_failures_on_one_rank_stop_every_rank(tmp_path):
     spawn(_two_ranks_fail_together, 2, str(tmp_path))
 
 
-def test_truncated_trainer_file_stops_mbert_train_with_one_line(one_step_run, tmp_path, corpus_cache):
+def test_truncated_state_file_stops_mbert_train_with_one_line(one_step_run, tmp_path, corpus_cache):
     run_dir = tmp_path / "run"
     shutil.copytree(one_step_run, run_dir)
-    state = run_dir / "checkpoints" / "step_00000001" / "trainer_state.pt"
+    state = run_dir / "checkpoints" / "step_00000001" / "__0_0.distcp"
     saved = state.stat().st_size
     state.write_bytes(state.read_bytes()[:1000])
     proc = train(run_dir, corpus_cache, ["trainer.max_steps=2", *ONE_STEP], check=False, timeout=300)
@@ -590,17 +628,17 @@ def test_truncated_trainer_file_stops_mbert_train_with_one_line(one_step_run, tm
     assert proc.stderr.strip().splitlines()[-1] == (  # found by the manifest check, before anything loads
         f"mbert-train: error: checkpoint file {state} holds 1,000 bytes where {saved:,} were saved (truncated); "
         "put the original back, or start over in a new run.dir (no earlier checkpoint exists)")
-    meta_file = state.parent / "meta.json"  # a checkpoint from before the manifest: found when it loads
+    meta_file = state.parent / "meta.json"  # without its manifest: found when it loads
     meta_file.write_text(json.dumps({k: v for k, v in json.loads(meta_file.read_text()).items() if k != "files"}))
     proc = train(run_dir, corpus_cache, ["trainer.max_steps=2", *ONE_STEP], check=False, timeout=300)
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (
-        f"mbert-train: error: checkpoint file {state} is truncated or corrupt; "
-        "delete the checkpoint dir or point run.dir elsewhere")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"mbert-train: error: checkpoint state {state.parent} is truncated or corrupt ("), last
+    assert last.endswith("); delete the checkpoint dir or point run.dir elsewhere"), last
 
 
-def test_a_checkpoint_of_the_earlier_per_rank_format_is_refused_in_one_line(tmp_path):
-    from mbert_train.checkpoint import require_format
+def test_checkpoints_of_earlier_formats_are_refused_in_one_line(tmp_path):
+    from mbert_train.checkpoint.state import require_format
 
     old = tmp_path / "checkpoints" / "step_00000010"
     old.mkdir(parents=True)
@@ -611,4 +649,9 @@ def test_a_checkpoint_of_the_earlier_per_rank_format_is_refused_in_one_line(tmp_
     message = str(info.value)
     assert "\n" not in message and f"trainer.init_from={old}" in message
     (old / "meta.json").write_text(json.dumps({"format": 2, "step": 10, "commit": 1, "layout": {}}))
+    with pytest.raises(CheckpointError) as info:
+        require_format(old)
+    assert str(info.value) == (f"checkpoint {old} is in format 2 of an earlier mbert-train; upgrade it in place with "
+                               f"`mbert-convert upgrade-checkpoint {old}`, then rerun")
+    (old / "meta.json").write_text(json.dumps({"format": 3, "step": 10, "commit": 1, "layout": {}}))
     assert require_format(old)["step"] == 10

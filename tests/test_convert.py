@@ -329,6 +329,32 @@ def test_tp2_model_from_converted_dir_matches_reference(hf_dir, tmp_path):
     spawn(_rank_check, 2, str(tmp_path / "tp2"), str(hf_dir))
 
 
+def _slices_check(model_dirs: list[str]) -> None:
+    """`load_shard_from_dir` (trainer.init_from, each rank reading its slices) gives this TP
+    rank exactly the shard `shard_state_dict` cuts from the full form, from any saved TP."""
+    from mbert_train.model.weights import load_shard_from_dir
+
+    full, cfg = load_full_from_dir(model_dirs[0])
+    for model_dir in model_dirs:
+        model = MegatronBert(cfg, dist.group.WORLD)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float("nan"))
+        load_shard_from_dir(model_dir, model)
+        want = shard_state_dict(full, model)
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(tensor, want[name]), (model_dir, name)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_init_from_reads_its_own_slices_of_a_model_dir_of_any_tp(hf_dir, tmp_path, world):
+    dirs = []
+    for tp in (1, 2, 4):
+        convert("from-hf", hf_dir, tmp_path / f"tp{tp}", "--tp", tp)
+        dirs.append(str(tmp_path / f"tp{tp}"))
+    spawn(_slices_check, world, dirs)
+
+
 def _edit_json(path, **changes) -> None:
     data = json.loads(path.read_text())
     data.update(changes)

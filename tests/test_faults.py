@@ -1,4 +1,4 @@
-"""Faults the way they arrive: a disk that fills while the optimizer state is written."""
+"""Faults the way they arrive: a disk that fills while the training state is written."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tests.test_resume_control import RUN
 
 
 def _train_on_a_full_disk(run_dir: Path) -> None:
-    """Train 2 steps; every optimizer-state file (`.distcp`) is written to /dev/full, where the
+    """Train 2 steps; every training-state file (`.distcp`) is written to /dev/full, where the
     kernel answers ENOSPC as a full disk does."""
     from torch.distributed.checkpoint.filesystem import FileSystem
 
@@ -35,11 +35,11 @@ def _train_on_a_full_disk(run_dir: Path) -> None:
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full to deliver ENOSPC")
-def test_full_disk_while_writing_the_optimizer_state_is_one_line(tmp_path, corpus_cache):
+def test_full_disk_while_writing_the_training_state_is_one_line(tmp_path, corpus_cache):
     with pytest.raises(AssertionError) as info:
         spawn(_train_on_a_full_disk, 1, tmp_path / "run")
     last = str(info.value).strip().splitlines()[-1]
-    assert last.startswith("mbert_train.checkpoint.CheckpointError:"), last
+    assert last.startswith("mbert_train.checkpoint.dir.CheckpointError:"), last
     assert "no space left on the device while writing checkpoint" in last and last.endswith("elsewhere"), last
     assert not (tmp_path / "run" / "checkpoints" / "step_00000002").exists()  # nothing half-written committed
 
@@ -49,21 +49,21 @@ def test_full_disk_while_writing_the_optimizer_state_is_one_line(tmp_path, corpu
     RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"),
     OSError(28, "No space left on device"),
 ])
-def test_optimizer_state_write_errors_of_a_full_disk_are_one_line(tmp_path, error):
+def test_training_state_write_errors_of_a_full_disk_are_one_line(tmp_path, error):
     """torch reports a full disk inside torch.save only as the text of a RuntimeError."""
     from mbert_train.checkpoint import CheckpointError
-    from mbert_train.trainer import _dcp_errors
+    from mbert_train.checkpoint.state import _dcp_errors
 
     with pytest.raises(CheckpointError, match="no space left on the device while writing checkpoint"):
-        with _dcp_errors(tmp_path / "optim", "writing the optimizer state to"):
+        with _dcp_errors(tmp_path / "step", "writing the training state to"):
             raise error
 
 
 def test_other_runtime_errors_of_a_write_keep_their_traceback(tmp_path):
-    from mbert_train.trainer import _dcp_errors
+    from mbert_train.checkpoint.state import _dcp_errors
 
     with pytest.raises(RuntimeError, match="a bug"):
-        with _dcp_errors(tmp_path / "optim", "writing the optimizer state to"):
+        with _dcp_errors(tmp_path / "step", "writing the training state to"):
             raise RuntimeError("a bug")
 
 

@@ -35,7 +35,7 @@ def run(tmp_path_factory, corpus_cache):
 
 
 def dataset_dir(run_dir) -> str:
-    config = json.loads((run_dir / "checkpoints" / f"step_{STEPS:08d}" / "run.json").read_text())["config"]
+    config = json.loads((run_dir / "checkpoints" / f"step_{STEPS:08d}" / "meta.json").read_text())["run"]["config"]
     return dataset_of_run(config)
 
 
@@ -93,10 +93,10 @@ def test_to_hf_of_a_checkpoint_writes_the_tokenizer_and_card(run, tmp_path, caps
 def test_a_moved_dataset_exports_the_weights_and_says_how_to_add_the_tokenizer(run, tmp_path, capsys):
     step = tmp_path / "step"
     shutil.copytree(run / "checkpoints" / f"step_{STEPS:08d}", step)
-    record = json.loads((step / "run.json").read_text())
-    record["config"]["data"]["path"] = str(tmp_path / "moved-away")
-    record["dataset"]["path"] = str(tmp_path / "moved-away")
-    (step / "run.json").write_text(json.dumps(record))
+    meta = json.loads((step / "meta.json").read_text())
+    meta["run"]["config"]["data"]["path"] = str(tmp_path / "moved-away")
+    meta["run"]["dataset"]["path"] = str(tmp_path / "moved-away")
+    (step / "meta.json").write_text(json.dumps(meta))
     assert main(["to-hf", str(step), str(tmp_path / "out")]) == 0
     err = [line for line in capsys.readouterr().err.splitlines() if "mbert-convert:" in line]
     assert len(err) == 1 and "tokenizer not written" in err[0] and "moved-away" in err[0] and "--dataset" in err[0]
@@ -111,10 +111,11 @@ def test_a_moved_dataset_exports_the_weights_and_says_how_to_add_the_tokenizer(r
 def test_the_dataset_recorded_by_the_run_is_used_only_with_the_same_tokenizer(run, tmp_path, capsys):
     step = tmp_path / "step"
     shutil.copytree(run / "checkpoints" / f"step_{STEPS:08d}", step)
-    record = json.loads((step / "run.json").read_text())
+    meta = json.loads((step / "meta.json").read_text())
+    record = meta["run"]
     assert record["dataset"]["path"] == str(Path(dataset_dir(run)).resolve()) and record["dataset"]["tokenizer_sha256"]
     record["dataset"]["tokenizer_sha256"] = "0" * 64  # the dataset was re-prepared since
-    (step / "run.json").write_text(json.dumps(record))
+    (step / "meta.json").write_text(json.dumps(meta))
     assert main(["to-hf", str(step), str(tmp_path / "out")]) == 0
     err = [line for line in capsys.readouterr().err.splitlines() if "mbert-convert:" in line]
     assert len(err) == 1 and "is not the one the model was trained with (tokenizer_sha256 differs)" in err[0]

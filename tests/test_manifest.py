@@ -53,16 +53,18 @@ def test_a_foreign_truncated_or_missing_file_is_refused_in_one_line(six_steps, t
     run_dir = tmp_path / "run"
     shutil.copytree(six_steps, run_dir)
     last = _checkpoint(run_dir, 6)
-    if damage == "foreign":  # the same file of another step: same size, other bytes
-        target = last / "optim" / "__0_0.distcp"
-        shutil.copyfile(_checkpoint(run_dir, 4) / "optim" / "__0_0.distcp", target)
-        what = "is not the file saved there (CRC-32 "
+    if damage == "foreign":  # the same file of another step: other bytes
+        target = last / "__0_0.distcp"
+        shutil.copyfile(_checkpoint(run_dir, 4) / "__0_0.distcp", target)
+        saved = json.loads((last / "meta.json").read_text())["files"]["__0_0.distcp"]["size"]
+        what = ("is not the file saved there (CRC-32 " if target.stat().st_size == saved else
+                f"holds {target.stat().st_size:,} bytes where {saved:,} were saved (replaced)")
     elif damage == "truncated":
-        target = last / "model_tp00-of-01.safetensors"
+        target = last / "__0_0.distcp"
         target.write_bytes(target.read_bytes()[:-100])
         what = f"holds {target.stat().st_size:,} bytes where {target.stat().st_size + 100:,} were saved (truncated)"
     else:
-        target = last / "rng_rank00000.pt"
+        target = last / ".metadata"
         target.unlink()
         what = "is missing"
     line = refusal(run_dir, [], "CheckpointError")

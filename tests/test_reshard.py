@@ -1,4 +1,4 @@
-"""Resume at any layout: the optimizer state moves between TP, DP, ZeRO stage and grad_accum.
+"""Resume at any layout: weights and optimizer state move between TP, DP, ZeRO stage and grad_accum.
 
 The geometry (which rectangles of the full parameter a rank's flat fragment holds) is checked
 on its own for every layout; the end-to-end runs check that a run stopped at layout X and
@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mbert_train.checkpoint import OPTIM_DIR
+from mbert_train.checkpoint.dcp import Fragment, Part, chunks
 from mbert_train.engine import MOMENTS
 from mbert_train.model.config import ModelConfig
-from mbert_train.model.weights import full_shapes, read_model_meta, shard_full, template
-from mbert_train.reshard import Fragment, chunks
+from mbert_train.model.weights import full_shapes, shard_full, template
 from tests.dist import spawn
 from tests.train_util import ONE_STEP, losses, train
 
@@ -71,6 +70,7 @@ def test_fragments_tile_the_full_parameters_exactly_once(tp, dp, zero):
             for frag in _fragments_of(tp, tp_rank, dp, dp_rank, zero, shards, model):
                 if not frag.sharded and tp_rank:
                     continue
+                assert frag.full_shape(tp, TINY.vocab_size) == shapes[frag.name]  # from the shard alone
                 found, padding = chunks(frag, "exp_avg", tp, tp_rank, shapes[frag.name])
                 for c in found:
                     region = tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes))
@@ -88,12 +88,11 @@ def _save_then_load(directory: str, save_layout: tuple, load_layout: tuple) -> N
     """On 2 gloo ranks: write state at `save_layout` (tp, dp, zero), read it at `load_layout`."""
     import torch.distributed as dist
 
-    from mbert_train import reshard
+    from mbert_train.checkpoint import dcp
 
     rank = dist.get_rank()
     torch.manual_seed(0)
     full = {n: torch.randn(s) for n, s in full_shapes(TINY).items()}
-    shapes = {n: tuple(s) for n, s in full_shapes(TINY).items()}
     model = template(TINY)
 
     def mine(layout):
@@ -103,20 +102,27 @@ def _save_then_load(directory: str, save_layout: tuple, load_layout: tuple) -> N
         return tp, tp_rank, dp_rank, zero, _fragments_of(tp, tp_rank, dp, dp_rank, zero, shards, model)
 
     tp, tp_rank, dp_rank, zero, frags = mine(save_layout)
-    reshard.save_state(Path(directory), frags, shapes, tp=tp, tp_rank=tp_rank, write=zero or dp_rank == 0,
-                       kinds=("exp_avg",))
+    writes = zero or dp_rank == 0
+    blobs = {f"rng/{rank}": bytes([rank]) * 3, **({"scalars": b'{"step": 3}'} if rank == 0 else {})}
+    dcp.save_state(Path(directory), [Part(frags if writes else [], ("exp_avg",))], blobs, tp=tp, tp_rank=tp_rank,
+                   vocab_size=TINY.vocab_size)
     tp, tp_rank, dp_rank, zero, expected = mine(load_layout)
     targets = [Fragment(f.name, f.local_shape, f.start, f.numel, {"exp_avg": torch.full_like(f.views["exp_avg"], 7.0)},
                         f.sharded, f.partition_dim, f.partition_stride) for f in expected]
-    reshard.load_state(Path(directory), targets, shapes, tp=tp, tp_rank=tp_rank, kinds=("exp_avg",))
+    got_blobs = dcp.load_state(Path(directory), [Part(targets, ("exp_avg",))], ["scalars", f"rng/{1 - rank}"],
+                               tp=tp, tp_rank=tp_rank, vocab_size=TINY.vocab_size)
+    assert got_blobs == {"scalars": b'{"step": 3}', f"rng/{1 - rank}": bytes([1 - rank]) * 3}
     for want, got in zip(expected, targets):
         assert torch.equal(got.views["exp_avg"], want.views["exp_avg"]), (rank, want.name)
+    if rank == 0:  # one process, no group: every full tensor, as mbert-convert reads a checkpoint
+        whole = dcp.read_full(Path(directory), "exp_avg")
+        assert whole.keys() == full.keys() and all(torch.equal(whole[n], full[n]) for n in full)
 
 
 @pytest.mark.parametrize("save_layout,load_layout", [((2, 1, True), (1, 2, True)), ((1, 2, False), (2, 1, False)),
                                                      ((1, 2, True), (2, 1, True))])
 def test_state_saved_at_one_layout_loads_at_another(tmp_path, save_layout, load_layout):
-    spawn(_save_then_load, 2, str(tmp_path / "optim"), save_layout, load_layout)
+    spawn(_save_then_load, 2, str(tmp_path / "state"), save_layout, load_layout)
 
 
 # ---- end to end: stop at layout X, resume at layout Y --------------------------------------
@@ -151,10 +157,9 @@ def uninterrupted(tmp_path_factory, corpus_cache):
 
 
 def _moments(step_dir: Path) -> dict[str, torch.Tensor]:
-    from mbert_train.reshard import read_full
+    from mbert_train.checkpoint.dcp import read_full
 
-    cfg = ModelConfig(**read_model_meta(step_dir)["model"])
-    return read_full(step_dir / OPTIM_DIR, {n: tuple(s) for n, s in full_shapes(cfg).items()}, MOMENTS)
+    return {f"{name}/{kind}": t for kind in MOMENTS for name, t in read_full(step_dir, kind).items()}
 
 
 @pytest.mark.slow
@@ -193,33 +198,33 @@ class _Boom:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_a_pickle_in_the_optimizer_metadata_is_refused_without_running(tmp_path):
+def test_a_pickle_in_the_checkpoint_metadata_is_refused_without_running(tmp_path):
     import pickle
 
     from mbert_train.checkpoint import CheckpointError
-    from mbert_train.reshard import SafeReader, UnsafeCheckpoint
-    from mbert_train.trainer import _dcp_errors
+    from mbert_train.checkpoint.dcp import SafeReader, UnsafeCheckpoint
+    from mbert_train.checkpoint.state import _dcp_errors
 
-    optim = tmp_path / "optim"
+    optim = tmp_path / "step"
     optim.mkdir()
     marker = tmp_path / "pwned"
     (optim / ".metadata").write_bytes(pickle.dumps(_Boom(marker)))
     with pytest.raises(UnsafeCheckpoint):
         SafeReader(str(optim)).read_metadata()
     with pytest.raises(CheckpointError) as info:
-        with _dcp_errors(optim, "reading the optimizer state from"):
+        with _dcp_errors(optim, "reading the training state from"):
             SafeReader(str(optim)).read_metadata()
     assert not marker.exists()
     assert str(info.value) == (f"checkpoint file {optim / '.metadata'} names the Python global posix.system, which "
                                "no checkpoint holds; refusing to load it")
 
 
-def test_truncated_optimizer_state_stops_mbert_train_with_one_line(one_step_run, tmp_path, corpus_cache):
+def test_truncated_training_state_stops_mbert_train_with_one_line(one_step_run, tmp_path, corpus_cache):
     run_dir = tmp_path / "run"
     shutil.copytree(one_step_run, run_dir)
-    optim = run_dir / "checkpoints" / "step_00000001" / OPTIM_DIR
-    # As a checkpoint from before the manifest, whose check would refuse the file before DCP reads it.
-    meta_file = optim.parent / "meta.json"
+    optim = run_dir / "checkpoints" / "step_00000001"
+    # Without its manifest, whose check would refuse the file before DCP reads it.
+    meta_file = optim / "meta.json"
     meta_file.write_text(json.dumps({k: v for k, v in json.loads(meta_file.read_text()).items() if k != "files"}))
     data = next(optim.glob("__0_*.distcp"))
     data.write_bytes(data.read_bytes()[:100])
@@ -227,7 +232,7 @@ def test_truncated_optimizer_state_stops_mbert_train_with_one_line(one_step_run,
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"mbert-train: error: checkpoint optimizer state {optim} is truncated or corrupt"), last
+    assert last.startswith(f"mbert-train: error: checkpoint state {optim} is truncated or corrupt"), last
     (optim / ".metadata").unlink()
     proc = train(run_dir, corpus_cache, ["trainer.max_steps=2", *ONE_STEP], check=False, timeout=300)
     assert proc.stderr.strip().splitlines()[-1] == (

@@ -1,9 +1,10 @@
 """No secret reaches disk: a canary given on the command line (a secret-named key, also inside
 a dict override) and one in the environment are grepped for in every file a real run writes,
-Hydra's `.hydra/` record and the checkpoints' `run.json` included."""
+Hydra's `.hydra/` record and the checkpoints' `meta.json` (their run record) included."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -61,9 +62,12 @@ def test_no_secret_anywhere_under_the_run_dir(tmp_path, corpus_cache):
     assert "resumed at step 2" in second.stdout, second.stdout
     written = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
     assert {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "config.yaml",
-            "checkpoints/step_00000001/run.json", "checkpoints/step_00000003/run.json"} <= written
+            "checkpoints/step_00000001/meta.json", "checkpoints/step_00000003/meta.json"} <= written
     assert any(p.startswith("wandb/") for p in written)
     assert _leaks(run_dir) == []
+    # The run record (the redacted config) is in meta.json, so the grep covered it.
+    meta = json.loads((run_dir / "checkpoints" / "step_00000003" / "meta.json").read_text())
+    assert meta["run"]["config"]["trainer"]["deepspeed"]["comet"]["api_key"] == "***"
     # The redacted records still say what was run (so the grep is not vacuous).
     overrides_yaml = (run_dir / ".hydra" / "overrides.yaml").read_text()
     assert "+trainer.deepspeed.comet.api_key=***" in overrides_yaml and "trainer.max_steps=3" in overrides_yaml

@@ -114,9 +114,9 @@ def test_persistent_nan_stops_with_last_good_checkpoint(tmp_path, corpus_cache):
     assert proc.returncode != 0
     assert "consecutive non-finite steps" in proc.stderr
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
-    from mbert_train.model.weights import load_full_from_dir
+    from mbert_train.checkpoint.dcp import read_full
 
-    full, _ = load_full_from_dir(run_dir / "checkpoints" / "step_00000004")
+    full = read_full(run_dir / "checkpoints" / "step_00000004", "param")
     assert all(torch.isfinite(t).all() for t in full.values())
 
 

@@ -5,9 +5,11 @@
                                                    # + the run's tokenizer and a model card README.md
     mbert-convert from-megatron DIR OUT_DIR --tp N # Megatron-LM BERT checkpoint
     mbert-convert to-megatron CKPT_DIR OUT_DIR --tp N
+    mbert-convert upgrade-checkpoint CKPT_DIR      # a checkpoint (or every one of a run) of format 2 -> 3, in place
 
-The conversions are `mbert_train.convert.hf` and `mbert_train.convert.megatron`; this module only
-parses the command line and turns errors into one line and exit status 2.
+The conversions are `mbert_train.convert.hf`, `mbert_train.convert.megatron` and
+`mbert_train.checkpoint.upgrade`; this module only parses the command line and turns errors
+into one line and exit status 2.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from mbert_train.checkpoint import FORMAT
+from mbert_train.checkpoint.upgrade import upgrade
 from mbert_train.convert.common import MEGATRON_TRACKER
 from mbert_train.convert.hf import from_hf, load_hint, to_hf
 from mbert_train.convert.megatron import DTYPES, SHARD_FILE, from_megatron, to_megatron
@@ -30,9 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
                "  mbert-convert from-hf ./megatron-bert-hf ./init_tp2 --tp 2\n"
                "  mbert-train trainer.init_from=./init_tp2 parallel.tensor_parallel=2 ...\n"
                "  mbert-convert to-hf runs/my_run ./my_run_hf     # follows checkpoints/latest")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{from-hf,to-hf,from-megatron,to-megatron}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{from-hf,to-hf,from-megatron,to-megatron,upgrade-checkpoint}")
     _add_hf_parsers(sub)
     _add_megatron_parsers(sub)
+    p = sub.add_parser("upgrade-checkpoint", help="rewrite checkpoints of an earlier mbert-train (format 2) in the "
+                                                  "current format, in place",
+                       description="Rewrite a checkpoint step directory RUN/checkpoints/step_XXXXXXXX of format 2 "
+                                   "(safetensors weights, optim/, trainer_state.pt, rng_rank*.pt, run.json), or every "
+                                   "one of a run directory RUN, as format 3 (one torch.distributed.checkpoint plus "
+                                   "meta.json), exactly: the run resumes from it as it would have from the original.")
+    p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="a checkpoint step dir or a run dir")
     return parser
 
 
@@ -61,7 +73,7 @@ def _add_hf_parsers(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--dataset", metavar="DIR", default=None,
                    help="the mbert-prep dataset whose tokenizer to write (default: the one the checkpoint's "
-                        "run.json names; pass this when it moved)")
+                        "meta.json records; pass this when it moved)")
 
 
 def _add_megatron_parsers(sub) -> None:
@@ -110,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
                                      vocab_size=args.vocab_size, overwrite=args.overwrite)
             print(f"wrote {out} (tensor_parallel={args.tp}, vocab_size={cfg.vocab_size}, layer_norm_eps="
                   f"{cfg.layer_norm_eps}); train from it with trainer.init_from={out}")
+        elif args.command == "upgrade-checkpoint":
+            for checkpoint, rewritten in upgrade(args.ckpt_dir):
+                print(f"{checkpoint}: {'upgraded to' if rewritten else 'already in'} checkpoint format {FORMAT}")
         else:
             out = to_megatron(args.ckpt_dir, args.out_dir, args.tp, dtype=args.dtype,
                               tokenizer_type=args.tokenizer_type, overwrite=args.overwrite)

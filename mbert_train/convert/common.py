@@ -22,9 +22,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch.distributed.checkpoint.api import CheckpointException
 
 from mbert_train import __version__
-from mbert_train.checkpoint import CHECKPOINTS_SUBDIR, find_latest
+from mbert_train import manifest
+from mbert_train.checkpoint import CHECKPOINTS_SUBDIR, FORMAT, META_FILE, find_latest, read_meta
+from mbert_train.checkpoint.dcp import PARAM, UnsafeCheckpoint, read_full
+from mbert_train.checkpoint.dir import MODEL_KEY
 from mbert_train.errors import UserError, describe_os_error, first_line
 from mbert_train.model.config import ModelConfig
 from mbert_train.model.weights import (MODEL_CONFIG, full_shapes, load_full_from_dir, save_shard_tensors, shard_file,
@@ -106,6 +110,11 @@ def check_layer_count(names, pattern: re.Pattern, cfg: ModelConfig, source: Path
 
 # ---- our model directories ------------------------------------------------------------------
 
+def is_state_checkpoint(path: Path) -> bool:
+    """A checkpoint step directory of the current format (weights in its DCP state)."""
+    return (path / META_FILE).is_file() and read_meta(path).get("format") == FORMAT
+
+
 def resolve_model_dir(path: str | os.PathLike) -> Path:
     """A model directory from itself, a checkpoint step directory, or a run directory (via
     `checkpoints/latest`, validated and never followed outside the run by `find_latest`)."""
@@ -113,7 +122,7 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     if not path.is_dir():
         raise ConvertError(f"{path} does not exist or is not a directory; pass a model, checkpoint step or run "
                            f"directory")
-    if (path / MODEL_CONFIG).is_file():
+    if (path / MODEL_CONFIG).is_file() or is_state_checkpoint(path):
         return path
     checkpoints = path / CHECKPOINTS_SUBDIR
     if not checkpoints.is_dir():
@@ -125,10 +134,32 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
                            f"checkpoint step directory instead")
     if warning:
         print(f"mbert-convert: warning: {warning}", file=sys.stderr)
-    if not (step_dir / MODEL_CONFIG).is_file():
+    if not ((step_dir / MODEL_CONFIG).is_file() or is_state_checkpoint(step_dir)):
         raise ConvertError(f"{step_dir / MODEL_CONFIG} is missing: the checkpoint is incomplete; pass another "
                            f"step directory under {checkpoints}")
     return step_dir
+
+
+def read_checkpoint_weights(step_dir: Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """(full form, config) of a checkpoint step directory: its files checked against the
+    manifest, then the weights read whole from its DCP state (`checkpoint.dcp.read_full`)."""
+    meta = read_meta(step_dir)
+    problem = manifest.verify(step_dir, meta.get("files"))
+    if problem is not None:
+        raise ConvertError(f"{problem}; pass another step directory")
+    try:
+        cfg = ModelConfig(**meta[MODEL_KEY])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConvertError(f"{step_dir / META_FILE} has no valid model config ({first_line(exc)}); the checkpoint "
+                           f"is corrupt, use another one") from None
+    try:
+        return read_full(step_dir, PARAM), cfg
+    except UnsafeCheckpoint as exc:
+        raise ConvertError(f"{step_dir} names the Python global {exc.args[0]} in its metadata, which no checkpoint "
+                           f"holds; refusing to read it") from None
+    except (CheckpointException, OSError, RuntimeError, ValueError) as exc:  # the manifest check passed: damaged
+        raise ConvertError(f"{step_dir}: the weights cannot be read ({first_line(exc)}); use another "
+                           f"checkpoint") from None
 
 
 def _check_saved_layout(model_dir: Path) -> None:
@@ -153,15 +184,19 @@ def _check_saved_layout(model_dir: Path) -> None:
 
 
 def load_model_dir(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelConfig]:
-    """(full form, config) of any of our model directories, checked against its model_config.json."""
+    """(full form, config) of any of our model or checkpoint directories, checked against its config."""
     model_dir = resolve_model_dir(path)
-    config = model_dir / MODEL_CONFIG
-    _check_saved_layout(model_dir)
-    try:
-        full, cfg = load_full_from_dir(model_dir)
-    except (OSError, ValueError) as exc:
-        message = first_line(exc)  # weights.py names the file; ModelConfig names only the setting
-        raise ConvertError(message if str(model_dir) in message else f"{config}: {message}") from None
+    if is_state_checkpoint(model_dir):
+        full, cfg = read_checkpoint_weights(model_dir)
+        config = model_dir / META_FILE
+    else:
+        config = model_dir / MODEL_CONFIG
+        _check_saved_layout(model_dir)
+        try:
+            full, cfg = load_full_from_dir(model_dir)
+        except (OSError, ValueError) as exc:
+            message = first_line(exc)  # weights.py names the file; ModelConfig names only the setting
+            raise ConvertError(message if str(model_dir) in message else f"{config}: {message}") from None
     check_dtypes(full, model_dir)
     check_tensors(full, full_shapes(cfg), model_dir, config, cfg)
     return full, cfg

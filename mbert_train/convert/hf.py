@@ -223,7 +223,7 @@ def export_hf(full_state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: st
 
 def _run_record(model_dir: Path) -> tuple[dict | None, int | None, int | None, dict]:
     """(the run's config, step, data-parallel degree, its dataset record {path, tokenizer_sha256})
-    of a checkpoint step directory, from its run.json and meta.json; Nones (and {}) for a model
+    of a checkpoint step directory, from its meta.json (run.json in format 2); Nones (and {}) for a model
     directory that is no checkpoint."""
     try:
         run = read_run_record(model_dir)
@@ -290,7 +290,7 @@ def hf_class(cfg: ModelConfig) -> str:
 
 
 def dataset_of_run(config: Mapping) -> str | None:
-    """The dataset directory a run trained on, from its config (run.json's `config`): data.path,
+    """The dataset directory a run trained on, from its config (the run record's `config`): data.path,
     or the cached embedded corpus for that data config (None when the config says neither)."""
     data = config.get("data") if isinstance(config, Mapping) else None
     if not isinstance(data, Mapping):

@@ -6,7 +6,9 @@
 - *hf*: `transformers.MegatronBertForPreTraining` names and layout (Q, K, V separate).
 
 On disk a model directory holds `model_config.json` and one `model_tp{r}-of-{N}.safetensors`
-per TP rank.
+per TP rank: what `mbert-convert` writes and `trainer.init_from` reads (`load_shard_from_dir`,
+each rank its own rows). Training checkpoints are not model directories
+(`mbert_train.checkpoint`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from mbert_train.arithmetic import padded_vocab_size
@@ -191,12 +194,6 @@ def save_shard_tensors(directory: str | os.PathLike, tensors: dict[str, torch.Te
     return [path, directory / MODEL_CONFIG]
 
 
-def save_model_shard(directory: str | os.PathLike, model: torch.nn.Module, tp_rank: int, tp: int) -> list[Path]:
-    """Write this rank's shard of `model` (and, from TP rank 0, the model config) into `directory`;
-    returns the files written."""
-    return save_shard_tensors(directory, model.state_dict(), model.cfg, tp_rank, tp)
-
-
 def read_model_meta(directory: str | os.PathLike) -> dict:
     path = Path(directory) / MODEL_CONFIG
     if not path.is_file():
@@ -248,3 +245,56 @@ def load_full_from_dir(directory: str | os.PathLike) -> tuple[dict[str, torch.Te
                              f"{tuple(want)}; the checkpoint is corrupt")
         full[name] = tensor[: cfg.vocab_size] if name in VOCAB_PARAMS else tensor
     return full, cfg
+
+
+def _blocks(length: int, stride: int, tp: int, rank: int) -> list[tuple[int, int, int]]:
+    """(local start, full start, length) of the `stride` blocks of a shard of `length` along its
+    partition dim (`shard`): block k of rank r is rows [k*b*tp + r*b, +b) of the full dim."""
+    b = length // stride
+    return [(k * b, k * b * tp + rank * b, b) for k in range(stride)]
+
+
+@torch.no_grad()
+def load_shard_from_dir(directory: str | os.PathLike, model: torch.nn.Module) -> None:
+    """Fill `model`'s parameters (its TP rank's shards) from a model directory of any TP degree,
+    reading only the rows of the saved shards that overlap this rank's (safetensors slices);
+    vocabulary rows beyond `vocab_size` are zeroed (padding). `trainer.init_from`'s reader."""
+    directory = Path(directory)
+    meta = read_model_meta(directory)
+    cfg, saved_tp = ModelConfig(**meta["model"]), int(meta["tensor_parallel"])
+    tp, rank = group_size(model.group), group_rank(model.group)
+    paths = [directory / shard_file(saved_tp, r) for r in range(saved_tp)]
+    try:
+        files = [safe_open(str(path), "pt") for path in paths]
+        names = [set(f.keys()) for f in files]
+    except (SafetensorError, OSError) as exc:
+        missing = next((p for p in paths if not p.is_file()), None)
+        if missing is not None:
+            raise FileNotFoundError(f"{missing} is missing: the checkpoint at {directory} is incomplete") from None
+        raise ValueError(f"{directory}: a weight file is truncated or corrupt ({str(exc).splitlines()[0]}); "
+                         f"use another checkpoint") from None
+    for name, p in model.named_parameters():
+        if any(name not in held for held in names):
+            raise ValueError(f"{directory} lacks tensor {name} in some shard; the checkpoint is incomplete or "
+                             f"from another model")
+        sh = sharding(p)
+        if not sh.sharded:
+            saved = files[0].get_tensor(name)
+            if saved.shape != p.shape:
+                raise ValueError(f"{directory}: {name} has shape {tuple(saved.shape)}, this model needs "
+                                 f"{tuple(p.shape)}; make the model config match the checkpoint")
+            p.copy_(saved)
+            continue
+        full_len = cfg.vocab_size if name in VOCAB_PARAMS else p.shape[sh.dim] * tp
+        p.zero_()  # vocabulary padding stays zero
+        for r, f in enumerate(files):
+            piece = f.get_slice(name)
+            saved_len = piece.get_shape()[sh.dim]
+            for lo, g, n in _blocks(p.shape[sh.dim], sh.stride, tp, rank):
+                for slo, sg, sn in _blocks(saved_len, sh.stride, saved_tp, r):
+                    a, b = max(g, sg), min(g + n, sg + sn, full_len)
+                    if a < b:
+                        index = [slice(None)] * p.dim()
+                        index[sh.dim] = slice(slo + a - sg, slo + b - sg)
+                        p.narrow(sh.dim, lo + a - g, b - a).copy_(piece[tuple(index)])
+

@@ -52,7 +52,7 @@ def mark_sharded(p: nn.Parameter, dim: int, stride: int = 1) -> nn.Parameter:
 @dataclass(frozen=True)
 class Sharding:
     """How a parameter lies over the TP group; the one reading of the markers, used by the
-    gradient norm, the checkpoint writer (`reshard`) and the weight converters (`weights`)."""
+    gradient norm, the checkpoint (`checkpoint.dcp`) and the weight converters (`weights`)."""
 
     sharded: bool
     """A shard per rank (along `dim`); otherwise the same tensor on every rank."""

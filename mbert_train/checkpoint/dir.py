@@ -2,17 +2,15 @@
 
 Layout under a run directory::
 
-    RUN_DIR/checkpoints/step_00000100/meta.json   # written last, before the rename; lists every file
-    RUN_DIR/checkpoints/step_00000100/model_config.json, model_tpXX-of-YY.safetensors  # weights
-    RUN_DIR/checkpoints/step_00000100/optim/      # optimizer state, torch.distributed.checkpoint
-    RUN_DIR/checkpoints/step_00000100/trainer_state.pt  # step, schedule, data position, counters
-    RUN_DIR/checkpoints/step_00000100/rng_rank00000.pt  # one per rank
-    RUN_DIR/checkpoints/step_00000100/run.json    # config (redacted) and the W&B run id
+    RUN_DIR/checkpoints/step_00000100/meta.json   # written last, before the rename: format, layout,
+                                                  # every file, the model config, the run record
+    RUN_DIR/checkpoints/step_00000100/.metadata, __0_0.distcp, ...  # the training state, one
+                                                  # torch.distributed.checkpoint (`mbert_train.checkpoint.state`)
     RUN_DIR/checkpoints/latest                    # text file: "step_00000100"
     RUN_DIR/checkpoints/set_aside_DATE_TIME/step_00000200  # moved aside by trainer.resume=100
 
-Every file but the RNG states is independent of the layout that wrote it, so a checkpoint
-loads at any TP x DP x ZeRO stage (`mbert_train.reshard`).
+The state is stored in the full (unsharded) form of every tensor, so a checkpoint loads at
+any TP x DP x ZeRO stage (`mbert_train.checkpoint.dcp`).
 
 A checkpoint directory is complete once it carries its final name, because `os.rename` of a
 directory is atomic on POSIX file systems: a crash leaves either the old set of names or the
@@ -24,7 +22,7 @@ an older one. The save protocol, for all ranks::
     barrier()
     ... each rank writes its files into tmp ...
     files = manifest.gather(manifest.describe(tmp, written, rank=rank))  # size + CRC-32 of each
-    ckpt.commit(step, layout=..., files=files)  # rank 0 renames and updates `latest`; others no-op
+    ckpt.commit(step, layout=..., files=files, record=...)  # rank 0 renames and updates `latest`
     barrier()
 
 `commit` on rank 0, step by step (a kill between any two leaves a state the next start's
@@ -41,9 +39,14 @@ an older one. The save protocol, for all ranks::
     5. rotation: rename each checkpoint beyond `keep_last` to `.tmp-deleting-step_M-PID`, fsync
        the directory, then delete it, so a half-deleted checkpoint never carries a final name
 
+`replace` (one process; `mbert-convert upgrade-checkpoint` rewriting a checkpoint of an earlier
+format) is steps 1-3 with the old `commit` kept: the checkpoint keeps its place in the order,
+and `latest` and the other checkpoints are left as they are.
+
 A kill between 2 and 3 leaves no `step_N` but two complete copies: garbage collection renames
-the newer one back to `step_N` and deletes the other. Every other `.tmp-*` is deleted.
-That is safe because rank 0 changes the directory (begin, commit, set_aside_after,
+the newer one back to `step_N` (of two with the same `commit`, the `.tmp-step_N`) and deletes
+the other. Every other `.tmp-*` is deleted.
+That is safe because rank 0 changes the directory (begin, commit, replace, set_aside_after,
 collect_garbage) only while its run holds the run dir's lease (`mbert_train.lease`), checked
 first each time: a second run on the same run dir never deletes the `.tmp-step_N` a live one
 is writing, and a run whose lease was taken over stops before it writes again.
@@ -59,7 +62,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
 import socket
@@ -68,8 +70,6 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from mbert_train import manifest
 from mbert_train.errors import UserError, as_os_error, describe_os_error
@@ -81,15 +81,20 @@ log = logging.getLogger(__name__)
 CHECKPOINTS_SUBDIR = "checkpoints"
 LATEST_FILE = "latest"
 META_FILE = "meta.json"
-OPTIM_DIR = "optim"
-TRAINER_STATE_FILE = "trainer_state.pt"
-RUN_FILE = "run.json"
 MANIFEST_KEY = "files"
 """`meta.json`'s list of every file of the checkpoint with its size and CRC-32 (`mbert_train.manifest`);
 absent in checkpoints written before it existed, which then load unchecked."""
-FORMAT = 2
-"""`meta.json` "format": 2 = the layout-independent format above. Format 1 (no "format" key) held
-one `trainer_rank*.pt` per rank with DeepSpeed's partitioned optimizer state."""
+RUN_KEY = "run"
+"""`meta.json`'s run record: the W&B run id, the dataset trained on, the redacted config."""
+MODEL_KEY = "model"
+"""`meta.json`'s model config (`ModelConfig.to_dict()`): what the weights in the state are."""
+FORMAT = 3
+"""`meta.json` "format": 3 = one torch.distributed.checkpoint of the whole training state plus
+`meta.json`. Format 2 held weights as per-TP-rank safetensors, the optimizer state in `optim/`,
+`trainer_state.pt`, `rng_rank*.pt` and `run.json` (`mbert_train.checkpoint.upgrade` rewrites it
+as format 3); format 1 (no "format" key) one `trainer_rank*.pt` per rank."""
+LEGACY_RUN_FILE = "run.json"
+"""Format 2's run record (format 3 keeps it in `meta.json`)."""
 TMP_PREFIX = ".tmp-"
 SET_ASIDE_PREFIX = "set_aside_"
 """Folders under `checkpoints/` holding the checkpoints a `trainer.resume=STEP` start moved aside."""
@@ -101,27 +106,17 @@ class CheckpointError(UserError):
     """A checkpoint is missing, truncated, unreadable or cannot be written; one actionable line."""
 
 
-def rng_file(rank: int) -> str:
-    return f"rng_rank{rank:05d}.pt"
-
-
-def require_format(checkpoint: Path) -> dict[str, Any]:
-    """`meta.json` of a checkpoint this version can resume; one line for an older format."""
-    meta = read_meta(checkpoint)
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(
-            f"checkpoint {checkpoint} is in the per-rank format of an earlier mbert-train, which cannot be "
-            f"resumed here; continue from its weights in a new run.dir with trainer.init_from={checkpoint} "
-            f"(the optimizer state and data position start afresh)")
-    return meta
-
-
 def read_run_record(checkpoint: Path | None) -> dict[str, Any]:
-    """`run.json` of a checkpoint ({} for None or a checkpoint without one): the W&B run id, the
-    dataset it trained on, the redacted config."""
-    if checkpoint is None or not (Path(checkpoint) / RUN_FILE).is_file():
+    """The run record of a checkpoint ({} for None or a checkpoint without one): the W&B run
+    id, the dataset it trained on, the redacted config."""
+    if checkpoint is None or not (Path(checkpoint) / META_FILE).is_file():
         return {}
-    return read_json(Path(checkpoint) / RUN_FILE)
+    record = read_meta(Path(checkpoint)).get(RUN_KEY)
+    if isinstance(record, dict):
+        return record
+    if (Path(checkpoint) / LEGACY_RUN_FILE).is_file():  # format 2
+        return read_json(Path(checkpoint) / LEGACY_RUN_FILE)
+    return {}
 
 
 def step_tag(step: int) -> str:
@@ -272,47 +267,69 @@ class CheckpointDir:
         return tmp
 
     def commit(self, step: int, *, layout: Mapping[str, Any] | None = None,
-               files: manifest.Manifest | None = None) -> Path:
+               files: manifest.Manifest | None = None, record: Mapping[str, Any] | None = None) -> Path:
         """Make the temp dir of `step` the newest complete checkpoint (rank 0; others no-op).
 
         `layout` records the world the checkpoint was written by (e.g. world_size,
         tensor_parallel, data_parallel, zero_stage) so a resume can check it; `files`, every
-        rank's files (`manifest.gather`), which must all be in the temp dir at their size.
+        rank's files (`manifest.gather`), which must all be in the temp dir at their size;
+        `record`, more entries of `meta.json` (the model config, the run record).
         """
         final = self.path(step)
         if self.rank != 0:
             return final
-        tmp = self.tmp_path(step)
-        if not tmp.is_dir():
-            raise CheckpointError(f"commit({step}) found no {tmp}; call begin({step}) first on rank 0")
-        self._require_lease()
+        tmp = self._committable(step)
         with write_errors(tmp):
-            self._finish(tmp, step, layout, files)
-            if final.exists():
-                # Saving the same step twice (e.g. after resuming from an older checkpoint): move
-                # the old copy aside; if we are killed before the next rename, garbage collection
-                # renames the newer complete copy back (see the module docstring).
-                aside = self.root / f"{TMP_PREFIX}replaced-{final.name}-{os.getpid()}"
-                os.rename(final, aside)
-                os.rename(tmp, final)
-                fsync_path(self.root)
-                shutil.rmtree(aside)
-            else:
-                os.rename(tmp, final)
-                fsync_path(self.root)
+            commit = max(map(commit_number, self.list()), default=0) + 1
+            self._finish(tmp, step, commit, layout, files, record)
+            self._swap_in(tmp, final)
             write_text_atomic(self.root / LATEST_FILE, final.name + "\n")
             self._rotate(keep=final)
         return final
 
-    def _finish(self, tmp: Path, step: int, layout: Mapping[str, Any] | None, files: manifest.Manifest | None) -> None:
+    def replace(self, step: int, *, layout: Mapping[str, Any], files: manifest.Manifest,
+                record: Mapping[str, Any]) -> Path:
+        """Put the temp dir of `step` in place of the complete checkpoint `step` it rewrites
+        (one process), keeping that one's `commit`: its place in the order, `latest` and every
+        other checkpoint stay as they were."""
+        final = self.path(step)
+        tmp = self._committable(step)
+        commit = commit_number(final)
+        with write_errors(tmp):
+            self._finish(tmp, step, commit, layout, files, record)
+            self._swap_in(tmp, final)
+        return final
+
+    def _committable(self, step: int) -> Path:
+        tmp = self.tmp_path(step)
+        if not tmp.is_dir():
+            raise CheckpointError(f"commit({step}) found no {tmp}; call begin({step}) first on rank 0")
+        self._require_lease()
+        return tmp
+
+    def _swap_in(self, tmp: Path, final: Path) -> None:
+        if final.exists():
+            # Saving the same step twice (e.g. after resuming from an older checkpoint): move
+            # the old copy aside; if we are killed before the next rename, garbage collection
+            # renames the newer complete copy back (see the module docstring).
+            aside = self.root / f"{TMP_PREFIX}replaced-{final.name}-{os.getpid()}"
+            os.rename(final, aside)
+            os.rename(tmp, final)
+            fsync_path(self.root)
+            shutil.rmtree(aside)
+        else:
+            os.rename(tmp, final)
+            fsync_path(self.root)
+
+    def _finish(self, tmp: Path, step: int, commit: int, layout: Mapping[str, Any] | None,
+                files: manifest.Manifest | None, record: Mapping[str, Any] | None) -> None:
         absent = manifest.first_absent(tmp, files or {})
         if absent is not None:
             raise CheckpointError(f"{absent}; the checkpoint of step {step} is not committed (the previous one stays): "
                                   f"run.dir must be one folder every node sees (NFS, Lustre, GPFS)")
         apply_umask(tmp)
         fsync_tree(tmp)
-        complete = self.list()
-        meta = {"format": FORMAT, "step": step, "commit": max(map(commit_number, complete), default=0) + 1,
+        meta = {**dict(record or {}), "format": FORMAT, "step": step, "commit": commit,
                 "time": time.time(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "host": socket.gethostname(), "layout": dict(layout or {})}
         if files is not None:
@@ -454,36 +471,3 @@ class CheckpointDir:
 
 
 CHECKPOINT_ADVICE = "delete the checkpoint dir or point run.dir elsewhere"
-
-
-def load_tensors(path: Path | str) -> dict[str, torch.Tensor]:
-    """Load a safetensors file onto the CPU, with a one-line error naming a bad file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing; {CHECKPOINT_ADVICE}")
-    try:
-        return load_file(path, device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt; {CHECKPOINT_ADVICE}") from exc
-
-
-def load_torch(path: Path | str) -> Any:
-    """`torch.load(path, map_location="cpu", weights_only=True)` with one-line errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing; {CHECKPOINT_ADVICE}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights only load failed" in str(exc).lower():
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-            culprit = found.group(1) if found else "a non-tensor object"
-            raise CheckpointError(f"checkpoint file {path} holds {culprit}, which weights_only "
-                                  "loading refuses; save only tensors and plain Python "
-                                  "containers") from exc
-        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt; {CHECKPOINT_ADVICE}") from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt; {CHECKPOINT_ADVICE}") from exc

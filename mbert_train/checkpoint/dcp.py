@@ -1,39 +1,53 @@
-"""Optimizer state that loads at any layout: every rank writes the pieces it holds, placed in
-the *full* (unsharded, vocabulary-trimmed) parameter, with `torch.distributed.checkpoint`.
+"""The training state as one `torch.distributed.checkpoint` (DCP), written and read at any layout:
+every rank writes the pieces it holds, placed in the *full* (unsharded, vocabulary-trimmed)
+parameter, and reads the pieces it needs.
 
 A rank holds, per parameter, a flat range of its tensor-parallel shard: the whole shard at
-ZeRO-0, its ZeRO partition's fragment at ZeRO-1/2. That range is cut into rectangles of the
-full parameter (a flat range of a 2-D shard is at most a partial row, full rows and a partial
-row; a fused-QKV shard maps to three row blocks; vocabulary padding is dropped), and each
-rectangle becomes one chunk of a DCP tensor named `NAME/exp_avg` (`exp_avg_sq`, and `master`
-where mixed precision keeps fp32 master weights). DCP records the chunks in its metadata; a
-load at another TP, DP or ZeRO stage asks for its own rectangles and DCP reads the overlapping
-pieces, each rank only what it needs. No rank ever holds more than its own shard.
+ZeRO-0, its ZeRO partition's fragment at ZeRO-1/2 (`Fragment`). That range is cut into
+rectangles of the full parameter (a flat range of a 2-D shard is at most a partial row, full
+rows and a partial row; a fused-QKV shard maps to three row blocks; vocabulary padding is
+dropped), and each rectangle becomes one chunk of a DCP tensor named `NAME/KIND`: `param` (the
+weights), `exp_avg`, `exp_avg_sq`, and `master` where mixed precision keeps fp32 master weights.
+The full shape comes from the live parameter: its shard's shape, its TP sharding and the
+model's vocabulary size. DCP records the chunks in its metadata; a load at another TP, DP or
+ZeRO stage asks for its own rectangles and DCP reads the overlapping pieces, each rank only
+what it needs. No rank ever holds more than its own shard.
 
 Who writes what, so that no chunk is written twice: a TP-sharded parameter by every TP rank,
 a TP-replicated one by TP rank 0; at ZeRO-0 (state replicated over DP) by DP rank 0 only.
+
+Besides tensors a state holds *blobs*, byte strings stored as they are (DCP's `BYTE_IO`
+items): the counters as JSON, each rank's RNG state. Loading never unpickles: `.metadata` goes
+through an allow-list (`SafeReader`), tensors through `torch.load(weights_only=True)`, and blobs
+are handed back as bytes.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import pickle
+import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex, StorageMeta,
-                                                   TensorProperties, TensorStorageMetadata)
-from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, MetadataIndex,
+                                                   StorageMeta, TensorProperties, TensorStorageMetadata)
+from torch.distributed.checkpoint.planner import (LoadItemType, LoadPlan, ReadItem, SavePlan, TensorWriteData,
+                                                  WriteItem, WriteItemType)
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from mbert_train.model.weights import VOCAB_PARAMS
 
 METADATA_FILE = ".metadata"
 """DCP's index of a saved state (which chunk of which tensor is where), written last by rank 0."""
+PARAM = "param"
+"""The kind of the weights themselves."""
 
 
 @dataclass
@@ -51,6 +65,16 @@ class Fragment:
     sharded: bool
     partition_dim: int = 0
     partition_stride: int = 1
+
+    def full_shape(self, tp: int, vocab_size: int) -> tuple[int, ...]:
+        """The shape of the full parameter: the shard's, times `tp` along the partition dim,
+        and `vocab_size` rows for a vocabulary parameter (its padding dropped)."""
+        shape = list(self.local_shape)
+        if self.sharded:
+            shape[self.partition_dim] *= tp
+        if self.name in VOCAB_PARAMS:
+            shape[0] = vocab_size
+        return tuple(shape)
 
 
 @dataclass
@@ -141,16 +165,19 @@ def chunks(frag: Fragment, kind: str, tp: int, tp_rank: int, full_shape: tuple[i
     return found, padding
 
 
-def _key(name: str, kind: str) -> str:
+def key(name: str, kind: str) -> str:
+    """The DCP name of one kind of state of parameter `name`: `layers.0.attn.qkv.weight/exp_avg`."""
     return f"{name}/{kind}"
 
 
 class _ChunkTable:
-    """fqn -> (full shape, dtype, [Chunk]) for the state this rank writes or reads."""
+    """fqn -> (full shape, dtype, [Chunk]) for the tensors this rank writes or reads, and the
+    blobs it writes (fqn -> bytes) or reads (fqn -> bytes once read)."""
 
     def __init__(self) -> None:
         self.tensors: dict[str, tuple[tuple[int, ...], torch.dtype, list[Chunk]]] = {}
         self.padding: list[torch.Tensor] = []
+        self.blobs: dict[str, bytes | None] = {}
 
     def add(self, fqn: str, full_shape: tuple[int, ...], dtype: torch.dtype, found: list[Chunk]) -> None:
         entry = self.tensors.setdefault(fqn, (full_shape, dtype, []))
@@ -171,10 +198,13 @@ class _SavePlanner(DefaultSavePlanner):
                     tensor_data=TensorWriteData(
                         chunk=ChunkStorageMetadata(offsets=torch.Size(chunk.offsets), sizes=torch.Size(chunk.sizes)),
                         properties=TensorProperties(dtype=dtype), size=torch.Size(full_shape))))
+        items += [WriteItem(index=MetadataIndex(fqn), type=WriteItemType.BYTE_IO) for fqn in self.table.blobs]
         self.plan = SavePlan(items)
         return self.plan
 
-    def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
+        if write_item.type == WriteItemType.BYTE_IO:
+            return io.BytesIO(self.table.blobs[write_item.index.fqn])
         _, _, found = self.table.tensors[write_item.index.fqn]
         for chunk in found:
             if tuple(chunk.offsets) == tuple(write_item.index.offset):
@@ -197,11 +227,20 @@ class _LoadPlanner(DefaultLoadPlanner):
                 raise MissingState(f"{fqn} has shape {tuple(md.size)}, this model needs {tuple(full_shape)}")
             local = [ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes)) for c in found]
             requests += create_read_items_for_chunk_list(fqn, md, local)
+        for fqn in self.table.blobs:
+            if not isinstance(self.metadata.state_dict_metadata.get(fqn), BytesStorageMetadata):
+                raise MissingState(f"{fqn} is missing")
+            requests.append(ReadItem(type=LoadItemType.BYTE_IO, dest_index=MetadataIndex(fqn),
+                                     dest_offsets=torch.Size((0,)), storage_index=MetadataIndex(fqn),
+                                     storage_offsets=torch.Size((0,)), lengths=torch.Size((0,))))
         self.plan = LoadPlan(requests)
         return self.plan
 
     def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
         return self.table.tensors[index.fqn][2][index.index].tensor
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        self.table.blobs[read_item.dest_index.fqn] = value.read()
 
 
 class MissingState(KeyError):
@@ -249,16 +288,25 @@ class SafeReader(dcp.FileSystemReader):
         return metadata
 
 
-def _table(fragments: list[Fragment], full_shapes: dict[str, tuple[int, ...]], *, tp: int, tp_rank: int,
-           writer: bool, kinds: tuple[str, ...]) -> _ChunkTable:
+@dataclass
+class Part:
+    """Fragments and the kinds of state to write or read of each."""
+
+    fragments: list[Fragment]
+    kinds: tuple[str, ...]
+
+
+def _table(parts: list[Part], *, tp: int, tp_rank: int, vocab_size: int, writer: bool) -> _ChunkTable:
     table = _ChunkTable()
-    for frag in fragments:
-        if writer and not frag.sharded and tp_rank != 0:
-            continue  # replicated over TP: TP rank 0 writes it
-        for kind in kinds:
-            found, padding = chunks(frag, kind, tp, tp_rank, full_shapes[frag.name])
-            table.add(_key(frag.name, kind), full_shapes[frag.name], frag.views[kind].dtype, found)
-            table.padding += padding
+    for part in parts:
+        for frag in part.fragments:
+            if writer and not frag.sharded and tp_rank != 0:
+                continue  # replicated over TP: TP rank 0 writes it
+            full_shape = frag.full_shape(tp, vocab_size)
+            for kind in part.kinds:
+                found, padding = chunks(frag, kind, tp, tp_rank, full_shape)
+                table.add(key(frag.name, kind), full_shape, frag.views[kind].dtype, found)
+                table.padding += padding
     return table
 
 
@@ -280,34 +328,68 @@ class _RecordingWriter(dcp.FileSystemWriter):
         self.written.append(METADATA_FILE)
 
 
-def save_state(directory: Path, fragments: list[Fragment], full_shapes: dict[str, tuple[int, ...]], *,
-               tp: int, tp_rank: int, write: bool, kinds: tuple[str, ...], group=None) -> list[str]:
-    """Collective over `group` (default: the world): write the optimizer state of `fragments`
-    into the DCP directory `directory`. Ranks with `write=False` (replicas) add nothing.
-    Returns the names (in `directory`) of the files this rank wrote that a load reads."""
-    table = _table(fragments if write else [], full_shapes, tp=tp, tp_rank=tp_rank, writer=True, kinds=kinds)
+def save_state(directory: Path, parts: list[Part], blobs: dict[str, bytes], *, tp: int, tp_rank: int,
+               vocab_size: int, group=None) -> list[str]:
+    """Collective over `group` (default: the world): write the state of `parts` and `blobs` into
+    the DCP directory `directory` (replicas pass no fragments). Returns the names (in
+    `directory`) of the files this rank wrote that a load reads."""
+    table = _table(parts, tp=tp, tp_rank=tp_rank, vocab_size=vocab_size, writer=True)
+    table.blobs.update(blobs)
+    return _save(directory, table, group=group)
+
+
+def _save(directory: Path, table: _ChunkTable, *, group=None, no_dist: bool = False) -> list[str]:
     writer = _RecordingWriter(str(directory), sync_files=True, single_file_per_rank=True)
-    dcp.save({}, storage_writer=writer, planner=_SavePlanner(table), process_group=group)
+    with _one_process(no_dist):
+        dcp.save({}, storage_writer=writer, planner=_SavePlanner(table), process_group=group, no_dist=no_dist)
     return writer.written
 
 
-def load_state(directory: Path, fragments: list[Fragment], full_shapes: dict[str, tuple[int, ...]], *,
-               tp: int, tp_rank: int, kinds: tuple[str, ...], group=None) -> None:
-    """Collective: fill every fragment's `kinds` views from `directory`, whatever layout wrote it."""
+@contextmanager
+def _one_process(no_dist: bool) -> Iterator[None]:
+    """DCP warns on every call without a process group that it assumes one process; here that
+    is the intent (`mbert-convert`), and the warning would be the tool's only output."""
+    with warnings.catch_warnings():
+        if no_dist:
+            warnings.filterwarnings("ignore", message=r"torch\.distributed is .*single process")
+        yield
+
+
+def load_state(directory: Path, parts: list[Part], blobs: list[str], *, tp: int, tp_rank: int, vocab_size: int,
+               group=None) -> dict[str, bytes]:
+    """Collective: fill every fragment's views of its part's kinds from `directory`, whatever
+    layout wrote it, and return the `blobs` named."""
     _require_metadata(directory)
-    table = _table(fragments, full_shapes, tp=tp, tp_rank=tp_rank, writer=False, kinds=kinds)
+    table = _table(parts, tp=tp, tp_rank=tp_rank, vocab_size=vocab_size, writer=False)
+    table.blobs = dict.fromkeys(blobs)
     for view in table.padding:
         view.zero_()
-    dcp.load({}, storage_reader=SafeReader(str(directory)), planner=_LoadPlanner(table),
-             process_group=group)
+    dcp.load({}, storage_reader=SafeReader(str(directory)), planner=_LoadPlanner(table), process_group=group)
+    return table.blobs
 
 
-def read_full(directory: Path, names: dict[str, tuple[int, ...]], kinds: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The full tensors `NAME/KIND` of a saved optimizer state, in this one process (no process
-    group): for tests and inspection."""
-    state = {_key(n, k): torch.empty(shape) for n, shape in names.items() for k in kinds}
-    dcp.load(state, storage_reader=SafeReader(str(directory)), no_dist=True)
-    return state
+def save_full(directory: Path, tensors: dict[str, torch.Tensor], blobs: dict[str, bytes]) -> list[str]:
+    """Write whole tensors (each one chunk) and blobs as a DCP directory, in this one process
+    (no process group): how `mbert-convert upgrade-checkpoint` writes. Returns the files."""
+    table = _ChunkTable()
+    for fqn, tensor in tensors.items():
+        tensor = tensor.contiguous()
+        table.add(fqn, tuple(tensor.shape), tensor.dtype, [Chunk((0,) * tensor.dim(), tuple(tensor.shape), tensor)])
+    table.blobs.update(blobs)
+    return _save(directory, table, no_dist=True)
+
+
+def read_full(directory: Path, kind: str | None = None) -> dict[str, torch.Tensor]:
+    """The full tensors of a saved state (of one `kind`, keyed by parameter name; else every
+    tensor, keyed `NAME/KIND`), in this one process (no process group): for `mbert-convert`."""
+    metadata = SafeReader(str(directory)).read_metadata()
+    state = {}
+    for fqn, md in metadata.state_dict_metadata.items():
+        if isinstance(md, TensorStorageMetadata) and (kind is None or fqn.endswith(f"/{kind}")):
+            state[fqn] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+    with _one_process(True):
+        dcp.load(state, storage_reader=SafeReader(str(directory)), no_dist=True)
+    return state if kind is None else {fqn.rsplit("/", 1)[0]: t for fqn, t in state.items()}
 
 
 def _require_metadata(directory: Path) -> None:
@@ -316,6 +398,6 @@ def _require_metadata(directory: Path) -> None:
 
 
 def saved_keys(directory: Path) -> set[str]:
-    """The tensor names in a saved optimizer state (reads only its metadata)."""
+    """The names in a saved state (reads only its metadata)."""
     _require_metadata(directory)
     return set(SafeReader(str(directory)).read_metadata().state_dict_metadata)
