@@ -112,4 +112,7 @@ def test_init_from_continues_pretraining_at_tp2_and_exports(hf_dir, tmp_path, co
     assert original.keys() == trained.keys()
     moved = {name: (trained[name] - tensor).abs().max().item() for name, tensor in original.items()}
     assert max(moved.values()) < 10 * lr and min(moved.values()) > 0, moved
+    tokenizer_config = json.loads((exported / "tokenizer_config.json").read_text())
+    assert tokenizer_config["model_input_names"] == ["input_ids", "attention_mask"]  # no token type ids
+    assert not (exported / "vocab.txt").exists() and "BPE cased" in (exported / "README.md").read_text()
     assert_fill_mask_runs(exported)

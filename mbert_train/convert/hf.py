@@ -15,8 +15,8 @@ it finds beside the weights in the model directory, and `to_hf` of a model direc
 no dataset writes them back unchanged.
 
 The tokenizer files are `tokenizer.json` (with BERT's `[CLS] A [SEP] (B [SEP])` post-processor),
-`vocab.txt`, `tokenizer_config.json` (class, special tokens, `do_lower_case` as the dataset was
-prepared) and `special_tokens_map.json`; with them `AutoTokenizer.from_pretrained(OUT)` and
+`vocab.txt` (WordPiece only), `tokenizer_config.json` (class, special tokens, `do_lower_case` as
+the dataset was prepared) and `special_tokens_map.json`; with them `AutoTokenizer.from_pretrained(OUT)` and
 `pipeline("fill-mask", model=OUT)` need nothing else. They are written only when the dataset is
 found and its vocabulary is the model's; otherwise `missing` says why, in one line.
 """
@@ -365,13 +365,22 @@ def tokenizer_files(dataset_dir: str | None, cfg: ModelConfig, tokenizer_sha256:
     bert = is_bert_pipeline(tok)
     with_bert_template(tok)
     lowercase = bool(meta.get("lowercase", True))
+    # ModernBertForMaskedLM takes no token type ids.
+    inputs = ["input_ids", "attention_mask"] if cfg.arch == "modernbert" else ["input_ids", "token_type_ids",
+                                                                               "attention_mask"]
     config = {"tokenizer_class": "BertTokenizer" if bert else "PreTrainedTokenizerFast",
               "do_lower_case": lowercase, "strip_accents": None, "tokenize_chinese_chars": True,
-              **_SPECIAL, "model_max_length": cfg.max_position_embeddings,
-              "model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}
-    texts = (tok.to_str(pretty=True), vocab_text(tok), json.dumps(config, indent=2) + "\n",
-             json.dumps(_SPECIAL, indent=2) + "\n")
-    return dict(zip(TOKENIZER_FILES, texts, strict=True)), None
+              **_SPECIAL, "model_max_length": cfg.max_position_embeddings, "model_input_names": inputs}
+    files = {HF_TOKENIZER: tok.to_str(pretty=True), "vocab.txt": vocab_text(tok),
+             "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
+             "special_tokens_map.json": json.dumps(_SPECIAL, indent=2) + "\n"}
+    if not _is_wordpiece(tok):  # vocab.txt is WordPiece's format; a BPE's merges live in tokenizer.json
+        del files["vocab.txt"]
+    return files, None
+
+
+def _is_wordpiece(tok: Tokenizer) -> bool:
+    return json.loads(tok.to_str()).get("model", {}).get("type") == "WordPiece"
 
 
 def final_eval(metrics_file: Path, step: int) -> tuple[int, float] | None:
@@ -404,8 +413,13 @@ def _data_line(dataset_dir: str | None, config: Mapping) -> str:
     if not summary:
         return name
     case = "uncased" if meta.get("lowercase", True) else "cased"
+    try:
+        kind = json.loads(Path(dataset_dir, meta.get("tokenizer_file", fmt.TOKENIZER_FILE)).read_text())["model"]["type"]
+    except (OSError, ValueError, KeyError, TypeError):
+        kind = "WordPiece"
+    kind = {"BPE": "BPE", "Unigram": "Unigram"}.get(kind, "WordPiece")
     return (f"{name}: {_n(summary.get('train_documents'))} training and {_n(summary.get('heldout_documents'))} "
-            f"held-out documents, {_n(summary.get('tokens'))} tokens; WordPiece {case}, "
+            f"held-out documents, {_n(summary.get('tokens'))} tokens; {kind} {case}, "
             f"{_n(meta.get('vocab_size'))} entries")
 
 
