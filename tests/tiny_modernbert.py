@@ -21,7 +21,16 @@ def texts(n_docs: int, seed: int = 0) -> list[str]:
 
 
 def byte_level_bpe(docs: list[str]):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.normalizer = normalizers.NFC()
@@ -43,7 +52,11 @@ def save_tiny_modernbert(path: Path, docs: list[str], *, hidden_size: int = 64, 
     """`path` holding config.json, model.safetensors, tokenizer.json and tokenizer_config.json;
     every weight drawn at random (norms and biases too, so that none is at its init value)."""
     import torch
-    from transformers import ModernBertConfig, ModernBertForMaskedLM, PreTrainedTokenizerFast
+    from transformers import (
+        ModernBertConfig,
+        ModernBertForMaskedLM,
+        PreTrainedTokenizerFast,
+    )
 
     tok = byte_level_bpe(docs)
     ids = {token: tok.token_to_id(token) for token in SPECIAL}
