@@ -5,6 +5,7 @@ pretraining on at TP=2, with [PAD]'s id taken from that tokenizer; both exports 
 `transformers.pipeline("fill-mask")`."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -73,6 +74,25 @@ def test_a_torch_save_with_the_tied_decoder_imports(hf_dir, tmp_path):
     back = load_file(str(tmp_path / "back" / "model.safetensors"))
     for name, tensor in load_file(str(hf_dir / "model.safetensors")).items():
         assert torch.equal(back[name], tensor), name
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"mlp_bias": True}, "mlp_bias=True is not supported"),
+    ({"num_hidden_layers": 3, "layer_types": ["full_attention", "sliding_attention", "sliding_attention"]},
+     "holds 2 layers but"),
+    ({"layer_types": ["sliding_attention", "full_attention"]}, "layer_types="),
+])
+def test_unsupported_or_inconsistent_modernbert_is_one_line(hf_dir, tmp_path, capsys, change, message):
+    bad = tmp_path / "bad"
+    shutil.copytree(hf_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, **change}))
+    assert main(["from-hf", str(bad), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mbert-convert: error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
+    assert main(["from-hf", str(hf_dir), str(tmp_path / "out"), "--tp", "3"]) == 2
+    assert "--tp 3" in capsys.readouterr().err
 
 
 def test_pad_id_follows_the_dataset_and_a_wrong_one_is_one_line(tmp_path):
