@@ -48,6 +48,7 @@ def test_from_hf_to_hf_round_trip_is_bit_exact(hf_dir, tmp_path, capsys):
     assert meta["model"]["pad_token_id"] == PAD and meta["model"]["vocab_size"] == BPE_SIZE + 5
     convert("to-hf", tmp_path / "ours", tmp_path / "back")
     assert "ModernBertForMaskedLM.from_pretrained" in capsys.readouterr().out
+    assert "ModernBERT model converted by mbert-convert" in (tmp_path / "back" / "README.md").read_text()
     original, back = load_file(str(hf_dir / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
     assert original.keys() == back.keys()
     for name, tensor in original.items():
@@ -134,5 +135,6 @@ def test_init_from_continues_pretraining_at_tp2_and_exports(hf_dir, tmp_path, co
     assert max(moved.values()) < 10 * lr and min(moved.values()) > 0, moved
     tokenizer_config = json.loads((exported / "tokenizer_config.json").read_text())
     assert tokenizer_config["model_input_names"] == ["input_ids", "attention_mask"]  # no token type ids
-    assert not (exported / "vocab.txt").exists() and "BPE cased" in (exported / "README.md").read_text()
+    card = (exported / "README.md").read_text()
+    assert not (exported / "vocab.txt").exists() and "BPE cased" in card and f"weights of `{tmp_path / 'init'}`" in card
     assert_fill_mask_runs(exported)

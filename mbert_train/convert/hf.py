@@ -457,6 +457,10 @@ def model_card(cfg: ModelConfig, config: Mapping | None, *, dataset_dir: str | N
                  if evaluation else "not evaluated"))
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
     family, masked_lm_class = _FAMILIES[cfg.arch]
+    init_from = trainer.get("init_from")
+    origin = (f"pretrained with mbert-train {__version__}, starting from the weights of `{init_from}`" if init_from
+              else f"pretrained from scratch with mbert-train {__version__}" if config
+              else f"converted by mbert-convert {__version__} (no training run recorded)")
     return f"""---
 library_name: transformers
 pipeline_tag: fill-mask
@@ -467,7 +471,7 @@ tags:
 
 # {name}
 
-A {family} model pretrained from scratch with mbert-train {__version__}.
+A {family} model {origin}.
 
 | | |
 |---|---|
