@@ -413,11 +413,11 @@ def _data_line(dataset_dir: str | None, config: Mapping) -> str:
     if not summary:
         return name
     case = "uncased" if meta.get("lowercase", True) else "cased"
-    try:
-        kind = json.loads(Path(dataset_dir, meta.get("tokenizer_file", fmt.TOKENIZER_FILE)).read_text())["model"]["type"]
+    try:  # the tokenizer's model: WordPiece (mbert-prep's), BPE (ModernBERT's, RoBERTa's), ...
+        tokenizer = Path(dataset_dir, meta.get("tokenizer_file", fmt.TOKENIZER_FILE))
+        kind = json.loads(tokenizer.read_text())["model"]["type"]
     except (OSError, ValueError, KeyError, TypeError):
         kind = "WordPiece"
-    kind = {"BPE": "BPE", "Unigram": "Unigram"}.get(kind, "WordPiece")
     return (f"{name}: {_n(summary.get('train_documents'))} training and {_n(summary.get('heldout_documents'))} "
             f"held-out documents, {_n(summary.get('tokens'))} tokens; {kind} {case}, "
             f"{_n(meta.get('vocab_size'))} entries")
