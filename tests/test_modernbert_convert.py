@@ -94,6 +94,9 @@ def test_unsupported_or_inconsistent_modernbert_is_one_line(hf_dir, tmp_path, ca
     assert not (tmp_path / "out").exists()
     assert main(["from-hf", str(hf_dir), str(tmp_path / "out"), "--tp", "3"]) == 2
     assert "--tp 3" in capsys.readouterr().err
+    convert("from-hf", hf_dir, tmp_path / "ours")
+    assert main(["to-megatron", str(tmp_path / "ours"), str(tmp_path / "megatron")]) == 2
+    assert "model.arch=modernbert model, which Megatron-LM's BERT is not" in capsys.readouterr().err
 
 
 def test_pad_id_follows_the_dataset_and_a_wrong_one_is_one_line(tmp_path):
