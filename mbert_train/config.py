@@ -264,6 +264,9 @@ class TrainConfig:
 def register_schema() -> None:
     """The schema node `conf/config.yaml` lists, and the resolver its `hydra:` block uses."""
     node = OmegaConf.structured(TrainConfig)
+    # A run takes [PAD]'s id from its dataset's tokenizer unless set (`resolve_pad`), as it takes
+    # the vocabulary size; a model built in Python keeps ModelConfig's BERT default, 0.
+    node.model.pad_token_id = None
     # Hydra makes the whole config struct (unknown keys are typos); `trainer.deepspeed` is a
     # free-form passthrough, so it alone takes new keys: `trainer.deepspeed='{zero_optimization: ...}'`.
     OmegaConf.set_struct(node.trainer.deepspeed, False)

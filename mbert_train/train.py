@@ -225,7 +225,7 @@ def _train_in(run_dir: Path, cfg: TrainConfig, state, device: torch.device, secr
     train (resuming from the run dir if possible) and export."""
     from mbert_train.checkpoint import CheckpointDir, read_run_record, step_of
     from mbert_train.checkpoint.state import checkpoint_to_evaluate, choose_checkpoint
-    from mbert_train.data import build_loaders, open_dataset, resolve_vocab
+    from mbert_train.data import build_loaders, open_dataset, resolve_pad, resolve_vocab
     from mbert_train.engine import build_engine
     from mbert_train.metrics import MetricsLogger
     from mbert_train.model import build_model
@@ -233,7 +233,7 @@ def _train_in(run_dir: Path, cfg: TrainConfig, state, device: torch.device, secr
     from mbert_train.parallel.random import seed_for_training, training_seed
     from mbert_train.trainer import Trainer
 
-    # config.yaml records the run as started, then (below) with the vocabulary the dataset gave;
+    # config.yaml records the run as started, then (below) with the vocabulary and [PAD] the dataset gave;
     # an evaluation leaves the training run's record alone. Decided on rank 0, for every rank.
     def first_config_record() -> bool:
         if cfg.trainer.eval_only and (run_dir / "config.yaml").exists():
@@ -246,7 +246,9 @@ def _train_in(run_dir: Path, cfg: TrainConfig, state, device: torch.device, secr
     dataset_dir = _dataset_dir(cfg, state.rank)
     metadata = open_dataset(dataset_dir).metadata
     vocab_size = resolve_vocab(metadata, cfg.model.vocab_size, dataset_dir)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
+    pad_token_id = resolve_pad(metadata, cfg.model.pad_token_id, dataset_dir)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size,
+                                                             pad_token_id=pad_token_id))
     if write_config:
         _on_rank0(lambda: _write_config(run_dir, cfg, secrets), str(run_dir / "config.yaml"))
     _check_same_tokenizer(metadata.get("tokenizer_sha256"), dataset_dir)

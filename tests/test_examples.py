@@ -276,7 +276,9 @@ def inputs(tmp_path_factory, corpus_cache) -> Path:
     prepared dataset (`/data/wiki`), a finished run with checkpoints at steps 10 and 20
     (`runs/my-run`), a MegatronBERT-345M (shrunk as the examples that train it are) with a
     30522-entry vocabulary in Hugging Face (`hf/megatron-bert-uncased-345m`) and Megatron-LM
-    (`megatron/bert_345m`) form, and a Megatron-LM indexed dataset with its vocabulary file."""
+    (`megatron/bert_345m`) form, a ModernBERT-base (shrunk too) with its byte-level BPE tokenizer as
+    `save_pretrained` writes it (`hf/ModernBERT-base`), and a Megatron-LM indexed dataset with its
+    vocabulary file."""
     import numpy as np
     import torch
 
@@ -314,6 +316,10 @@ def inputs(tmp_path_factory, corpus_cache) -> Path:
     shutil.copy(root / "bert-large-uncased-vocab.txt", hf / "vocab.txt")
     run_in_process(["mbert-convert", "to-megatron", str(root / "model-345m"), str(root / "megatron" / "bert_345m")],
                    root, {})
+    from tests.tiny_modernbert import save_tiny_modernbert, texts
+
+    sizes = {k.split(".")[1]: int(v) for k, v in (a.split("=") for a in shrink("modernbert-base"))}
+    save_tiny_modernbert(root / "hf" / "ModernBERT-base", texts(40), num_heads=12, **sizes)
 
     with warnings.catch_warnings():  # megatron.core warns that Apex/Transformer Engine are absent
         warnings.simplefilter("ignore")

@@ -253,9 +253,14 @@ PUBLISHED = {"modernbert-base": (768, 22, 12, 1152), "modernbert-large": (1024, 
 @pytest.mark.parametrize("preset", sorted(PUBLISHED))
 def test_presets_are_the_published_configurations(preset):
     """Composed with Hydra, each preset is transformers' ModernBertConfig of that shape (whose
-    other defaults are the published ones); the vocabulary comes from the dataset."""
-    cfg = compose_config([f"model={preset}", "data.objective=none"]).model
-    assert cfg.vocab_size is None
+    other defaults are the published ones); the vocabulary and [PAD] come from the dataset, and
+    ModernBERT's objective with the preset: MLM only, 30 % masked, no cap per sample."""
+    composed = compose_config([f"model={preset}"])
+    cfg, data = composed.model, composed.data
+    assert cfg.vocab_size is None and cfg.pad_token_id is None
+    assert (data.objective, data.masked_lm_prob, data.max_predictions_per_seq) == ("none", 0.3, data.max_seq_length)
+    data = compose_config([f"model={preset}", "data.max_seq_length=512", "data.masked_lm_prob=0.2"]).data
+    assert (data.masked_lm_prob, data.max_predictions_per_seq) == (0.2, 512)
     ours = ModernBertConfig(**{k: v for k, v in hf_config(dataclasses.replace(cfg, vocab_size=50368, pad_token_id=50283))
                                .items() if k != "architectures"})
     hidden, layers, heads, inter = PUBLISHED[preset]
@@ -277,7 +282,7 @@ def test_parameter_count_is_transformers(preset):
     builds (on the meta device) and what our model holds (vocabulary padded)."""
     from mbert_train.arithmetic import count_parameters
 
-    cfg = dataclasses.replace(compose_config([f"model={preset}", "data.objective=none"]).model,
+    cfg = dataclasses.replace(compose_config([f"model={preset}"]).model,
                               vocab_size=50368, pad_token_id=50283)
     with torch.device("meta"):
         ref = ModernBertForMaskedLM(ModernBertConfig(**{k: v for k, v in hf_config(cfg).items()
@@ -311,10 +316,10 @@ def test_modernbert_config_errors():
     with pytest.raises(ValueError, match="modernbert_hf.py"):
         small_config().to_hf_dict()
     with pytest.raises(ValueError, match="set data.objective=none"):
-        compose_config(["model=modernbert-base"])
+        compose_config(["model=modernbert-base", "data.objective=nsp"])
 
 
-MODERN_RUN = ["model=modernbert-base", "data.objective=none", "model.intermediate_size=96", "model.local_attention=16",
+MODERN_RUN = ["model=modernbert-base", "model.intermediate_size=96", "model.local_attention=16",
               "trainer.max_steps=4", "trainer.eval_every=0"]
 
 

@@ -1,4 +1,4 @@
-"""mbert-convert: Hugging Face MegatronBERT directories <-> mbert-train model directories.
+"""mbert-convert: Hugging Face MegatronBERT / ModernBERT and Megatron-LM <-> mbert-train model directories.
 
     mbert-convert from-hf HF_DIR OUT_DIR --tp N    # config.json + weights -> model_config.json + N shards
     mbert-convert to-hf CKPT_DIR OUT_DIR           # any model/step/run dir, any TP -> config.json + model.safetensors
@@ -52,8 +52,10 @@ def _add_hf_parsers(sub) -> None:
     """The from-hf / to-hf subcommands of `mbert-convert`."""
     p = sub.add_parser("from-hf", help="Hugging Face directory -> mbert-train model directory with TP shards",
                        description="Read HF_DIR/config.json and model.safetensors (or model.safetensors.index.json, "
-                                   "pytorch_model.bin) of a MegatronBertForPreTraining / ForMaskedLM and write "
-                                   "OUT_DIR/model_config.json + model_tpRR-of-NN.safetensors for every TP rank.")
+                                   "pytorch_model.bin) of a MegatronBertForPreTraining / ForMaskedLM or a "
+                                   "ModernBertForMaskedLM and write OUT_DIR/model_config.json + "
+                                   "model_tpRR-of-NN.safetensors for every TP rank, and the tokenizer files found "
+                                   "in HF_DIR.")
     p.add_argument("hf_dir", metavar="HF_DIR", help="directory written by save_pretrained")
     p.add_argument("out_dir", metavar="OUT_DIR", help="model directory to create (trainer.init_from)")
     p.add_argument("--tp", type=int, default=1, metavar="N",
@@ -62,8 +64,9 @@ def _add_hf_parsers(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p = sub.add_parser("to-hf", help="mbert-train model/checkpoint/run directory -> Hugging Face directory",
                        description="Gather the TP shards of CKPT_DIR (any TP degree) and write OUT_DIR/config.json "
-                                   "+ model.safetensors (MegatronBertForPreTraining, or MegatronBertForMaskedLM "
-                                   "for an MLM-only model), the tokenizer of the dataset the run trained on "
+                                   "+ model.safetensors (MegatronBertForPreTraining, MegatronBertForMaskedLM "
+                                   "for an MLM-only model, or ModernBertForMaskedLM), the tokenizer of the dataset "
+                                   "the run trained on or the one a from-hf output came with "
                                    "(tokenizer.json, vocab.txt, tokenizer_config.json, special_tokens_map.json) "
                                    "and a model card README.md: pipeline('fill-mask', model=OUT_DIR) works as is.")
     p.add_argument("ckpt_dir", metavar="CKPT_DIR",

@@ -50,7 +50,8 @@ MEGATRON_RELEASE = "release"
 # Written into every output, naming its kind; `--overwrite` replaces only directories carrying it.
 MARKER = ".mbert-convert.json"
 OUTPUT_FILES = {"hf": re.compile(rf"^({'|'.join(map(re.escape, (HF_CONFIG, HF_WEIGHTS, *HF_EXTRA_FILES)))})$"),
-                "model": re.compile(rf"^({re.escape(MODEL_CONFIG)}|model_tp\d+-of-\d+\.safetensors)$"),
+                "model": re.compile(rf"^({'|'.join(map(re.escape, (MODEL_CONFIG, *TOKENIZER_FILES)))}"
+                                    rf"|model_tp\d+-of-\d+\.safetensors)$"),
                 "megatron": re.compile(rf"^({re.escape(MEGATRON_TRACKER)}|{re.escape(MEGATRON_RELEASE)})$")}
 # Weights are read as these dtypes only; integer or boolean tensors are not a model's weights,
 # and casting them to float would hide that.
@@ -203,12 +204,15 @@ def load_model_dir(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Mo
 
 
 def write_model_dir(full_state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | os.PathLike, tp: int,
-                    *, overwrite: bool = False) -> Path:
-    """Write the full form as a TP=`tp` model directory (what `trainer.init_from` reads)."""
+                    *, overwrite: bool = False, files: dict[str, str] | None = None) -> Path:
+    """Write the full form as a TP=`tp` model directory (what `trainer.init_from` reads), with
+    `files` ({name: text} of `TOKENIZER_FILES`: the tokenizer the model came with) beside it."""
     out_dir = Path(out_dir)
     with staged_output(out_dir, overwrite=overwrite) as staging:
         for rank in range(tp):
             save_shard_tensors(staging, shard_full(full_state, cfg, tp, rank), cfg, rank, tp)
+        for name, text in (files or {}).items():
+            (staging / name).write_text(text, encoding="utf-8")
         write_marker(staging, "model")
     return out_dir
 

@@ -1,5 +1,5 @@
-"""Hugging Face MegatronBERT directories <-> mbert-train model directories, and what an export
-needs besides the weights to be usable at once.
+"""Hugging Face MegatronBERT and ModernBERT directories <-> mbert-train model directories, and
+what an export needs besides the weights to be usable at once.
 
     from_hf(HF_DIR, OUT_DIR, tp)   # config.json + weights -> model_config.json + `tp` shards
     to_hf(CKPT_DIR, OUT_DIR)       # any model/step/run dir, any TP -> config.json + model.safetensors
@@ -8,11 +8,15 @@ needs besides the weights to be usable at once.
     export_hf(full, cfg, out_dir, files=files)   # what the trainer writes at the end of a run
 
 Both directions go through the *full* form of `mbert_train.model.weights`, which is the same at
-every TP degree; OUT_DIR is checked, staged and marked by `mbert_train.convert.common`.
+every TP degree; OUT_DIR is checked, staged and marked by `mbert_train.convert.common`. A
+`config.json` with `model_type: modernbert` is a `ModernBertForMaskedLM` (its names and config:
+`mbert_train.model.modernbert_hf`), any other a MegatronBERT. `from_hf` keeps the tokenizer files
+it finds beside the weights in the model directory, and `to_hf` of a model directory that records
+no dataset writes them back unchanged.
 
 The tokenizer files are `tokenizer.json` (with BERT's `[CLS] A [SEP] (B [SEP])` post-processor),
-`vocab.txt`, `tokenizer_config.json` (class, special tokens, `do_lower_case` as the dataset was
-prepared) and `special_tokens_map.json`; with them `AutoTokenizer.from_pretrained(OUT)` and
+`vocab.txt` (WordPiece only), `tokenizer_config.json` (class, special tokens, `do_lower_case` as
+the dataset was prepared) and `special_tokens_map.json`; with them `AutoTokenizer.from_pretrained(OUT)` and
 `pipeline("fill-mask", model=OUT)` need nothing else. They are written only when the dataset is
 found and its vocabulary is the model's; otherwise `missing` says why, in one line.
 """
@@ -58,6 +62,9 @@ HF_TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.we
 HF_BUFFERS = ("bert.embeddings.position_ids",)
 HF_MLM_ONLY = "MegatronBertForMaskedLM"
 _HF_LAYER = re.compile(r"^bert\.encoder\.layer\.(\d+)\.")
+# ModernBertForMaskedLM's: the decoder is tied to the token embeddings; no buffers are saved.
+MODERNBERT_TIED = {"decoder.weight": "model.embeddings.tok_embeddings.weight"}
+_MODERNBERT_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _SPECIAL = {"unk_token": fmt.UNK, "sep_token": fmt.SEP, "pad_token": fmt.PAD, "cls_token": fmt.CLS,
             "mask_token": fmt.MASK}
 _OBJECTIVES = {"nsp": "masked LM + next-sentence prediction", "sop": "masked LM + sentence-order prediction",
@@ -81,8 +88,7 @@ def read_hf_config(hf_dir: Path) -> ModelConfig:
     if not isinstance(hf, dict):
         raise ConvertError(f"{path} does not hold a JSON object; re-save it with save_pretrained")
     if hf.get("model_type") == "modernbert":
-        raise ConvertError(f"{path} is a ModernBERT config.json; importing ModernBERT checkpoints is not supported yet "
-                           f"(mbert_train.model.modernbert_hf.load_hf_state_dict loads one in Python)")
+        return _read_modernbert_config(hf, path)
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise ConvertError(f"{path}: position_embedding_type={hf['position_embedding_type']!r} is not supported; "
                            f"only 'absolute' position embeddings")
@@ -98,6 +104,15 @@ def read_hf_config(hf_dir: Path) -> ModelConfig:
     if HF_MLM_ONLY in hf.get("architectures", []):
         cfg = dataclasses.replace(cfg, binary_head=False)
     return cfg
+
+
+def _read_modernbert_config(hf: dict, path: Path) -> ModelConfig:
+    try:
+        return modernbert_hf.config_from_hf(hf)
+    except KeyError as exc:
+        raise ConvertError(f"{path} lacks {exc}; it is not a ModernBERT config.json") from None
+    except (ValueError, TypeError) as exc:
+        raise ConvertError(f"{path}: {first_line(exc)}") from None
 
 
 def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
@@ -160,21 +175,32 @@ def read_hf_weights(hf_dir: Path) -> tuple[Path, dict[str, torch.Tensor]]:
 
 
 def import_hf(hf_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelConfig]:
-    """A Hugging Face MegatronBertForPreTraining (or ForMaskedLM) directory -> (full form, config)."""
+    """A Hugging Face MegatronBertForPreTraining (or ForMaskedLM), or ModernBertForMaskedLM,
+    directory -> (full form, config)."""
     hf_dir = Path(hf_dir)
     cfg = read_hf_config(hf_dir)
     source, tensors = read_hf_weights(hf_dir)
-    for name, origin in HF_TIED.items():
+    modern = cfg.arch == "modernbert"
+    for name, origin in (MODERNBERT_TIED if modern else HF_TIED).items():
         copy = tensors.pop(name, None)
         if copy is not None and origin in tensors and not torch.equal(copy, tensors[origin]):
             raise ConvertError(f"{source}: {name} differs from {origin}; untied MLM decoders are not supported")
-    for name in HF_BUFFERS:
+    for name in () if modern else HF_BUFFERS:
         tensors.pop(name, None)
     check_dtypes(tensors, source)
-    check_layer_count(tensors, _HF_LAYER, cfg, source, hf_dir / HF_CONFIG, "num_hidden_layers")
-    expected = full_to_hf({n: torch.empty(s, device="meta") for n, s in full_shapes(cfg).items()}, cfg)
+    check_layer_count(tensors, _MODERNBERT_LAYER if modern else _HF_LAYER, cfg, source, hf_dir / HF_CONFIG,
+                      "num_hidden_layers")
+    to_hf, to_full = (modernbert_hf.full_to_hf, modernbert_hf.hf_to_full) if modern else (full_to_hf, hf_to_full)
+    expected = to_hf({n: torch.empty(s, device="meta") for n, s in full_shapes(cfg).items()}, cfg)
     check_tensors(tensors, {n: t.shape for n, t in expected.items()}, source, hf_dir / HF_CONFIG, cfg)
-    return hf_to_full(tensors, cfg), cfg
+    return to_full(tensors, cfg), cfg
+
+
+def carried_tokenizer(directory: Path) -> dict[str, str]:
+    """{name: text} of the tokenizer files (`TOKENIZER_FILES`) in `directory`: what `from_hf`
+    keeps beside the weights and `to_hf` writes back."""
+    return {name: (directory / name).read_text(encoding="utf-8") for name in TOKENIZER_FILES
+            if (directory / name).is_file()}
 
 
 def from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int, *, overwrite: bool = False) -> Path:
@@ -185,15 +211,18 @@ def from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int, *, o
     cfg = read_hf_config(hf_dir)
     check_tp(cfg, tp, hf_dir / HF_CONFIG)
     full, cfg = import_hf(hf_dir)
-    return write_model_dir(full, cfg, out_dir, tp, overwrite=overwrite)
+    return write_model_dir(full, cfg, out_dir, tp, overwrite=overwrite, files=carried_tokenizer(hf_dir))
 
 
 # ---- to-hf ----------------------------------------------------------------------------------
 
-def hf_config_dict(cfg: ModelConfig) -> dict:
-    """config.json for `cfg`; the MLM-only model (no pooler/NSP) loads as MegatronBertForMaskedLM."""
+def hf_config_dict(cfg: ModelConfig, tokenizer_json: str | None = None) -> dict:
+    """config.json for `cfg`; the MLM-only model (no pooler/NSP) loads as MegatronBertForMaskedLM.
+    ModernBERT's also names the [CLS] and [SEP] ids of the tokenizer written beside it."""
     if cfg.arch == "modernbert":
-        return modernbert_hf.hf_config(cfg)
+        tok = Tokenizer.from_str(tokenizer_json) if tokenizer_json else None
+        return modernbert_hf.hf_config(cfg, cls_token_id=tok and tok.token_to_id(fmt.CLS),
+                                       sep_token_id=tok and tok.token_to_id(fmt.SEP))
     hf = cfg.to_hf_dict()
     if not cfg.binary_head:
         hf["architectures"] = [HF_MLM_ONLY]
@@ -214,7 +243,8 @@ def export_hf(full_state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: st
     hf = (modernbert_hf.full_to_hf if cfg.arch == "modernbert" else full_to_hf)(full_state, cfg)
     with staged_output(out_dir, overwrite=overwrite) as staging:
         save_file(hf, str(staging / HF_WEIGHTS), metadata={"format": "pt"})
-        (staging / HF_CONFIG).write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
+        config = hf_config_dict(cfg, (files or {}).get(HF_TOKENIZER))
+        (staging / HF_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         for name, text in (files or {}).items():
             (staging / name).write_text(text, encoding="utf-8")
         write_marker(staging, "hf")
@@ -260,6 +290,9 @@ def to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite:
     files, missing = export_files(cfg, config, dataset_dir=dataset_dir, step=step, data_parallel=dp,
                                   tokenizer_sha256=record.get("tokenizer_sha256") if dataset is None else None,
                                   metrics_file=run_dir / METRICS_FILE if config else None, name=out_dir.name)
+    carried = carried_tokenizer(inputs[-1]) if missing and config is None and dataset is None else {}
+    if carried:  # a from-hf model directory: the tokenizer it came with
+        files, missing = {**files, **carried}, None
     export_hf(full, cfg, out_dir, overwrite=overwrite, files=files)
     if missing and (config is not None or dataset is not None):  # a plain model dir records no dataset
         print(f"mbert-convert: warning: tokenizer not written: {missing}; add it with mbert-convert to-hf "
@@ -332,13 +365,22 @@ def tokenizer_files(dataset_dir: str | None, cfg: ModelConfig, tokenizer_sha256:
     bert = is_bert_pipeline(tok)
     with_bert_template(tok)
     lowercase = bool(meta.get("lowercase", True))
+    # ModernBertForMaskedLM takes no token type ids.
+    inputs = ["input_ids", "attention_mask"] if cfg.arch == "modernbert" else ["input_ids", "token_type_ids",
+                                                                               "attention_mask"]
     config = {"tokenizer_class": "BertTokenizer" if bert else "PreTrainedTokenizerFast",
               "do_lower_case": lowercase, "strip_accents": None, "tokenize_chinese_chars": True,
-              **_SPECIAL, "model_max_length": cfg.max_position_embeddings,
-              "model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}
-    texts = (tok.to_str(pretty=True), vocab_text(tok), json.dumps(config, indent=2) + "\n",
-             json.dumps(_SPECIAL, indent=2) + "\n")
-    return dict(zip(TOKENIZER_FILES, texts, strict=True)), None
+              **_SPECIAL, "model_max_length": cfg.max_position_embeddings, "model_input_names": inputs}
+    files = {HF_TOKENIZER: tok.to_str(pretty=True), "vocab.txt": vocab_text(tok),
+             "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
+             "special_tokens_map.json": json.dumps(_SPECIAL, indent=2) + "\n"}
+    if not _is_wordpiece(tok):  # vocab.txt is WordPiece's format; a BPE's merges live in tokenizer.json
+        del files["vocab.txt"]
+    return files, None
+
+
+def _is_wordpiece(tok: Tokenizer) -> bool:
+    return json.loads(tok.to_str()).get("model", {}).get("type") == "WordPiece"
 
 
 def final_eval(metrics_file: Path, step: int) -> tuple[int, float] | None:
@@ -371,8 +413,13 @@ def _data_line(dataset_dir: str | None, config: Mapping) -> str:
     if not summary:
         return name
     case = "uncased" if meta.get("lowercase", True) else "cased"
+    try:  # the tokenizer's model: WordPiece (mbert-prep's), BPE (ModernBERT's, RoBERTa's), ...
+        tokenizer = Path(dataset_dir, meta.get("tokenizer_file", fmt.TOKENIZER_FILE))
+        kind = json.loads(tokenizer.read_text())["model"]["type"]
+    except (OSError, ValueError, KeyError, TypeError):
+        kind = "WordPiece"
     return (f"{name}: {_n(summary.get('train_documents'))} training and {_n(summary.get('heldout_documents'))} "
-            f"held-out documents, {_n(summary.get('tokens'))} tokens; WordPiece {case}, "
+            f"held-out documents, {_n(summary.get('tokens'))} tokens; {kind} {case}, "
             f"{_n(meta.get('vocab_size'))} entries")
 
 
@@ -410,6 +457,10 @@ def model_card(cfg: ModelConfig, config: Mapping | None, *, dataset_dir: str | N
                  if evaluation else "not evaluated"))
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
     family, masked_lm_class = _FAMILIES[cfg.arch]
+    init_from = trainer.get("init_from")
+    origin = (f"pretrained with mbert-train {__version__}, starting from the weights of `{init_from}`" if init_from
+              else f"pretrained from scratch with mbert-train {__version__}" if config
+              else f"converted by mbert-convert {__version__} (no training run recorded)")
     return f"""---
 library_name: transformers
 pipeline_tag: fill-mask
@@ -420,7 +471,7 @@ tags:
 
 # {name}
 
-A {family} model pretrained from scratch with mbert-train {__version__}.
+A {family} model {origin}.
 
 | | |
 |---|---|

@@ -496,6 +496,9 @@ def to_megatron(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int
     inputs = (ckpt_dir,) if not ckpt_dir.is_dir() else (ckpt_dir, resolve_model_dir(ckpt_dir))
     check_out_dir(out_dir, overwrite=overwrite, inputs=inputs)
     full, cfg = load_model_dir(inputs[-1])
+    if cfg.arch != "megatron_bert":
+        raise ConvertError(f"{inputs[-1]} holds a model.arch={cfg.arch} model, which Megatron-LM's BERT is not; "
+                           f"export it with mbert-convert to-hf instead")
     check_tp(cfg, tp, inputs[-1])
     args = megatron_args(cfg, tp, tokenizer_type)
     with staged_output(out_dir, overwrite=overwrite) as staging:

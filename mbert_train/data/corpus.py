@@ -265,3 +265,16 @@ def resolve_vocab(metadata: dict, model_vocab_size: int | None, path: str) -> in
             f"{os.path.join(path, fmt.TOKENS_FILE)} holds token id {max_id}, outside the tokenizer's "
             f"vocab_size={vocab}; the dataset is corrupt: re-run mbert-prep")
     return vocab
+
+
+def resolve_pad(metadata: dict, model_pad_token_id: int | None, path: str) -> int:
+    """The id of [PAD] the model embeds as padding: the dataset tokenizer's when
+    `model.pad_token_id` is unset, else the one set, which must match it (a byte-level BPE such as
+    ModernBERT's holds [PAD] at the end of its vocabulary: 50283, not BERT's 0)."""
+    pad = int(metadata["special_ids"]["pad"])
+    if model_pad_token_id is not None and model_pad_token_id != pad:
+        raise DatasetError(
+            f"model.pad_token_id={model_pad_token_id} does not match the dataset's tokenizer ([PAD] is "
+            f"{pad} in {os.path.join(path, fmt.METADATA_FILE)}); leave model.pad_token_id unset (it then "
+            f"follows the dataset) or set model.pad_token_id={pad}")
+    return pad

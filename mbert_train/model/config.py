@@ -65,8 +65,11 @@ class ModelConfig:
     attention masks are per head, hence TP-invariant, either way)."""
     initializer_range: float = 0.02
     """Std of the normal initialisation of weights."""
-    pad_token_id: int = 0
-    """Id of [PAD]; its embedding row starts at zero as in the reference."""
+    pad_token_id: int | None = 0
+    """Id of [PAD]; its embedding row starts at zero and gets no gradient from the input side, as in
+    the reference. A run's config leaves it null (every preset): it is then taken from the dataset's
+    tokenizer at start-up, as `vocab_size` is; set by hand it must match it. None in a model built
+    directly means no padding row (transformers' `pad_token_id=None`)."""
     binary_head: bool = True
     """Pooler + NSP/SOP head; False gives the MLM-only (RoBERTa-style) model."""
     arch: str = "megatron_bert"
@@ -87,8 +90,10 @@ class ModelConfig:
             problem = _type_problem(f.type, getattr(self, f.name))
             if problem:
                 raise ValueError(f"model.{f.name}={getattr(self, f.name)!r} {problem}")
-        if self.vocab_size is not None and _type_problem("int", self.vocab_size):
-            raise ValueError(f"model.vocab_size={self.vocab_size!r} {_type_problem('int', self.vocab_size)}")
+        for name in ("vocab_size", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and _type_problem("int", value):
+                raise ValueError(f"model.{name}={value!r} {_type_problem('int', value)}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                      "max_position_embeddings", "type_vocab_size"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
@@ -109,7 +114,7 @@ class ModelConfig:
             raise ValueError(f"model.arch={self.arch!r} is not a model family; choose one of {', '.join(ARCHS)}")
         if self.arch == "modernbert":
             self._check_modernbert()
-        if not 0 <= self.pad_token_id < (self.vocab_size or self.pad_token_id + 1):
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < (self.vocab_size or self.pad_token_id + 1):
             raise ValueError(f"model.pad_token_id={self.pad_token_id} must be a token id below model.vocab_size="
                              f"{self.vocab_size}")
 

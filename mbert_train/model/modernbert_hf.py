@@ -32,8 +32,10 @@ def layer_types(cfg: ModelConfig) -> list[str]:
             for i in range(cfg.num_layers)]
 
 
-def hf_config(cfg: ModelConfig) -> dict[str, Any]:
-    """The `config.json` of the equivalent `ModernBertForMaskedLM`."""
+def hf_config(cfg: ModelConfig, *, cls_token_id: int | None = None, sep_token_id: int | None = None
+              ) -> dict[str, Any]:
+    """The `config.json` of the equivalent `ModernBertForMaskedLM`; [CLS] and [SEP] are the
+    tokenizer's, when one is exported beside it (the published config makes them BOS and EOS too)."""
     return {
         "architectures": ["ModernBertForMaskedLM"],
         "model_type": "modernbert",
@@ -44,9 +46,10 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": cfg.global_rope_theta},
                             "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_rope_theta}},
         "initializer_cutoff_factor": 2.0,
-        # The published ids (50281, 50282) are the ModernBERT tokenizer's; the model reads none of
-        # them, and the exported tokenizer files carry the run's own.
-        "bos_token_id": None, "eos_token_id": None, "cls_token_id": None, "sep_token_id": None,
+        "dtype": "float32",  # what every export holds
+        # The model reads none of these (only [PAD]: `pad_token_id`, from _HF_KEYS).
+        "bos_token_id": cls_token_id, "eos_token_id": sep_token_id, "cls_token_id": cls_token_id,
+        "sep_token_id": sep_token_id,
         **_HF_FIXED,
     }
 
