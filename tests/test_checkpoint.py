@@ -155,6 +155,16 @@ def test_truncated_or_foreign_state_blobs_give_one_line_errors(tmp_path):
     torch.save({"x": SimpleNamespace(a=1)}, buffer)
     with pytest.raises(CheckpointError, match="holds types.SimpleNamespace in its RNG state"):
         _read_rng(buffer.getvalue(), tmp_path)
+    # Refused even where another library allowed it process-wide (megatron.core does on import).
+    widened = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals([SimpleNamespace])
+    try:
+        with pytest.raises(CheckpointError, match="holds types.SimpleNamespace in its RNG state"):
+            _read_rng(buffer.getvalue(), tmp_path)
+        assert SimpleNamespace in torch.serialization.get_safe_globals()  # given back as it was
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(widened)
     with pytest.raises(CheckpointError, match="its scalars are truncated or corrupt"):
         _read_scalars(b'{"step": 1', tmp_path)
     assert "\n" not in str(info.value)

@@ -147,6 +147,11 @@ def _rng_bytes() -> bytes:
 
 
 def _read_rng(blob: bytes, where: Path):
+    # torch's own allow-list only: other libraries widen the process-wide one when imported
+    # (megatron.core adds SimpleNamespace and argparse.Namespace), and an RNG state is tensors,
+    # tuples, lists and numbers.
+    widened = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
     try:
         return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -156,6 +161,8 @@ def _read_rng(blob: bytes, where: Path):
     except (RuntimeError, EOFError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {where}: its RNG state is truncated or corrupt ({type(exc).__name__}); "
                               f"{CHECKPOINT_ADVICE}") from None
+    finally:
+        torch.serialization.add_safe_globals(widened)
 
 
 def _read_scalars(blob: bytes, where: Path) -> dict:
