@@ -1,4 +1,5 @@
-"""Attention with dropout that keeps no (s x s) float tensor: the CPU training path.
+"""Attention with dropout that keeps no (s x s) float tensor: the CPU kernel behind
+`mbert_train.model.attention.CoreAttention`, which also runs it without dropout on packed batches.
 
 SDPA's CPU kernels have no fused dropout, and the explicit path (scores, softmax, mask, dropped
 probabilities) keeps three (b, n, s, s) tensors per layer for backward, 9 bytes per score in
@@ -26,11 +27,10 @@ restores the default generator before recomputing, redraws them exactly.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
+from mbert_train.batch import Packing
 from mbert_train.parallel.random import keep_bytes_from_seeds, keep_scale, replicated_seed
 
 # Elements of one block's (heads x sq x sk) scores: 2^18 floats = 1 MiB, about an L2 cache.
@@ -39,52 +39,6 @@ _BLOCK_ELEMENTS = 1 << 18
 
 def _heads_per_block(sq: int, sk: int, n: int) -> int:
     return max(1, min(n, _BLOCK_ELEMENTS // max(1, sq * sk)))
-
-
-@dataclass(frozen=True)
-class Packing:
-    """A batch with its padding removed: the real tokens of its samples laid end to end, as
-    NVIDIA's BERT recipe and MosaicBERT run them, so the dense layers do no work on padding.
-
-    `index` (T,) holds the flat positions (sample * s + position) of the real tokens, sample
-    after sample in ascending order; sample i's tokens are [starts[i], starts[i + 1]) of the
-    packed sequence. `read_starts` bounds, likewise, each sample's read positions ([CLS] and
-    the masked ones) among the last layer's queries. The model's hidden states are then
-    (1, T, h): every layer but attention is per token and sees one long sample."""
-
-    index: torch.Tensor
-    starts: tuple[int, ...]
-    read_starts: tuple[int, ...]
-    batch: int
-    seq: int
-
-    @classmethod
-    def from_masks(cls, attention_mask: torch.Tensor, read: torch.Tensor) -> tuple["Packing", torch.Tensor]:
-        """From (b, s) masks of the real and the read tokens: the packing and the read tokens'
-        packed positions (1, M), sample after sample, ascending."""
-        b, s = attention_mask.shape
-        real = attention_mask.bool()
-        read = read & real
-        index = real.view(-1).nonzero().view(-1)
-        packed_position = real.view(-1).cumsum(0) - 1  # of each real token
-        rows = packed_position[read.view(-1)].view(1, -1)
-        return cls(index, _bounds(real.sum(1)), _bounds(read.sum(1)), b, s), rows
-
-    def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """(T, ...) packed -> (b, s, ...) padded, zeros at padding."""
-        out = x.new_zeros(self.batch * self.seq, *x.shape[1:])
-        return out.index_copy_(0, self.index, x).view(self.batch, self.seq, *x.shape[1:])
-
-    @cached_property
-    def attention_mask(self) -> torch.Tensor:
-        """(b, 1, 1, s) bool, True = attend: the padded layout's mask (built once per batch,
-        not per layer)."""
-        real = torch.zeros(self.batch * self.seq, dtype=torch.bool, device=self.index.device)
-        return real.index_fill_(0, self.index, True).view(self.batch, 1, 1, self.seq)
-
-
-def _bounds(counts: torch.Tensor) -> tuple[int, ...]:
-    return (0, *torch.cumsum(counts, 0).tolist())
 
 
 def _block_probs(qb, kb, bias_row, scale: float) -> torch.Tensor:
@@ -122,16 +76,18 @@ class _DropoutAttention(torch.autograd.Function):
         scale, drop_scale = d ** -0.5, keep_scale(p)
         out = torch.empty(q.shape, dtype=qkv.dtype, device=qkv.device)
         slabs = list(_slabs(k_starts, q_starts, n))
-        keeps = torch.empty(slabs[-1][4] + math.prod(slabs[-1][5]) if slabs else 0, dtype=torch.uint8,
+        keeps = torch.empty(slabs[-1][4] + math.prod(slabs[-1][5]) if slabs and p > 0 else 0, dtype=torch.uint8,
                             device=qkv.device)
         for i, ks, qs, hs, offset, shape in slabs:
             qb, kb, vb = q[qs, hs].transpose(0, 1), k[ks, hs].transpose(0, 1), v[ks, hs].transpose(0, 1)
             probs = _block_probs(qb, kb, None if bias is None else bias[i], scale)
-            keep = keep_bytes_from_seeds(_seeds(base, i, hs.start, hs.stop, heads_total, head_offset), shape, p,
-                                         qkv.device)
-            keeps[offset: offset + keep.numel()] = keep.view(-1)
+            if p > 0:
+                keep = keep_bytes_from_seeds(_seeds(base, i, hs.start, hs.stop, heads_total, head_offset), shape, p,
+                                             qkv.device)
+                keeps[offset: offset + keep.numel()] = keep.view(-1)
+                probs.mul_(keep)
             # The 1/(1-p) scale goes on the (s, d) product rather than the (s, s) probabilities.
-            out[qs, hs] = torch.bmm(probs.mul_(keep).to(qkv.dtype), vb).mul_(drop_scale).transpose(0, 1)
+            out[qs, hs] = torch.bmm(probs.to(qkv.dtype), vb).mul_(drop_scale).transpose(0, 1)
         ctx.save_for_backward(qkv, q_index, bias, keeps)
         ctx.args = (k_starts, q_starts, p)
         return out
@@ -149,10 +105,12 @@ class _DropoutAttention(torch.autograd.Function):
         for i, ks, qs, hs, offset, shape in _slabs(k_starts, q_starts, n):
             qb, kb, vb, gb = (t.transpose(0, 1) for t in (q[qs, hs], k[ks, hs], v[ks, hs], grad_out[qs, hs]))
             probs = _block_probs(qb, kb, None if bias is None else bias[i], scale)
-            keep = keeps[offset: offset + math.prod(shape)].view(shape)
-            dropped = (probs * keep).to(qkv.dtype)  # the scale is applied to the (s, d) results
+            keep = keeps[offset: offset + math.prod(shape)].view(shape) if p > 0 else None
+            dropped = (probs if keep is None else probs * keep).to(qkv.dtype)  # the scale goes on the (s, d) results
             d_qkv[ks, 2, hs] = torch.bmm(dropped.transpose(1, 2), gb).mul_(drop_scale).transpose(0, 1)
-            d_probs = torch.bmm(gb, vb.transpose(1, 2)).to(probs.dtype).mul_(keep)
+            d_probs = torch.bmm(gb, vb.transpose(1, 2)).to(probs.dtype)
+            if keep is not None:
+                d_probs.mul_(keep)
             d_scores = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype).to(qkv.dtype) \
                 .mul_(scale * drop_scale)
             dq[qs, hs] = torch.bmm(d_scores, kb).transpose(0, 1)
@@ -175,7 +133,8 @@ def dropout_attention(qkv: torch.Tensor, mask: torch.Tensor | Packing | None, p:
     `qkv` (b, s, 3, n, d); queries at `rows` (b, m) only when given. `mask` (b, 1, 1, s) bool,
     True = attend; or a `Packing`, when `qkv` is (1, T, 3, n, d) packed tokens and `rows`
     (1, M) their read positions. This rank's heads are global heads [head_offset, head_offset +
-    n) of `heads_total` (default n). Returns the context (b, s|m, n, d)."""
+    n) of `heads_total` (default n). Returns the context (b, s|m, n, d). With p = 0 no mask is
+    drawn (nor the default generator advanced)."""
     b, s, _, n, d = qkv.shape
     flat = qkv.reshape(b * s, 3, n, d)
     bias = None
@@ -191,6 +150,6 @@ def dropout_attention(qkv: torch.Tensor, mask: torch.Tensor | Packing | None, p:
         if mask is not None:
             bias = torch.zeros(b, 1, s, dtype=qkv.dtype, device=qkv.device)
             bias.masked_fill_(~mask.view(b, 1, s), torch.finfo(qkv.dtype).min)
-    out = _DropoutAttention.apply(flat, q_index, bias, k_starts, q_starts, p, replicated_seed(), heads_total or n,
-                                  head_offset)
+    base = replicated_seed() if p > 0 else 0
+    out = _DropoutAttention.apply(flat, q_index, bias, k_starts, q_starts, p, base, heads_total or n, head_offset)
     return out.view(b, -1, n, d)
