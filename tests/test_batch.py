@@ -103,18 +103,20 @@ class FlashCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_cuda_path_runs_packed_through_flash_attention():
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "checkpointed"])
+def test_cuda_path_runs_packed_through_flash_attention(checkpointing):
     """The dispatch on an accelerator, traced on the meta device (no data, so no read-back can
     pass) under torch's FLOP counter, for which torch picks its flash kernel as on a GPU: each
     layer's attention is one varlen flash call over the T packed tokens (the last layer's
-    queries: the M read tokens), forward and backward; nothing is padded again."""
+    queries: the M read tokens), forward and backward; nothing is padded again. Activation
+    checkpointing recomputes them, last layer first."""
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg = small_config(dropout=0.1)
     batch = padded_batch(cfg)
     packing = batch["packing"]
     with torch.device("meta"):
-        model = MegatronBert(cfg).train()
+        model = MegatronBert(cfg, activation_checkpointing=checkpointing).train()
     for layer in model.layers:  # CUDA draws it on the TP rank's CUDA stream; meta has none
         layer.attn.core.sdpa_dropout = lambda q, k, v, mask, p, group: F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=p)
@@ -123,8 +125,8 @@ def test_cuda_path_runs_packed_through_flash_attention():
         out.loss.backward()
     t, m = packing.starts[-1], packing.read_starts[-1]
     longest = max(packing.lengths)
-    assert flash.calls == [(t, t, longest, longest)] * (cfg.num_layers - 1) + [(m, t, max(packing.read_counts),
-                                                                                 longest)]
+    forward = [(t, t, longest, longest)] * (cfg.num_layers - 1) + [(m, t, max(packing.read_counts), longest)]
+    assert flash.calls == forward + (forward[::-1] if checkpointing else [])
     ops = {str(op) for op in counter.get_flop_counts()["Global"]}
     assert "aten._flash_attention_backward" in ops and "aten.bmm" not in ops
     assert out.loss.device.type == "meta"
