@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mbert_train.model.blockwise as blockwise
 from mbert_train.batch import Packing
-from mbert_train.model import MegatronBert
+from mbert_train.model import MegatronBert, blockwise
 from mbert_train.model.attention import CoreAttention
 from mbert_train.model.bert import SelfAttention
 from mbert_train.model.blockwise import dropout_attention

@@ -39,7 +39,9 @@ def sdpa_on_rank_stream(q, k, v, mask, p: float, group) -> torch.Tensor:
 
 
 class CoreAttention:
-    """The dispatch (see the module doc) for a layer holding `n` local heads of a TP group."""
+    """The dispatch (see the module doc) for one layer: attention `dropout`, and `tp`, which says
+    which global heads the layer's local heads are (the blockwise kernel's masks follow them) and
+    whose CUDA stream fused SDPA draws from."""
 
     def __init__(self, dropout: float, tp: TPContext):
         self.dropout, self.tp = dropout, tp
