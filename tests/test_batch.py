@@ -10,7 +10,11 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import (
+    DynamicOutputShapeException,
+    FakeTensorMode,
+    unset_fake_temporarily,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mbert_train.batch import IGNORE_INDEX, Packing
