@@ -27,7 +27,7 @@ at TP=2 (2 gloo processes), in one run, in two configurations.
 TP traffic counts, per layer, the bytes each rank sends in a ring for every collective of the
 forward and backward (all-reduce 2(t-1)/t x size; all-gather and reduce-scatter (t-1)/t x the
 full size). Dropout masks are those of the default mode (per-rank streams); on CPU attention
-with dropout is blockwise (`mbert_train/model/attention.py`): it keeps a bool (s x s) drop mask
+with dropout is blockwise (`mbert_train/model/blockwise.py`): it keeps a bool (s x s) drop mask
 per local head and no (s x s) float tensor.
 """
 

@@ -26,7 +26,7 @@ Accounting, all per GPU:
   input (2sbh) plus one layer's working set. The paper's 5as/h score term (softmax output,
   dropout mask and output) is what an explicit softmax keeps; ours never keeps it: by default
   the GPU runs attention and its dropout in fused SDPA (an fp32 log-sum-exp per query and head),
-  and with tp_invariant_dropout the blockwise path of `model/attention.py` keeps only the
+  and with tp_invariant_dropout the blockwise path of `model/blockwise.py` keeps only the
   1-byte dropout mask (as/h).
 """
 
@@ -138,7 +138,7 @@ def _activation_bytes(model: ModelConfig, *, t: int, b: int, s: int, vocab: int,
     # Sharded: Q, K, V and the out-proj input (4e sbh) and GELU input and output (2e sbI);
     # with I=4h and e=2 this is the paper's 24sbh. Attention scores: the paper counts softmax
     # output, dropout mask and dropout output, (2e+1) a s^2 b; the model never keeps them. With
-    # `tp_invariant_dropout` it runs the blockwise path of model/attention.py, which keeps only
+    # `tp_invariant_dropout` it runs the blockwise path of model/blockwise.py, which keeps only
     # the 1-byte dropout mask (a s^2 b). Otherwise the GPU runs attention, dropout included, in
     # fused SDPA (flash / memory-efficient kernels), which keeps only an fp32 log-sum-exp per
     # query and head (4 a s b).

@@ -269,7 +269,7 @@ def _train_in(run_dir: Path, cfg: TrainConfig, state, device: torch.device, secr
     train_loader, eval_loader = build_loaders(cfg.data, dataset_dir, seed=cfg.trainer.seed,
                                               micro_batch_size=cfg.trainer.micro_batch_size,
                                               dp_rank=state.dp_rank, dp_size=state.dims.data_parallel,
-                                              grad_accum=cfg.trainer.grad_accum)
+                                              grad_accum=cfg.trainer.grad_accum, pin_memory=device.type == "cuda")
     # The checkpoint to resume from is found first: the logger it is built with continues the
     # W&B run that checkpoint recorded and cuts metrics.jsonl back to its step.
     ckpt = CheckpointDir(run_dir, rank=state.rank, keep_last=cfg.trainer.keep_last, lease=lease)

@@ -11,10 +11,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mbert_train import arithmetic, metrics, plan
 from mbert_train.arithmetic import masked_fraction, model_flops_per_token, peak_tflops
+from mbert_train.batch import IGNORE_INDEX
 from mbert_train.config import TrainConfig
 from mbert_train.data.config import DataConfig
 from mbert_train.model import MegatronBert, ModelConfig
-from mbert_train.model.bert import IGNORE_INDEX
 
 
 def _counted_flops_per_token(cfg: ModelConfig, b: int, s: int, masked_per_row: int, *, masked_only: bool) -> float:

@@ -1,5 +1,7 @@
 """`dropout_attention` (blockwise CPU attention with dropout) is plain attention with the same
-masks, forward and backward; its masks are TP-invariant; `keep_mask` drops at the stated rate."""
+masks, forward and backward; its masks are TP-invariant; `keep_mask` drops at the stated rate.
+The dispatch's CUDA path for packed batches (SDPA on nested jagged tensors) is the blockwise
+kernel's attention, run on CPU through torch's math backend."""
 
 import math
 
@@ -7,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mbert_train.model.attention as attention
-from mbert_train.model import MegatronBert
-from mbert_train.model.attention import dropout_attention
-from mbert_train.model.bert import SelfAttention, read_positions
+from mbert_train.batch import Packing
+from mbert_train.model import MegatronBert, blockwise
+from mbert_train.model.attention import CoreAttention
+from mbert_train.model.bert import SelfAttention
+from mbert_train.model.blockwise import dropout_attention
 from mbert_train.parallel.context import TPContext
 from mbert_train.parallel.random import apply_keep, keep_bytes_from_seeds, keep_mask, keep_scale, replicated_seed
 from tests.test_model_reference import make_batch, small_config
@@ -53,11 +56,12 @@ def make_inputs(b, s, n, d, dtype, *, padded: bool, seed: int = 0):
 
 
 def model_rows(b, s, seed: int = 0) -> torch.Tensor:
-    """(b, m) query rows as the model's last layer gets them: [CLS] plus the masked positions."""
+    """(b, m) query rows as the model's last layer gets them: [CLS] plus the masked positions;
+    shorter rows repeat [CLS]."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.where(torch.rand(b, s, generator=g) < 0.3, 5, -100)
-    labels[-1] = -100  # a row that reads [CLS] only, padded with unread positions
-    return read_positions(labels)
+    labels[-1] = -100  # a row that reads [CLS] only
+    return Packing.from_masks(torch.ones(b, s), labels).padded_read_positions()[0]
 
 
 def run_both(qkv, mask, p, rows, seed=11):
@@ -90,7 +94,7 @@ SHAPES = [(3, 16, 3, 8, 2 * 16 * 16), (2, 24, 4, 4, 1), (2, 12, 6, 8, 1 << 30), 
 def test_matches_reference_with_the_same_masks(monkeypatch, dtype, shape, padded, with_rows):
     b, s, n, d, block = shape
     if block is not None:
-        monkeypatch.setattr(attention, "_BLOCK_ELEMENTS", block)
+        monkeypatch.setattr(blockwise, "_BLOCK_ELEMENTS", block)
     qkv, mask = make_inputs(b, s, n, d, dtype, padded=padded)
     rows = model_rows(b, s) if with_rows else None
     (out, grad), (out_ref, grad_ref) = run_both(qkv, mask, 0.3, rows)
@@ -131,11 +135,11 @@ def test_bfloat16_close_to_fp32_reference():
 
 @pytest.mark.parametrize("with_rows", [False, True], ids=["all", "rows"])
 def test_gradcheck(monkeypatch, with_rows):
-    monkeypatch.setattr(attention, "replicated_seed", lambda: 12345)  # every call: the same masks
+    monkeypatch.setattr(blockwise, "replicated_seed", lambda: 12345)  # every call: the same masks
     qkv, mask = make_inputs(2, 6, 3, 4, torch.float64, padded=True, seed=3)
     rows = torch.tensor([[0, 2, 5], [0, 1, 3]]) if with_rows else None
     sq = 6 if rows is None else rows.shape[1]
-    monkeypatch.setattr(attention, "_BLOCK_ELEMENTS", 2 * sq * 6)  # 3 heads: blocks of 2 and 1
+    monkeypatch.setattr(blockwise, "_BLOCK_ELEMENTS", 2 * sq * 6)  # 3 heads: blocks of 2 and 1
     x = qkv.requires_grad_()
     assert torch.autograd.gradcheck(lambda t: dropout_attention(t, mask, 0.4, rows), (x,), eps=1e-6, atol=1e-7)
 
@@ -225,7 +229,7 @@ def test_self_attention_trains_through_dropout_attention(monkeypatch):
     cfg = small_config(dropout=0.1)
     torch.manual_seed(0)
     layer = SelfAttention(cfg, TPContext()).train().double()
-    monkeypatch.setattr(attention, "replicated_seed", lambda: 99)
+    monkeypatch.setattr(blockwise, "replicated_seed", lambda: 99)
     b, s, n, d = 2, 10, cfg.num_heads, cfg.head_dim
     x = torch.randn(b, s, cfg.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     mask = (torch.arange(s)[None] < torch.tensor([[s], [6]])).view(b, 1, 1, s)
@@ -263,17 +267,12 @@ def test_packed_samples_are_each_their_own_attention(monkeypatch, with_rows):
     """On a packed batch (padding removed, samples end to end) each sample attends to its own
     tokens only, with the masks it would draw alone as sample i (seed base + i * heads + head):
     output and d(qkv) equal per-sample calls on the unpadded samples."""
-    monkeypatch.setattr(attention, "_BLOCK_ELEMENTS", 2 * 9 * 9)  # several blocks per sample
-    monkeypatch.setattr(attention, "replicated_seed", lambda: 77)
+    monkeypatch.setattr(blockwise, "_BLOCK_ELEMENTS", 2 * 9 * 9)  # several blocks per sample
+    monkeypatch.setattr(blockwise, "replicated_seed", lambda: 77)
     b, s, n, d, p = 3, 9, 3, 4, 0.3
-    lengths = torch.tensor([9, 4, 7])
-    real = torch.arange(s)[None] < lengths[:, None]
-    labels = torch.where(torch.rand(b, s, generator=torch.Generator().manual_seed(4)) < 0.4, 5, -100)
-    read = (labels != -100) & real
-    read[:, 0] = True
-    read[2] = False
-    read[2, 0] = True  # a sample that reads [CLS] only
-    packing, rows = attention.Packing.from_masks(real.long(), read)
+    packing, read = packed_batch(b, s, lengths=[9, 4, 7])
+    lengths = torch.tensor(packing.lengths)
+    rows = packing.read_rows[None]
     assert packing.starts == (0, 9, 13, 20) and packing.read_starts[-1] == rows.shape[1] == int(read.sum())
     qkv = torch.randn(b, s, 3, n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     packed = qkv.reshape(b * s, 3, n, d)[packing.index][None].requires_grad_()
@@ -293,3 +292,54 @@ def test_packed_samples_are_each_their_own_attention(monkeypatch, with_rows):
     assert g0 == out.shape[1]
     torch.testing.assert_close(out.detach()[0], torch.cat(outs), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(packed.grad[0], torch.cat(grads), rtol=1e-12, atol=1e-12)
+
+
+def packed_batch(b: int, s: int, lengths: list[int], seed: int = 4) -> tuple[Packing, torch.Tensor]:
+    """The packing of a batch of these lengths, 40% of the tokens masked, the last sample with
+    none (it reads [CLS] only); and its (b, s) read mask."""
+    real = torch.arange(s)[None] < torch.tensor(lengths)[:, None]
+    labels = torch.where(torch.rand(b, s, generator=torch.Generator().manual_seed(seed)) < 0.4, 5, -100)
+    labels[~real] = -100
+    labels[-1] = -100
+    read = labels != -100
+    read[:, 0] = True
+    return Packing.from_masks(real.long(), labels), read
+
+
+@pytest.mark.parametrize("with_rows", [False, True], ids=["all", "rows"])
+def test_packed_sdpa_on_nested_tensors_is_the_blockwise_attention(with_rows):
+    """What CUDA runs on a packed batch, SDPA on nested jagged tensors, run on CPU (torch's math
+    backend) without dropout: the blockwise kernel's output and d(qkv), so each sample attends to
+    its own tokens only, and the read rows' queries to all of their sample's keys."""
+    b, s, n, d = 4, 11, 2, 8
+    packing, _ = packed_batch(b, s, lengths=[11, 3, 7, 1])
+    qkv = torch.randn(1, packing.starts[-1], 3, n, d, dtype=torch.float64,
+                      generator=torch.Generator().manual_seed(1))
+    rows = packing.read_rows[None] if with_rows else None
+    core = CoreAttention(0.0, TPContext())
+    results = []
+    for run in (lambda x: core.packed_sdpa(x, packing, rows, 0.0), lambda x: dropout_attention(x, packing, 0.0, rows)):
+        x = qkv.clone().requires_grad_()
+        out = run(x)
+        out.backward(torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(2)))
+        results.append((out.detach(), x.grad))
+    (out, grad), (expected, expected_grad) = results
+    assert out.shape == (1, packing.read_starts[-1] if with_rows else packing.starts[-1], n, d)
+    torch.testing.assert_close(out, expected, **TOL[torch.float64])
+    torch.testing.assert_close(grad, expected_grad, **TOL[torch.float64])
+
+
+def test_packed_sdpa_with_dropout_drops_at_the_rate():
+    """NJT SDPA with dropout on CPU (the math backend draws its own masks): an all-ones V makes
+    each output the kept part of a row's probabilities, scaled back: 1 without dropout, about 1
+    on average with it."""
+    packing, _ = packed_batch(3, 64, lengths=[64, 40, 17])
+    qkv = torch.ones(1, packing.starts[-1], 3, 4, 8)
+    qkv[:, :, :2] = torch.randn(1, packing.starts[-1], 2, 4, 8, generator=torch.Generator().manual_seed(3))
+    core = CoreAttention(0.5, TPContext())
+    # CUDA runs it on the TP rank's CUDA stream; the CPU has none.
+    core.sdpa_dropout = lambda q, k, v, mask, p, group: F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+    torch.manual_seed(0)
+    out = core.packed_sdpa(qkv, packing, None, 0.5)
+    assert out.shape == (1, packing.starts[-1], 4, 8)
+    assert abs(out.mean().item() - 1) < 0.08 and (out - 1).abs().max() > 0.2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -15,6 +16,7 @@ import torch
 
 from data_prep.config import PrepConfig
 from data_prep.prep import prepare
+from mbert_train.batch import BATCH_KEYS, Packing
 from mbert_train.data import DataConfig, PretrainingDataset, TrainLoader, build_loaders, open_dataset
 from mbert_train.data.dataset import SHUFFLE_STREAM, stream_rng
 from mbert_train.data.sampler import ShardedBatchSampler
@@ -32,9 +34,16 @@ def take(loader, n: int) -> list[dict]:
     return [next(loader) for _ in range(n)]
 
 
+def same(x, y) -> bool:
+    """Tensors, ints and the tuples and `Packing`s made of them, equal."""
+    if isinstance(x, Packing):
+        return type(y) is Packing and all(same(getattr(x, f.name), getattr(y, f.name)) for f in dataclasses.fields(x))
+    return torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+
+
 def same_batches(a: list[dict], b: list[dict]) -> bool:
     return len(a) == len(b) and all(
-        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+        x.keys() == y.keys() and all(same(x[k], y[k]) for k in x) for x, y in zip(a, b))
 
 
 def test_batches_have_the_trainer_format(embedded_dir):
@@ -53,6 +62,9 @@ def test_batches_have_the_trainer_format(embedded_dir):
                 assert batch["nsp_labels"].shape == (b,) and batch["nsp_labels"].dtype == torch.long
             else:
                 assert "nsp_labels" not in batch
+            # The packing comes built, from the batch's own masks.
+            assert same(batch["packing"], Packing.from_masks(batch["attention_mask"], batch["mlm_labels"]))
+            assert set(batch) <= set(BATCH_KEYS)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -7,8 +7,11 @@ import torch
 import torch.distributed as dist
 from transformers import MegatronBertConfig, MegatronBertForPreTraining
 
+from mbert_train.batch import Packing
 from mbert_train.model import MegatronBert, ModelConfig
+from mbert_train.model.attention import CoreAttention
 from mbert_train.model.weights import full_state_dict, full_to_hf, hf_to_full, shard_state_dict
+from mbert_train.parallel.mappings import gather_from_tp
 from tests.dist import spawn
 
 VOCAB = 301  # not a multiple of 128 x TP: exercises vocab padding
@@ -54,6 +57,11 @@ def make_batch(cfg: ModelConfig, b: int = 3, s: int = 12) -> dict:
                 nsp_labels=torch.tensor([0, 1, 1])[:b])
 
 
+def full_vocab_logits(model: MegatronBert, logits: torch.Tensor) -> torch.Tensor:
+    """(..., V) logits from the vocab shards (..., V_pad/tp) every TP rank holds."""
+    return gather_from_tp(logits, model.group)[..., : model.cfg.vocab_size]
+
+
 def ours_from_reference(ref, cfg, group, **kw) -> MegatronBert:
     model = MegatronBert(cfg, group, **kw)
     model.load_state_dict(shard_state_dict(hf_to_full(ref.state_dict(), cfg), model))
@@ -80,7 +88,7 @@ def check_against_reference(group) -> None:
     full_decoder = ours_from_reference(ref, cfg, group, mlm_masked_only=False)
     out = full_decoder(**batch)
     out.loss.backward()
-    torch.testing.assert_close(full_decoder.gather_logits(out.mlm_logits), out_ref.prediction_logits, **TOL)
+    torch.testing.assert_close(full_vocab_logits(full_decoder, out.mlm_logits), out_ref.prediction_logits, **TOL)
     torch.testing.assert_close(out.nsp_logits, out_ref.seq_relationship_logits, **TOL)
     torch.testing.assert_close(out.loss, out_ref.loss, **TOL)
     torch.testing.assert_close(out.mlm_loss, ref_mlm, **TOL)
@@ -96,8 +104,8 @@ def check_against_reference(group) -> None:
     out_m.loss.backward()
     torch.testing.assert_close(out_m.loss, out.loss, **TOL)
     selected = batch["mlm_labels"] != -100
-    torch.testing.assert_close(masked_only.gather_logits(out_m.mlm_logits),
-                               full_decoder.gather_logits(out.mlm_logits)[selected], **TOL)
+    torch.testing.assert_close(full_vocab_logits(masked_only, out_m.mlm_logits),
+                               full_vocab_logits(full_decoder, out.mlm_logits)[selected], **TOL)
     for name, g in full_grads_as_hf(masked_only).items():
         torch.testing.assert_close(g, grads[name], **GRAD_TOL, msg=lambda m: f"masked-only {name}: {m}")
 
@@ -147,12 +155,23 @@ def test_dropout_streams_differ_per_tp_rank():
     spawn(per_rank_streams_main, 2)
 
 
+class NestedOnCPU(CoreAttention):
+    """The dispatch as on CUDA for packed batches: SDPA on nested jagged tensors (here through
+    torch's CPU math backend, dropout 0)."""
+
+    def __call__(self, qkv, layout, rows=None, *, training):
+        if isinstance(layout, Packing):
+            return self.packed_sdpa(qkv, layout, rows, 0.0)
+        return super().__call__(qkv, layout, rows, training=training)
+
+
 def check_packed(group) -> None:
-    """Batches with padding run packed (the real tokens end to end, `unpad=True`, the default):
-    the same losses, logits and gradients as the padded path, through SDPA on the padded layout
-    (dropout 0) and through the blockwise attention (dropout 1e-9, which rounds to dropping
-    nothing), within 1e-5."""
-    for dropout in (0.0, 1e-9):
+    """Batches with padding run packed (the real tokens end to end, `unpad=True`, the default)
+    with the collator's packing: the same losses, logits and gradients as the padded path,
+    within 1e-5, through each attention path: the blockwise kernel without dropout and with
+    dropout 1e-9 (which rounds to dropping nothing), and SDPA on nested jagged tensors (what
+    CUDA runs; the padded path then runs SDPA with a mask)."""
+    for dropout, attention in ((0.0, CoreAttention), (1e-9, CoreAttention), (0.0, NestedOnCPU)):
         cfg = small_config(dropout)
         ref = reference_model(cfg)
         batch = make_batch(cfg, b=4, s=16)
@@ -163,9 +182,12 @@ def check_packed(group) -> None:
         batch["mlm_labels"][~real] = -100
         batch["mlm_labels"][3] = -100  # a sample with nothing masked still feeds the NSP head
         batch["nsp_labels"] = torch.tensor([0, 1, 1, 0])
+        batch["packing"] = Packing.from_masks(batch["attention_mask"], batch["mlm_labels"])
         results = []
         for unpad in (False, True):
             model = ours_from_reference(ref, cfg, group, unpad=unpad).train()
+            for layer in model.layers:
+                layer.attn.core = attention(dropout, model.tp)
             seen = []
             model.layers[0].register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
             out = model(**batch)
@@ -239,13 +261,11 @@ def test_mlm_only_model_matches_reference_masked_lm():
 def test_last_layer_runs_on_read_positions_only():
     """The masked-only path runs the last layer on [CLS] + masked positions alone: same losses,
     logits at those positions and gradients as the full path, within 1e-5."""
-    from mbert_train.model.bert import read_positions
-
     cfg = small_config()
     ref = reference_model(cfg)
     batch = make_batch(cfg, b=3, s=16)
     batch["mlm_labels"][2] = -100  # a row with nothing masked still feeds the NSP head
-    rows = read_positions(batch["mlm_labels"])
+    rows, _ = Packing.from_masks(batch["attention_mask"], batch["mlm_labels"]).padded_read_positions()
     assert rows.shape[1] < 16 and torch.equal(rows[:, 0], torch.zeros(3, dtype=torch.long))
     outs, grads = [], []
     for masked_only in (False, True):

@@ -1,4 +1,4 @@
-"""Pad a list of samples into the batch dict the trainer consumes."""
+"""Pad a list of samples into the batch the trainer consumes (the contract: `mbert_train.batch`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mbert_train.data.masking import IGNORE_INDEX
+from mbert_train.batch import IGNORE_INDEX, Packing
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,8 @@ class PadCollator:
 
     Output: input_ids, token_type_ids, attention_mask (1 real / 0 pad), mlm_labels
     (IGNORE_INDEX on padding and unpredicted tokens), all int64 [b, s]; nsp_labels int64 [b]
-    when the samples carry a sentence-pair label.
+    when the samples carry a sentence-pair label; and the batch's `Packing`, built here, in the
+    DataLoader workers, so that the model never works it out on the device.
     """
 
     pad_id: int
@@ -26,7 +27,7 @@ class PadCollator:
     max_length: int
     """Never pad beyond this (the model's sequence length)."""
 
-    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor | Packing]:
         lengths = [len(s["input_ids"]) for s in samples]
         m = self.pad_to_multiple_of
         width = min(self.max_length, -(-max(lengths) // m) * m)
@@ -49,4 +50,5 @@ class PadCollator:
         if "nsp_label" in samples[0]:
             batch["nsp_labels"] = torch.tensor([s["nsp_label"] for s in samples],
                                                dtype=torch.long)
+        batch["packing"] = Packing.from_masks(batch["attention_mask"], batch["mlm_labels"])
         return batch

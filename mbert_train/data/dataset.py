@@ -100,10 +100,11 @@ class PretrainingDataset(torch.utils.data.Dataset):
         if not 0 <= index < len(emap):
             raise IndexError(f"sample {index} is outside epoch {epoch} ({len(emap)} samples)")
         rng = stream_rng(SAMPLE_STREAM, self.seed, epoch, index)
+        prov = {} if with_provenance else None
         if self.pairs:
-            ids, types, label, prov = self._pair(emap, index, rng)
+            ids, types, label = self._pair(emap, index, rng, prov)
         else:
-            ids, prov = self._packed(emap, index)
+            ids = self._packed(emap, index, prov)
             types, label = np.zeros_like(ids), None
         masked, labels = self.masker(ids, rng)
         out = {"input_ids": masked, "token_type_ids": types, "mlm_labels": labels}
@@ -114,37 +115,41 @@ class PretrainingDataset(torch.utils.data.Dataset):
             out["provenance"] = prov
         return out
 
-    def _pair(self, emap: PairMap, i: int, rng: np.random.Generator):
+    def _pair(self, emap: PairMap, i: int, rng: np.random.Generator, prov: dict | None):
+        """(ids, token types, label) of pair sample i; fills `prov` when one is given."""
         c = self.corpus
         start, a_len, chunk = int(emap.start[i]), int(emap.a_len[i]), int(emap.chunk_len[i])
         own = int(emap.doc[i])
         tokens_a = c.sentence_span_tokens(start, start + a_len)
-        prov = {"doc_a": int(self.docs[own]), "sentences_a": (start, start + a_len),
-                "target_length": int(emap.target[i]), "random_next": bool(emap.random_next[i]),
-                "swapped": False}
         if emap.random_next[i]:
             other, b0, b1 = random_segment(c, self.docs, own, int(emap.target[i]) - len(tokens_a),
                                            rng)
-            prov["doc_b"], prov["sentences_b"] = int(self.docs[other]), (b0, b1)
             label = 1
         else:
-            b0, b1 = start + a_len, start + chunk
-            prov["doc_b"], prov["sentences_b"] = int(self.docs[own]), (b0, b1)
+            other, b0, b1 = own, start + a_len, start + chunk
             label = 0
         tokens_b = c.sentence_span_tokens(b0, b1)
-        if self.cfg.objective == "sop" and rng.random() < 0.5:
+        swapped = self.cfg.objective == "sop" and rng.random() < 0.5
+        if swapped:
             # Megatron/ALBERT SOP: label 1 = the two segments are in swapped order.
             tokens_a, tokens_b = tokens_b, tokens_a
-            prov["swapped"], label = True, 1
+            label = 1
         tokens_a, tokens_b = truncate_pair(tokens_a, tokens_b, self.cfg.max_seq_length - 3, rng)
         sp = self.special
         ids = np.concatenate(([sp.cls], tokens_a, [sp.sep], tokens_b, [sp.sep])).astype(np.int64)
         types = np.zeros(len(ids), dtype=np.int64)
         types[len(tokens_a) + 2:] = 1
-        prov["tokens_a"], prov["tokens_b"] = tokens_a, tokens_b
-        return ids, types, label, prov
+        if prov is not None:
+            prov.update(doc_a=int(self.docs[own]), sentences_a=(start, start + a_len),
+                        target_length=int(emap.target[i]), random_next=bool(emap.random_next[i]),
+                        swapped=swapped, doc_b=int(self.docs[other]), sentences_b=(b0, b1),
+                        tokens_a=tokens_a, tokens_b=tokens_b)
+        return ids, types, label
 
-    def _packed(self, emap: PackedMap, i: int):
-        body, segments = packed_segment(self.corpus, self.docs, emap, i, self.special.sep)
-        ids = np.concatenate(([self.special.cls], body, [self.special.sep])).astype(np.int64)
-        return ids, {"segments": segments}
+    def _packed(self, emap: PackedMap, i: int, prov: dict | None):
+        """The ids of MLM-only sample i; fills `prov` when one is given."""
+        segments = [] if prov is not None else None
+        body = packed_segment(self.corpus, self.docs, emap, i, self.special.sep, segments)
+        if prov is not None:
+            prov["segments"] = segments
+        return np.concatenate(([self.special.cls], body, [self.special.sep])).astype(np.int64)

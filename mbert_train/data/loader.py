@@ -17,7 +17,7 @@ from mbert_train.data.corpus import DatasetError, open_dataset
 from mbert_train.data.dataset import PretrainingDataset
 from mbert_train.data.sampler import ShardedBatchSampler, eval_batches
 
-Batch = dict[str, torch.Tensor]
+Batch = dict  # the contract of `mbert_train.batch`: tensors and a `Packing`
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 """Signals that ask a run to checkpoint and stop: SLURM preemption and time limits, scancel,
@@ -86,8 +86,9 @@ class TrainLoader:
 
     def __init__(self, dataset: PretrainingDataset, collate: PadCollator, *, seed: int,
                  micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int,
-                 prefetch_factor: int, grad_accum: int = 1):
+                 prefetch_factor: int, grad_accum: int = 1, pin_memory: bool = False):
         self.dataset, self.collate = dataset, collate
+        self.pin_memory = pin_memory
         self.seed, self.micro_batch_size, self.grad_accum = seed, micro_batch_size, grad_accum
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
@@ -130,7 +131,7 @@ class TrainLoader:
         # from the global torch RNG, and a resumed run (which starts it after restoring the
         # RNG state) would then draw different dropout masks than the uninterrupted run.
         loader = DataLoader(self.dataset, batch_sampler=self.sampler(), num_workers=workers,
-                            collate_fn=self.collate,
+                            collate_fn=self.collate, pin_memory=self.pin_memory,
                             generator=torch.Generator().manual_seed(self.seed),
                             prefetch_factor=self.prefetch_factor if workers else None,
                             persistent_workers=False, worker_init_fn=_leave_stop_to_main)
@@ -299,17 +300,19 @@ class EvalLoader:
 
 
 def build_loaders(cfg: DataConfig, dataset_dir: str, *, seed: int, micro_batch_size: int,
-                  dp_rank: int, dp_size: int,
-                  grad_accum: int = 1) -> tuple[TrainLoader, EvalLoader]:
+                  dp_rank: int, dp_size: int, grad_accum: int = 1,
+                  pin_memory: bool = False) -> tuple[TrainLoader, EvalLoader]:
     """Open `dataset_dir` and build this DP rank's training and evaluation loaders; the
-    training stream advances by optimizer steps of micro_batch_size x grad_accum x dp_size."""
+    training stream advances by optimizer steps of micro_batch_size x grad_accum x dp_size.
+    `pin_memory` (for CUDA) pins the training batches, so they go to the GPU asynchronously."""
     corpus = open_dataset(dataset_dir)
     collate = PadCollator(corpus.special.pad, cfg.pad_to_multiple_of, cfg.max_seq_length)
     train = PretrainingDataset(corpus, "train", cfg, seed)
     train.check_usable()
     train_loader = TrainLoader(train, collate, seed=seed, micro_batch_size=micro_batch_size,
                                dp_rank=dp_rank, dp_size=dp_size, num_workers=cfg.num_workers,
-                               prefetch_factor=cfg.prefetch_factor, grad_accum=grad_accum)
+                               prefetch_factor=cfg.prefetch_factor, grad_accum=grad_accum,
+                               pin_memory=pin_memory)
     # Fails here, one line, rather than in the first training step.
     train_loader.sampler().require_batches(0)
     heldout = PretrainingDataset(corpus, "heldout", cfg, cfg.eval_seed)

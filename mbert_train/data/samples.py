@@ -158,15 +158,15 @@ def build_packed_map(stream_offsets: np.ndarray, length: int,
     return PackedMap(stream_offsets, offset, length, max(0, (total - offset) // length))
 
 
-def packed_segment(corpus: PreparedCorpus, docs: np.ndarray, pmap: PackedMap, index: int,
-                   sep_id: int) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
-    """Tokens of window `index` and its provenance [(doc id, first token, end token), ...]."""
+def packed_segment(corpus: PreparedCorpus, docs: np.ndarray, pmap: PackedMap, index: int, sep_id: int,
+                   provenance: list[tuple[int, int, int]] | None = None) -> np.ndarray:
+    """Tokens of window `index`; where they come from, [(doc id, first token, end token), ...],
+    is appended to `provenance` when one is given."""
     lo = pmap.offset + index * pmap.length
     hi = lo + pmap.length
     so = pmap.stream_offsets
     d = int(np.searchsorted(so, lo, side="right") - 1)
     pieces: list[np.ndarray] = []
-    provenance: list[tuple[int, int, int]] = []
     while lo < hi:
         doc = int(docs[d])
         base = int(corpus.sentence_offsets[corpus.doc_offsets[doc]])
@@ -175,9 +175,10 @@ def packed_segment(corpus: PreparedCorpus, docs: np.ndarray, pmap: PackedMap, in
         if a < n_tokens:
             real_end = min(b, n_tokens)
             pieces.append(np.array(corpus.tokens[base + a:base + real_end], dtype=np.int64))
-            provenance.append((doc, a, real_end))
+            if provenance is not None:
+                provenance.append((doc, a, real_end))
         if b == n_tokens + 1:
             pieces.append(np.array([sep_id], dtype=np.int64))
         lo = int(so[d]) + b
         d += 1
-    return np.concatenate(pieces), provenance
+    return np.concatenate(pieces)

@@ -1,196 +1,104 @@
-"""Attention with dropout that keeps no (s x s) float tensor: the CPU training path.
+"""Attention after the QKV projection: one dispatch over devices and batch layouts.
 
-SDPA's CPU kernels have no fused dropout, and the explicit path (scores, softmax, mask, dropped
-probabilities) keeps three (b, n, s, s) tensors per layer for backward, 9 bytes per score in
-fp32: at BERT-base seq 512 that is most of the step's activation memory, and streaming them
-through DRAM is much of attention's time. `dropout_attention` follows flash attention's scheme,
-in blocks (one sample, a few heads) sized to stay in cache:
+`CoreAttention` computes softmax(q k^T / sqrt(d)) v with dropout, each sample attending to its
+own real tokens, from the QKV projection of either layout the model runs a batch in: padded
+(b, s, ...) with a padding mask, or packed (1, T, ...) with the batch's `Packing`. It picks:
 
-- forward: scores, softmax, dropout and the product with V, block by block; it saves the QKV
-  projection (kept anyway), the padding bias, the read rows and the 1-byte keep-mask;
-- backward: recomputes each block's scores and softmax and forms the gradients of Q, K and V,
-  written straight into the gradient of the QKV projection.
+- on CPU, for training with dropout and for every packed batch: the blockwise kernel
+  (`blockwise.py`; no s x s tensor kept, per-head masks that do not depend on TP);
+- with `model.tp_invariant_dropout` and dropout: the same kernel on any device;
+- elsewhere (CUDA) on a packed batch: SDPA on nested jagged tensors (NJT) over the packed
+  tokens, which torch sends to the variable-length flash or memory-efficient kernels, dropout
+  fused: no per-layer re-pad. The sample bounds come from the packing (its offsets tensor, and
+  its shortest and longest sample as Python ints: without them torch would read them back);
+- otherwise: SDPA on the padded layout with its mask.
 
-Keeping the mask (1 byte per score) rather than redrawing it in backward is about 10% faster
-for 1/9 of the explicit path's memory. Q, K and V are read from the QKV projection's
-(b, s, 3, n, d) layout and the context is written in (b, s, n, d), so no head transposes are
-copied either way.
-
-Each (sample, global head) slab draws its mask from its own generator seeded `base + sample *
-heads + global head`, where `base` is one draw from the replicated default generator. So the
-masks differ across heads, TP ranks, layers, steps and DP ranks; a head's mask does not depend
-on which TP rank holds it (TP-invariant at no cost); and activation checkpointing, which
-restores the default generator before recomputing, redraws them exactly.
+Why the CPU does not run NJT SDPA: torch (2.13) has only the math backend for NJTs there. It
+splits the batch by lengths read back from the offsets, attends per sample with an explicit
+(n, s, s) softmax and dropout, and keeps those for backward: slower and heavier than the
+blockwise kernel, whose per-head masks also make CPU dropout independent of the TP degree.
+The tests run this NJT path on CPU (math backend) against the blockwise kernel, and on the
+meta device as torch's flash path, which reads nothing back.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from functools import cached_property
-
 import torch
+import torch.nn.functional as F
 
-from mbert_train.parallel.random import keep_bytes_from_seeds, keep_scale, replicated_seed
-
-# Elements of one block's (heads x sq x sk) scores: 2^18 floats = 1 MiB, about an L2 cache.
-_BLOCK_ELEMENTS = 1 << 18
-
-
-def _heads_per_block(sq: int, sk: int, n: int) -> int:
-    return max(1, min(n, _BLOCK_ELEMENTS // max(1, sq * sk)))
+from mbert_train.batch import Packing
+from mbert_train.model.blockwise import dropout_attention
+from mbert_train.parallel.context import TPContext
+from mbert_train.parallel.random import sharded_cuda_rng
 
 
-@dataclass(frozen=True)
-class Packing:
-    """A batch with its padding removed: the real tokens of its samples laid end to end, as
-    NVIDIA's BERT recipe and MosaicBERT run them, so the dense layers do no work on padding.
-
-    `index` (T,) holds the flat positions (sample * s + position) of the real tokens, sample
-    after sample in ascending order; sample i's tokens are [starts[i], starts[i + 1]) of the
-    packed sequence. `read_starts` bounds, likewise, each sample's read positions ([CLS] and
-    the masked ones) among the last layer's queries. The model's hidden states are then
-    (1, T, h): every layer but attention is per token and sees one long sample."""
-
-    index: torch.Tensor
-    starts: tuple[int, ...]
-    read_starts: tuple[int, ...]
-    batch: int
-    seq: int
-
-    @classmethod
-    def from_masks(cls, attention_mask: torch.Tensor, read: torch.Tensor) -> tuple["Packing", torch.Tensor]:
-        """From (b, s) masks of the real and the read tokens: the packing and the read tokens'
-        packed positions (1, M), sample after sample, ascending."""
-        b, s = attention_mask.shape
-        real = attention_mask.bool()
-        read = read & real
-        index = real.view(-1).nonzero().view(-1)
-        packed_position = real.view(-1).cumsum(0) - 1  # of each real token
-        rows = packed_position[read.view(-1)].view(1, -1)
-        return cls(index, _bounds(real.sum(1)), _bounds(read.sum(1)), b, s), rows
-
-    def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """(T, ...) packed -> (b, s, ...) padded, zeros at padding."""
-        out = x.new_zeros(self.batch * self.seq, *x.shape[1:])
-        return out.index_copy_(0, self.index, x).view(self.batch, self.seq, *x.shape[1:])
-
-    @cached_property
-    def attention_mask(self) -> torch.Tensor:
-        """(b, 1, 1, s) bool, True = attend: the padded layout's mask (built once per batch,
-        not per layer)."""
-        real = torch.zeros(self.batch * self.seq, dtype=torch.bool, device=self.index.device)
-        return real.index_fill_(0, self.index, True).view(self.batch, 1, 1, self.seq)
+def sdpa_on_rank_stream(q, k, v, mask, p: float, group) -> torch.Tensor:
+    """SDPA with dropout on this TP rank's stream: flash / memory-efficient kernels on CUDA."""
+    with sharded_cuda_rng(q.device, group):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
 
 
-def _bounds(counts: torch.Tensor) -> tuple[int, ...]:
-    return (0, *torch.cumsum(counts, 0).tolist())
+class CoreAttention:
+    """The dispatch (see the module doc) for one layer: attention `dropout`, and `tp`, which says
+    which global heads the layer's local heads are (the blockwise kernel's masks follow them) and
+    whose CUDA stream fused SDPA draws from."""
+
+    def __init__(self, dropout: float, tp: TPContext):
+        self.dropout, self.tp = dropout, tp
+        # Kernels that draw their dropout masks from their own generators, which torch.compile
+        # cannot trace; `exclude_dropout_from_graphs` makes them graph breaks.
+        self.blockwise, self.sdpa_dropout = dropout_attention, sdpa_on_rank_stream
+
+    def exclude_dropout_from_graphs(self) -> None:
+        """For torch.compile'd layers. Not at import: the decorator imports torch._dynamo, 2 s of
+        every start-up."""
+        self.blockwise = torch.compiler.disable(dropout_attention)
+        self.sdpa_dropout = torch.compiler.disable(sdpa_on_rank_stream)
+
+    def __call__(self, qkv: torch.Tensor, layout: torch.Tensor | Packing | None, rows: torch.Tensor | None = None,
+                 *, training: bool) -> torch.Tensor:
+        """Context (b, s|m, n, d) from `qkv` (b, s, 3, n, d), queries at `rows` (b, m) only when
+        given. `layout` is the padding mask (b, 1, 1, s) bool (True = attend) or None; or a
+        `Packing`, with `qkv` (1, T, 3, n, d) the packed tokens and `rows` (1, M) packed read
+        positions."""
+        p = self.dropout if training else 0.0
+        packed = isinstance(layout, Packing)
+        if (qkv.device.type == "cpu" and (p > 0 or packed)) or (p > 0 and self.tp.invariant_dropout):
+            n = qkv.shape[3]
+            return self.blockwise(qkv, layout, p, rows, heads_total=n * self.tp.size, head_offset=n * self.tp.rank)
+        if packed:
+            return self.packed_sdpa(qkv, layout, rows, p)
+        return self.padded_sdpa(qkv, layout, rows, p)
+
+    def _sdpa(self, q, k, v, mask, p: float) -> torch.Tensor:
+        if p > 0:
+            return self.sdpa_dropout(q, k, v, mask, p, self.tp.group)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def padded_sdpa(self, qkv: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor | None,
+                    p: float) -> torch.Tensor:
+        b, _, _, n, d = qkv.shape
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (b, n, s, d)
+        if rows is not None:  # keys and values stay over all s positions
+            q = q.gather(2, rows[:, None, :, None].expand(b, n, rows.shape[1], d))
+        return self._sdpa(q, k, v, mask, p).transpose(1, 2)
+
+    def packed_sdpa(self, qkv: torch.Tensor, packing: Packing, rows: torch.Tensor | None, p: float) -> torch.Tensor:
+        """SDPA on NJTs (b, n, j, d) viewing the packed tokens; returns (1, T|M, n, d)."""
+        # Each (T, n, d) contiguous: torch's math backend (CPU, or CUDA where no fused kernel
+        # fits) takes only contiguous NJTs; the fused kernels save the same bytes either way.
+        q, k, v = qkv[0].transpose(0, 1).contiguous().unbind(0)
+        lengths = packing.lengths
+        k, v = (_jagged(t, packing.offsets, lengths) for t in (k, v))
+        if rows is None:
+            q = _jagged(q, packing.offsets, lengths)
+        else:  # the read tokens' queries, against all of their sample's keys
+            q = _jagged(q.index_select(0, rows[0]), packing.read_offsets, packing.read_counts)
+        return self._sdpa(q, k, v, None, p).transpose(1, 2).values()[None]
 
 
-def _block_probs(qb, kb, bias_row, scale: float) -> torch.Tensor:
-    """Softmax of one block's scores (heads, sq, sk); fp32 for low-precision inputs."""
-    if bias_row is None:
-        scores = torch.bmm(qb, kb.transpose(1, 2)).mul_(scale)
-    else:
-        scores = torch.baddbmm(bias_row, qb, kb.transpose(1, 2), alpha=scale)
-    return scores.softmax(-1, dtype=None if scores.dtype in (torch.float32, torch.float64) else torch.float32)
-
-
-def _slabs(k_starts, q_starts, n: int):
-    """Per sample and block of heads: (sample, key range, query range, heads, offset of the
-    block's mask in the flat keep buffer)."""
-    offset = 0
-    for i in range(len(k_starts) - 1):
-        k0, k1, q0, q1 = k_starts[i], k_starts[i + 1], q_starts[i], q_starts[i + 1]
-        sq, sk = q1 - q0, k1 - k0
-        hn = _heads_per_block(sq, sk, n)
-        for h0 in range(0, n, hn):
-            h1 = min(h0 + hn, n)
-            yield i, slice(k0, k1), slice(q0, q1), slice(h0, h1), offset, (h1 - h0, sq, sk)
-            offset += (h1 - h0) * sq * sk
-
-
-class _DropoutAttention(torch.autograd.Function):
-    """On flat tokens: `qkv` (T, 3, n, d), sample i's keys [k_starts[i], k_starts[i+1]), its
-    queries the rows [q_starts[i], q_starts[i+1]) of Q, or of Q at `q_index` (Tq,) when given."""
-
-    @staticmethod
-    def forward(ctx, qkv, q_index, bias, k_starts, q_starts, p: float, base: int, heads_total: int, head_offset: int):
-        _, _, n, d = qkv.shape
-        q = qkv[:, 0] if q_index is None else qkv[:, 0].index_select(0, q_index)
-        k, v = qkv[:, 1], qkv[:, 2]
-        scale, drop_scale = d ** -0.5, keep_scale(p)
-        out = torch.empty(q.shape, dtype=qkv.dtype, device=qkv.device)
-        slabs = list(_slabs(k_starts, q_starts, n))
-        keeps = torch.empty(slabs[-1][4] + math.prod(slabs[-1][5]) if slabs else 0, dtype=torch.uint8,
-                            device=qkv.device)
-        for i, ks, qs, hs, offset, shape in slabs:
-            qb, kb, vb = q[qs, hs].transpose(0, 1), k[ks, hs].transpose(0, 1), v[ks, hs].transpose(0, 1)
-            probs = _block_probs(qb, kb, None if bias is None else bias[i], scale)
-            keep = keep_bytes_from_seeds(_seeds(base, i, hs.start, hs.stop, heads_total, head_offset), shape, p,
-                                         qkv.device)
-            keeps[offset: offset + keep.numel()] = keep.view(-1)
-            # The 1/(1-p) scale goes on the (s, d) product rather than the (s, s) probabilities.
-            out[qs, hs] = torch.bmm(probs.mul_(keep).to(qkv.dtype), vb).mul_(drop_scale).transpose(0, 1)
-        ctx.save_for_backward(qkv, q_index, bias, keeps)
-        ctx.args = (k_starts, q_starts, p)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        qkv, q_index, bias, keeps = ctx.saved_tensors
-        k_starts, q_starts, p = ctx.args
-        _, _, n, d = qkv.shape
-        q = qkv[:, 0] if q_index is None else qkv[:, 0].index_select(0, q_index)
-        k, v = qkv[:, 1], qkv[:, 2]
-        scale, drop_scale = d ** -0.5, keep_scale(p)
-        d_qkv = torch.empty_like(qkv) if q_index is None else torch.zeros_like(qkv)
-        dq = d_qkv[:, 0] if q_index is None else torch.empty_like(q)
-        for i, ks, qs, hs, offset, shape in _slabs(k_starts, q_starts, n):
-            qb, kb, vb, gb = (t.transpose(0, 1) for t in (q[qs, hs], k[ks, hs], v[ks, hs], grad_out[qs, hs]))
-            probs = _block_probs(qb, kb, None if bias is None else bias[i], scale)
-            keep = keeps[offset: offset + math.prod(shape)].view(shape)
-            dropped = (probs * keep).to(qkv.dtype)  # the scale is applied to the (s, d) results
-            d_qkv[ks, 2, hs] = torch.bmm(dropped.transpose(1, 2), gb).mul_(drop_scale).transpose(0, 1)
-            d_probs = torch.bmm(gb, vb.transpose(1, 2)).to(probs.dtype).mul_(keep)
-            d_scores = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype).to(qkv.dtype) \
-                .mul_(scale * drop_scale)
-            dq[qs, hs] = torch.bmm(d_scores, kb).transpose(0, 1)
-            d_qkv[ks, 1, hs] = torch.bmm(d_scores.transpose(1, 2), qb).transpose(0, 1)
-        if q_index is not None:
-            d_qkv[:, 0].index_add_(0, q_index, dq)
-        return d_qkv, None, None, None, None, None, None, None, None
-
-
-def _seeds(base: int, i: int, h0: int, h1: int, heads_total: int, head_offset: int) -> range:
-    """Seeds of sample i's local heads [h0, h1): base + i * heads_total + global head."""
-    first = base + i * heads_total + head_offset
-    return range(first + h0, first + h1)
-
-
-def dropout_attention(qkv: torch.Tensor, mask: torch.Tensor | Packing | None, p: float,
-                      rows: torch.Tensor | None = None, *, heads_total: int | None = None,
-                      head_offset: int = 0) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + padding) with dropout p, times v, from the QKV projection
-    `qkv` (b, s, 3, n, d); queries at `rows` (b, m) only when given. `mask` (b, 1, 1, s) bool,
-    True = attend; or a `Packing`, when `qkv` is (1, T, 3, n, d) packed tokens and `rows`
-    (1, M) their read positions. This rank's heads are global heads [head_offset, head_offset +
-    n) of `heads_total` (default n). Returns the context (b, s|m, n, d)."""
-    b, s, _, n, d = qkv.shape
-    flat = qkv.reshape(b * s, 3, n, d)
-    bias = None
-    q_index = None if rows is None else rows.reshape(-1)
-    if isinstance(mask, Packing):  # no padding left: sample i is its own stretch of keys
-        k_starts = mask.starts
-        q_starts = k_starts if rows is None else mask.read_starts
-    else:
-        k_starts = tuple(range(0, b * s + 1, s))
-        q_starts = k_starts if rows is None else tuple(range(0, rows.numel() + 1, rows.shape[1]))
-        if rows is not None:
-            q_index = (rows + torch.arange(0, b * s, s, device=rows.device)[:, None]).view(-1)
-        if mask is not None:
-            bias = torch.zeros(b, 1, s, dtype=qkv.dtype, device=qkv.device)
-            bias.masked_fill_(~mask.view(b, 1, s), torch.finfo(qkv.dtype).min)
-    out = _DropoutAttention.apply(flat, q_index, bias, k_starts, q_starts, p, replicated_seed(), heads_total or n,
-                                  head_offset)
-    return out.view(b, -1, n, d)
+def _jagged(values: torch.Tensor, offsets: torch.Tensor, lengths: tuple[int, ...]) -> torch.Tensor:
+    """(T, n, d) tokens, sample i in [offsets[i], offsets[i + 1]) -> NJT (b, n, j, d)."""
+    nested = torch.nested.nested_tensor_from_jagged(values, offsets, min_seqlen=min(lengths),
+                                                    max_seqlen=max(lengths))
+    return nested.transpose(1, 2)

@@ -5,7 +5,7 @@
   masks are identical, as they must be for the replicas to stay in sync.
 - Sharded activations (attention probabilities, split by heads) need a different mask on every
   TP rank.
-  - CPU (`model.attention.dropout_attention`): every (sample, global head) slab draws from its
+  - CPU (`model.blockwise.dropout_attention`): every (sample, global head) slab draws from its
     own generator, seeded from one draw of the replicated default generator plus the slab's
     global index. Ranks holding different heads get different masks, and a head's mask does not
     depend on the TP degree: TP-invariant at no cost.
