@@ -3,6 +3,7 @@ SLURM preemption and time limits, `timeout`, Ctrl-C), a stalled rank, a stale bu
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -218,8 +219,18 @@ def _loader(directory: str, workers: int):
     return build_loaders(cfg, directory, seed=3, micro_batch_size=8, dp_rank=0, dp_size=1)[0]
 
 
+def _equal(x, y) -> bool:
+    """Tensors by value; a `Packing` field by field (its tensors and its host ints)."""
+    if isinstance(x, torch.Tensor):
+        return isinstance(y, torch.Tensor) and torch.equal(x, y)
+    if dataclasses.is_dataclass(x):
+        return type(x) is type(y) and all(_equal(getattr(x, f.name), getattr(y, f.name))
+                                          for f in dataclasses.fields(x))
+    return x == y
+
+
 def _same(a: list[dict], b: list[dict]) -> bool:
-    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(_equal(x[k], y[k]) for k in x)
                                     for x, y in zip(a, b))
 
 
