@@ -449,6 +449,11 @@ def run_tool(cmd: Command, ws: Path, n: int) -> None:
         argv = [argv[0], *args]
     # The shell's globbing (`corpus/*.txt`), relative to the workspace.
     argv = [x for a in argv for x in ((sorted(glob(a, root_dir=ws)) or [a]) if "*" in a else [a])]
+    if argv[0] == "mbert-prep" and "--num-proc" in argv and argv[argv.index("--num-proc") + 1] != "1":
+        # Its worker pool forks: from this process, which holds threads (torch's, gloo's), a
+        # fork may inherit a lock held mid-operation and crash, so it runs as users run it.
+        _run_all([(argv, _subprocess_env(env, ws))], ws, f"prep-{n}")
+        return
     run_in_process(argv, ws, env)
 
 
