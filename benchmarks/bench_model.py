@@ -69,7 +69,15 @@ import time
 import common
 import modern
 import torch
-from common import DROPOUT, Shape, batch_stats, data_dir_or_none, dataset_vocab, step_model_flops, with_overrides
+from common import (
+    DROPOUT,
+    Shape,
+    batch_stats,
+    data_dir_or_none,
+    dataset_vocab,
+    step_model_flops,
+    with_overrides,
+)
 
 SHAPES = {**common.SHAPES, **modern.SHAPES}
 MODELS = ("ref", "ours")
@@ -222,7 +230,7 @@ def floor_worker(args, shape: Shape, device: torch.device) -> dict:
 
     def step(width: int) -> None:
         for layer in weights:
-            for weight, (x, dy) in zip(layer, buffers[width]):
+            for weight, (x, dy) in zip(layer, buffers[width], strict=True):
                 x @ weight.T       # forward
                 dy @ weight        # input gradient
                 dy.T @ x           # weight gradient
@@ -384,7 +392,8 @@ def time_breakdown(prof, shape: Shape, device: torch.device) -> dict[str, float]
 
 def profile(shape_name: str, args) -> None:
     """torch.profiler over steps of each model, in this process (timings, not memory)."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
     device = torch.device(args.device)
     shape = resolve_shape(shape_name, args)
     fam = family(shape)
