@@ -337,3 +337,41 @@ def test_mbert_train_runs_modernbert(tmp_path, corpus_cache):
         assert tp2[step] == pytest.approx(loss, rel=1e-5), step
     model = ModernBertForMaskedLM.from_pretrained(tmp_path / "tp2" / "hf")
     assert model.config.num_hidden_layers == 2 and model.config.layer_types == ["full_attention", "sliding_attention"]
+
+
+@pytest.mark.parametrize("unpad,masked_only,checkpointing", [(True, True, False), (True, True, True),
+                                                              (False, True, False), (True, False, False)],
+                         ids=["packed", "packed-checkpointed", "padded", "full-decoder"])
+def test_training_step_reads_nothing_back_from_the_device(monkeypatch, unpad, masked_only, checkpointing):
+    """As tests/test_batch.py checks MegatronBert's: with the collator's packing a training
+    forward and backward of ModernBert (dropout on) runs on fake tensors, where any read-back
+    (`.item()`, `.tolist()`, `nonzero`, a boolean index, `bool(t)`) raises. The attention dropout's
+    seeds are draws of the CPU generator, host values, drawn outside the fake mode; the
+    truncated-normal init (which reads back, once, when the model is built) is a plain normal."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+
+    import mbert_train.model.modernbert as modernbert
+    import mbert_train.parallel.random as random_streams
+    from mbert_train.batch import Packing
+    from mbert_train.parallel.layers import normal_init
+    from tests.test_batch import fake
+
+    seed = modernbert.replicated_seed
+
+    def host_draw() -> int:
+        with unset_fake_temporarily():
+            return seed()
+
+    monkeypatch.setattr(modernbert, "replicated_seed", host_draw)
+    monkeypatch.setattr(random_streams, "replicated_seed", host_draw)  # the MLP's dropout stream
+    monkeypatch.setattr(modernbert, "trunc_init", normal_init)
+    cfg = small_config(dropout=0.1)
+    batch = make_batch(cfg)
+    batch["packing"] = Packing.from_masks(batch["attention_mask"], batch["mlm_labels"])
+    with FakeTensorMode() as mode:
+        model = ModernBert(cfg, activation_checkpointing=checkpointing, mlm_masked_only=masked_only,
+                           unpad=unpad).train()
+        out = model(**{k: fake(mode, v) for k, v in batch.items()})
+        out.loss.backward()
+    assert model.packs(batch["packing"]) == unpad
+    assert out.mlm_count.shape == () and all(p.grad is not None for p in model.parameters())

@@ -141,3 +141,12 @@ def test_init_from_continues_pretraining_at_tp2_and_exports(hf_dir, tmp_path, co
     card = (exported / "README.md").read_text()
     assert not (exported / "vocab.txt").exists() and "BPE cased" in card and f"weights of `{tmp_path / 'init'}`" in card
     assert_fill_mask_runs(exported)
+
+
+@pytest.mark.slow
+def test_init_from_a_modernbert_into_a_megatron_bert_is_one_line(hf_dir, tmp_path, corpus_cache):
+    convert("from-hf", hf_dir, tmp_path / "init")
+    done = train(tmp_path / "run", corpus_cache, [f"trainer.init_from={tmp_path / 'init'}", "trainer.max_steps=1"],
+                 check=False)
+    assert done.returncode == 2
+    assert "does not fit this model: model.arch=megatron_bert (checkpoint: modernbert)" in done.stderr, done.stderr

@@ -59,8 +59,8 @@ COUNTERS = ("step", "bad_in_a_row", "skipped")
 """The trainer's own counters, the part of `scalars` the loop keeps."""
 UPGRADE_COMMAND = "mbert-convert upgrade-checkpoint"
 MASTER = "master"
-SHAPE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings",
-              "type_vocab_size", "binary_head")
+SHAPE_KEYS = ("arch", "vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+              "max_position_embeddings", "type_vocab_size", "binary_head")
 
 
 def rng_key(rank: int) -> str:

@@ -21,14 +21,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mbert_train.arithmetic import padded_vocab_size
-from mbert_train.batch import IGNORE_INDEX
-from mbert_train.model.attention import Packing
-from mbert_train.model.bert import (
-    MAX_COMPILED_SHAPES,
-    PretrainOutput,
-    read_mask,
-    read_positions,
-)
+from mbert_train.batch import Packing
+from mbert_train.model.bert import MAX_COMPILED_SHAPES, PretrainOutput
 from mbert_train.model.config import ModelConfig
 from mbert_train.model.rotary import apply_rope, rope_tables
 from mbert_train.parallel.context import LayerNorm, TPContext
@@ -76,17 +70,15 @@ class AttentionInputs:
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
     """Per layer kind, cos and sin (1, s|T, d) of the positions of the tokens the layers hold."""
     packing: Packing | None = None
+    """Set when the layers hold the packed real tokens (1, T, h)."""
 
 
-def attention_inputs(cfg: ModelConfig, s: int, attention_mask: torch.Tensor | None, positions: torch.Tensor,
+def attention_inputs(cfg: ModelConfig, s: int, padding: torch.Tensor | None, positions: torch.Tensor,
                      packing: Packing | None) -> AttentionInputs:
-    """The masks for a batch of length `s` (padding from `attention_mask` or `packing`) and the RoPE
-    tables of `positions` (1, s|T)."""
+    """The masks for a batch of length `s` (`padding`: its (b, s) attention mask, None when it has
+    no padding) and the RoPE tables of `positions` (1, s|T). Device ops only."""
     device = positions.device
-    if packing is not None:
-        real = packing.attention_mask.view(packing.batch, s)
-    else:
-        real = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+    real = None if padding is None else padding.bool()
     pos = torch.arange(s, device=device)
     window = (pos[:, None] - pos[None, :]).abs() <= cfg.local_attention // 2  # (s, s)
     if real is None:
@@ -155,7 +147,7 @@ class Attention(nn.Module):
         if packing is not None:
             # SDPA has no variable-length form: the padded layout, whose masks keep samples apart
             # (and windows inside them); then the real tokens' (or the read positions') rows.
-            q, k, v = (packing.unpack(t[0]) for t in (q, k, v))  # (b, s, n/tp, d)
+            q, k, v = (unpack(t[0], packing) for t in (q, k, v))  # (b, s, n/tp, d)
         elif rows is not None:  # keys and values stay over all s positions
             q = q.gather(1, rows[:, :, None, None].expand(-1, -1, *q.shape[2:]))  # (b, m, n/tp, d)
             if mask is not None and mask.shape[2] > 1:
@@ -174,6 +166,12 @@ class Attention(nn.Module):
         if q.is_cuda and not self.tp.invariant_dropout:  # fused, on this TP rank's stream
             return self._fused_dropout_attention(q, k, v, mask, p, self.tp.group)
         return self._dropped_attention(q, k, v, mask, p, self.heads_total, self.head_offset)
+
+
+def unpack(x: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """(T, ...) packed tokens -> (b, s, ...) padded, zeros at padding."""
+    out = x.new_zeros(packing.batch * packing.seq, *x.shape[1:])
+    return out.index_copy_(0, packing.index, x).view(packing.batch, packing.seq, *x.shape[1:])
 
 
 class GeGLU(nn.Module):
@@ -261,26 +259,32 @@ class ModernBert(nn.Module):
         self._compiled_layers = [torch.compile(layer, dynamic=False) for layer in self.layers]
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               rows: torch.Tensor | None = None, packing: Packing | None = None) -> torch.Tensor:
-        """Final hidden states (b, s, h); with `rows` (b, m) only at those positions (b, m, h), the
-        last layer then running its queries, MLP and LayerNorms there alone (as in bert.py). With a
-        `packing` the layers run on the real tokens (1, T, h), RoPE positions restart with every
-        sample, `rows` (1, M) are packed positions, and the result is (1, T|M, h)."""
-        s = input_ids.shape[1]
+               packing: Packing | None = None, *, reads_only: bool = False) -> torch.Tensor:
+        """Final hidden states (b, s, h); with `reads_only`, those of the batch's read tokens alone
+        (M, h), in `packing.read_rows`' order, the last layer then running its queries, MLP and
+        LayerNorms there alone (as in bert.py). When the batch runs packed (`packs`) the layers run
+        on its real tokens (1, T, h) and RoPE positions restart with every sample. The layout comes
+        from `packing`'s host-side ints: nothing is read back from the device."""
+        b, s = input_ids.shape
         tp = self.tp
-        positions = torch.arange(s, device=input_ids.device)[None]
-        if packing is not None:
-            if tp.sp:
-                raise ValueError("packed batches do not combine with sequence parallelism")
+        packed = reads_only and self.packs(packing)
+        rows, slots = None, None
+        if packed:
+            rows = packing.read_rows[None]  # (1, M) packed read positions
             input_ids = input_ids.reshape(-1)[packing.index][None]
             positions = (packing.index % s)[None]  # (1, T): a sample's tokens sit at [0, length) of its row
-        elif tp.sp and s % tp.size:
-            raise ValueError(f"sequence length {s} is not divisible by TP={tp.size}, which sequence "
-                             f"parallelism needs; pad batches to a multiple of it (data.pad_to_multiple_of)")
+        else:
+            positions = torch.arange(s, device=input_ids.device)[None]
+            if reads_only:
+                rows, slots = packing.padded_read_positions()  # (b, m), (M,)
+            if tp.sp and s % tp.size:
+                raise ValueError(f"sequence length {s} is not divisible by TP={tp.size}, which sequence "
+                                 f"parallelism needs; pad batches to a multiple of it (data.pad_to_multiple_of)")
+        padding = attention_mask if attention_mask is not None and (packing is None or packing.padded) else None
         x = self.word_embeddings(input_ids)  # (b, s, h); (b, s/tp, h) under SP; (1, T, h) packed
         x = tp.hidden_dropout(self.embedding_norm(x), self.cfg.hidden_dropout, self.training)
-        inputs = attention_inputs(self.cfg, s, attention_mask, positions, packing)
-        compiled = self._compiled_layers if self.training and packing is None else None
+        inputs = attention_inputs(self.cfg, s, padding, positions, packing if packed else None)
+        compiled = self._compiled_layers if self.training and not packed else None
         for i, layer in enumerate(self.layers):
             last = i == len(self.layers) - 1
             if tp.sp and last:
@@ -291,15 +295,17 @@ class ModernBert(nn.Module):
                 x = checkpoint(layer, x, inputs, rows if last else None, use_reentrant=False)
             else:
                 x = layer(x, inputs, rows if last else None)
+        if reads_only:
+            x = x[0] if packed else x.flatten(0, 1)[slots]  # (M, h)
         return self.final_norm(x)
 
-    def _packs(self, attention_mask: torch.Tensor | None) -> bool:
-        """Whether this batch runs packed: it has padding, and none of these is in the way:
+    def packs(self, packing: Packing | None) -> bool:
+        """Whether a batch runs packed: it has padding, and none of these is in the way:
         sequence parallelism, compiled layers (a packed length would compile for nearly every
         batch), TP-invariant dropout (whose masks are those of the padded tensors)."""
         tp = self.tp
-        return (self.unpad and attention_mask is not None and not tp.sp and not tp.invariant_dropout
-                and not (self.training and self._compiled_layers is not None) and not bool(attention_mask.all()))
+        return (self.unpad and packing is not None and packing.padded and not tp.sp and not tp.invariant_dropout
+                and not (self.training and self._compiled_layers is not None))
 
     def mlm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocab-shard logits (..., V_pad/tp); the decoder is tied to the word embeddings."""
@@ -312,37 +318,31 @@ class ModernBert(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None,
-                nsp_labels: torch.Tensor | None = None) -> PretrainOutput:
-        """`token_type_ids` are ignored (ModernBERT has none); there is no NSP head."""
+                nsp_labels: torch.Tensor | None = None, packing: Packing | None = None) -> PretrainOutput:
+        """The batch of `mbert_train.batch`, as `MegatronBert.forward` reads it; `token_type_ids`
+        are ignored (ModernBERT has none); there is no NSP head."""
         if nsp_labels is not None:
             raise ValueError("model.arch=modernbert has no NSP/SOP head; use data.objective=none")
         out = PretrainOutput()
-        if mlm_labels is not None and self.mlm_masked_only:
-            if self._packs(attention_mask):  # the layers run on the real tokens only
-                read = read_mask(mlm_labels)
-                packing, rows = Packing.from_masks(attention_mask, read)  # rows (1, M): packed read positions
-                hidden = self.encode(input_ids, attention_mask, rows, packing)[0]  # (M, h)
-                labels = mlm_labels[read & attention_mask.bool()]  # (M,) sample after sample
-            else:
-                rows = read_positions(mlm_labels)  # (b, m): [CLS] first, then the masked positions
-                hidden = self.encode(input_ids, attention_mask, rows)  # (b, m, h)
-                labels = mlm_labels.gather(1, rows)
-            selected = labels != IGNORE_INDEX
-            out.mlm_logits = self.mlm_head(hidden[selected])  # (n_masked, V_pad/tp)
-            logits_flat, targets = out.mlm_logits, labels[selected]
+        if mlm_labels is None:
+            out.mlm_logits = self.mlm_head(self.encode(input_ids, attention_mask))  # (b, s, V_pad/tp)
+            return out
+        if packing is None:  # a batch not built by the collator: one read-back, here
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            packing = Packing.from_masks(mask, mlm_labels).to(input_ids.device)
+        predicted = packing.predicted_positions()  # (K,) flat, in the order of the labels
+        targets = mlm_labels.reshape(-1)[predicted]
+        if self.mlm_masked_only:
+            reads = self.encode(input_ids, attention_mask, packing, reads_only=True)  # (M, h)
+            out.mlm_logits = logits = self.mlm_head(reads[packing.predicted])  # (K, V_pad/tp)
         else:
-            hidden = self.encode(input_ids, attention_mask)  # (b, s, h)
-            out.mlm_logits = self.mlm_head(hidden)  # (b, s, V_pad/tp)
-            if mlm_labels is None:
-                return out
-            selected = (mlm_labels != IGNORE_INDEX).view(-1)
-            logits_flat = out.mlm_logits.view(-1, out.mlm_logits.shape[-1])[selected]
-            targets = mlm_labels.view(-1)[selected]
+            out.mlm_logits = self.mlm_head(self.encode(input_ids, attention_mask, packing))  # (b, s, V_pad/tp)
+            logits = out.mlm_logits.flatten(0, 1)[predicted]
         count = targets.numel()
-        per_token = vocab_parallel_cross_entropy(logits_flat, targets, self.cfg.vocab_size, self.group)
+        per_token = vocab_parallel_cross_entropy(logits, targets, self.cfg.vocab_size, self.group)
         out.loss = out.mlm_loss = per_token.sum() / max(count, 1)
         with torch.no_grad():
-            pred = vocab_parallel_argmax(logits_flat.detach(), self.cfg.vocab_size, self.group)
+            pred = vocab_parallel_argmax(logits.detach(), self.cfg.vocab_size, self.group)
             out.mlm_correct = (pred == targets).sum()
-            out.mlm_count = torch.tensor(count, device=hidden.device)
+            out.mlm_count = torch.full((), count, dtype=torch.long, device=targets.device)
         return out
