@@ -274,7 +274,11 @@ def run_worker(model: str, shape: str, args) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"worker {model}/{shape} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    memory = f", step {out['step_mb']:.0f} MB" if "step_mb" in out else ""
+    print(f"  {shape} {model}: steps {', '.join(f'{t:.2f}' for t in out['times'])} s{memory}", file=sys.stderr,
+          flush=True)  # progress, and what a cut-short run leaves
+    return out
 
 
 def summarise(shape_name: str, trio: dict, args) -> dict:
