@@ -1,5 +1,6 @@
 """One training step (forward, backward, AdamW) of our MegatronBert against the reference
-`transformers.MegatronBertForPreTraining`, in the configuration users train with, next to the
+`transformers.MegatronBertForPreTraining`, and of our ModernBert against
+`transformers.ModernBertForMaskedLM`, in the configuration users train with, next to the
 same-math floor: time, CPU time, throughput, MFU and memory at the same shapes.
 
     python benchmarks/bench_model.py --data DIR             # BERT-base S=128 and S=512, real batches
@@ -7,12 +8,23 @@ same-math floor: time, CPU time, throughput, MFU and memory at the same shapes.
     python benchmarks/bench_model.py --shapes tiny --steps 1 --warmup 0    # a dry run
     python benchmarks/bench_model.py --bf16 --shapes large512 --batch 16   # CUDA: bf16 autocast, MFU
     python benchmarks/bench_model.py --profile base128      # torch.profiler top ops of each model
+    python benchmarks/bench_model.py --data DIR --shapes modern1024 --warmup 1   # ModernBERT-base S=1024
 
 DIR is an `mbert-prep` dataset, e.g. `mbert-prep ../shared/corpora/wikitext-2/valid.txt -o
 /tmp/wt2`. Batches then come from our own data pipeline (`build_loaders`: NSP pairs, BERT's
 masking with its prediction cap, 20 at seq 128 and 80 at seq 512, each batch padded to its
 longest sample rounded up to 8, as the collator does); without --data they are synthetic
 with the same length distribution targets and the same collator, and the header says so.
+
+ModernBERT (shapes `modern*`, benchmarks/modern.py): the modernbert-base preset composed as a
+run composes it, its dropouts (0, as published) and its data settings (MLM only,
+data.objective=none, 30 % of the tokens masked, no prediction cap); the reference gets
+input_ids, attention_mask and labels (its dense MLM head, the loss over the masked positions)
+with SDPA attention, transformers' fastest on CPU for it (`--ref-attention eager` for the
+other); ours its training forward on the batch as the collator built it (packed, the last
+layer and the MLM head on the masked tokens); the weights are the reference's seeded init,
+loaded with `modernbert_hf.load_hf_state_dict`. The loss check and the memory counters are the
+same as below.
 
 Fairness: both models hold the same weights (the reference's seeded init, copied into ours with
 `hf_to_full` + `shard_state_dict`), see the same batches, run the presets' dropout (0.1 on
@@ -54,15 +66,37 @@ import subprocess
 import sys
 import time
 
+import common
+import modern
 import torch
-from common import (DROPOUT, SHAPES, Shape, batch_stats, batches_for, batches_label, build, data_dir_or_none,
-                    dataset_vocab, loss_of, model_config, step_model_flops, with_overrides)
+from common import (
+    DROPOUT,
+    Shape,
+    batch_stats,
+    data_dir_or_none,
+    dataset_vocab,
+    step_model_flops,
+    with_overrides,
+)
 
+SHAPES = {**common.SHAPES, **modern.SHAPES}
 MODELS = ("ref", "ours")
 WORKERS = ("ref", "ours", "floor", "floor_real")
 LOSS_TOL = {"fp32": 1e-4, "bf16": 2e-2}
-TARGET_SPEEDUP = {"base128": 1.5, "base512": 1.7}
-TARGET_MEMORY = {"base512": 1.3}
+TARGET_SPEEDUP = {"base128": 1.5, "base512": 1.7, "modern1024": 1.3}
+TARGET_MEMORY = {"base512": 1.3, "modern1024": 1.3}
+
+
+def family(shape: Shape):
+    """The module that builds this shape's models and batches: common (MegatronBERT) or modern."""
+    return modern if shape.arch == "modernbert" else common
+
+
+def dropout_for(shape: Shape, args) -> float:
+    """--dropout, else the family's presets' (MegatronBERT 0.1, ModernBERT 0)."""
+    if args.dropout is not None:
+        return args.dropout
+    return modern.preset_dropout() if shape.arch == "modernbert" else DROPOUT
 
 
 def resolve_shape(name: str, args) -> Shape:
@@ -73,20 +107,20 @@ def _autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-def train_step(which, model, opt, batch, bf16: bool) -> torch.Tensor:
+def train_step(fam, which, model, opt, batch, bf16: bool) -> torch.Tensor:
     opt.zero_grad(set_to_none=True)
     with _autocast(batch["input_ids"].device, bf16):
-        loss = loss_of(which, model, batch)
+        loss = fam.loss_of(which, model, batch)
     loss.backward()
     opt.step()
     return loss.detach()
 
 
-def loss_without_dropout(which, model, batch, bf16: bool) -> float:
+def loss_without_dropout(fam, which, model, batch, bf16: bool) -> float:
     """The loss of a dropout-free forward (eval mode): comparable between the two models."""
     model.eval()
     with torch.no_grad(), _autocast(batch["input_ids"].device, bf16):
-        loss = loss_of(which, model, batch).item()
+        loss = fam.loss_of(which, model, batch).item()
     model.train()
     return loss
 
@@ -149,16 +183,18 @@ def timed(step, batches: list[dict], device: torch.device) -> tuple[list[float],
 
 
 def model_worker(args, shape: Shape, device: torch.device) -> dict:
-    cfg = model_config(shape, args.dropout)
-    model, ref_attention = build(args.model, cfg, device)
-    batches = [{k: v.to(device) for k, v in b.items()} for b in batches_for(args.data, shape, args.warmup + args.steps)]
-    check_loss = loss_without_dropout(args.model, model, batches[0], args.bf16)
+    fam = family(shape)
+    cfg = fam.model_config(shape, dropout_for(shape, args))
+    model, ref_attention = fam.build(args.model, cfg, device, args.ref_attention)
+    batches = [{k: v.to(device) for k, v in b.items()}
+               for b in fam.batches_for(args.data, shape, args.warmup + args.steps)]
+    check_loss = loss_without_dropout(fam, args.model, model, batches[0], args.bf16)
     # Fused AdamW for both: what mbert-train's engine uses and what transformers' Trainer
     # defaults to on torch >= 2.8; the optimizer costs the same and only the models differ.
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     baseline, method = memory_baseline(device)
     losses = []
-    times, cpu_times = timed(lambda b: losses.append(train_step(args.model, model, opt, b, args.bf16).item()),
+    times, cpu_times = timed(lambda b: losses.append(train_step(fam, args.model, model, opt, b, args.bf16).item()),
                              batches, device)
     return dict(times=times, cpu_times=cpu_times, losses=losses, check_loss=check_loss,
                 batch_stats=[batch_stats(b) for b in batches], vocab=shape.vocab, batch=shape.batch,
@@ -171,19 +207,18 @@ def floor_worker(args, shape: Shape, device: torch.device) -> dict:
     """The encoder's dense GEMMs (forward, input grad, weight grad) at the models' shapes on the
     padded tokens of each batch (`floor`) or on its real tokens only (`floor_real`), plus the
     fused AdamW step over the model's parameters."""
-    from mbert_train.model import MegatronBert
-    cfg = model_config(shape, args.dropout)
+    fam = family(shape)
+    cfg = fam.model_config(shape, dropout_for(shape, args))
     torch.manual_seed(0)
     with torch.device(device):
-        params = list(MegatronBert(cfg).parameters())  # for their count and shapes only
+        params = fam.floor_parameters(cfg)  # for their count and shapes only
     for p in params:
         p.grad = torch.zeros_like(p)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    h, i = shape.hidden, shape.intermediate
-    dims = ((3 * h, h), (h, h), (i, h), (h, i))  # (out, in): QKV, attention-out, MLP-in, MLP-out
+    dims = fam.gemm_dims(shape)  # (out, in): QKV, attention-out, MLP-in, MLP-out
     weights = [[torch.randn(o, n, device=device, dtype=dtype) * 0.02 for o, n in dims] for _ in range(shape.layers)]
-    batches = batches_for(args.data, shape, args.warmup + args.steps)
+    batches = fam.batches_for(args.data, shape, args.warmup + args.steps)
     if args.model == "floor_real":
         widths = [int(b["attention_mask"].sum()) for b in batches]  # tokens per step
     else:
@@ -195,7 +230,7 @@ def floor_worker(args, shape: Shape, device: torch.device) -> dict:
 
     def step(width: int) -> None:
         for layer in weights:
-            for weight, (x, dy) in zip(layer, buffers[width]):
+            for weight, (x, dy) in zip(layer, buffers[width], strict=True):
                 x @ weight.T       # forward
                 dy @ weight        # input gradient
                 dy.T @ x           # weight gradient
@@ -225,9 +260,9 @@ def worker(args) -> dict:
 
 def _worker_flags(args) -> list[str]:
     flags = ["--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),
-             "--dropout", str(args.dropout)]
-    for name in ("threads", "batch", "data", "peak_tflops"):
-        if getattr(args, name):
+             "--ref-attention", args.ref_attention]
+    for name in ("threads", "batch", "data", "peak_tflops", "dropout"):
+        if getattr(args, name) is not None:
             flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     return flags + (["--bf16"] if args.bf16 else [])
 
@@ -239,14 +274,18 @@ def run_worker(model: str, shape: str, args) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"worker {model}/{shape} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    memory = f", step {out['step_mb']:.0f} MB" if "step_mb" in out else ""
+    print(f"  {shape} {model}: steps {', '.join(f'{t:.2f}' for t in out['times'])} s{memory}", file=sys.stderr,
+          flush=True)  # progress, and what a cut-short run leaves
+    return out
 
 
 def summarise(shape_name: str, trio: dict, args) -> dict:
     """Throughput and MFU of both models over the timed steps, on the batches they saw."""
     ours = trio["ours"]
     shape = with_overrides(SHAPES[shape_name], batch=ours["batch"], vocab=ours["vocab"])
-    cfg = model_config(shape, args.dropout)
+    cfg = family(shape).model_config(shape, dropout_for(shape, args))
     stats = ours["batch_stats"][args.warmup:]
     flops = sum(step_model_flops(cfg, s) for s in stats)
     real = sum(s["real"] for s in stats)
@@ -357,26 +396,29 @@ def time_breakdown(prof, shape: Shape, device: torch.device) -> dict[str, float]
 
 def profile(shape_name: str, args) -> None:
     """torch.profiler over steps of each model, in this process (timings, not memory)."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
     device = torch.device(args.device)
     shape = resolve_shape(shape_name, args)
+    fam = family(shape)
     if args.threads:
         torch.set_num_threads(args.threads)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    batches = [{k: v.to(device) for k, v in b.items()} for b in batches_for(args.data, shape, args.warmup + args.steps)]
-    print(batches_label(args.data))
+    batches = [{k: v.to(device) for k, v in b.items()}
+               for b in fam.batches_for(args.data, shape, args.warmup + args.steps)]
+    print(fam.batches_label(args.data))
     breakdowns = {}
     for which in MODELS:
-        model = build(which, model_config(shape, args.dropout), device)[0]
+        model = fam.build(which, fam.model_config(shape, dropout_for(shape, args)), device, args.ref_attention)[0]
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         for batch in batches[:args.warmup]:
-            train_step(which, model, opt, batch, args.bf16)
+            train_step(fam, which, model, opt, batch, args.bf16)
         # Several profiled steps, keep the fastest: on a shared machine noise only adds time.
         best = None
         for batch in batches[args.warmup:]:
             with torch_profile(activities=activities, record_shapes=True) as prof:
-                train_step(which, model, opt, batch, args.bf16)
+                train_step(fam, which, model, opt, batch, args.bf16)
             totals = time_breakdown(prof, shape, device)
             if best is None or sum(totals.values()) < sum(best[1].values()):
                 best = prof, totals
@@ -399,7 +441,11 @@ def parse_args(argv=None):
     p.add_argument("--shapes", default="base128,base512", help=f"comma-separated subset of {', '.join(SHAPES)}")
     p.add_argument("--data", metavar="DIR", help="an mbert-prep dataset: batches from our data pipeline")
     p.add_argument("--batch", type=int, default=None, help="micro-batch size (default: the shape's)")
-    p.add_argument("--dropout", type=float, default=DROPOUT, help="hidden and attention dropout (presets: 0.1)")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="hidden and attention dropout (default: the presets': MegatronBERT 0.1, ModernBERT 0)")
+    p.add_argument("--ref-attention", choices=("auto", "sdpa", "eager"), default="auto",
+                   help="the reference's attention (auto: MegatronBERT SDPA where transformers offers it, else "
+                        "eager; ModernBERT SDPA, its fastest on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -434,21 +480,28 @@ def main(argv=None) -> int:
     if args.profile:
         profile(args.profile, args)
         return 0
-    print(f"device={args.device} dtype={'bf16 autocast' if args.bf16 else 'fp32'} dropout={args.dropout} "
+    shapes = [SHAPES[name] for name in args.shapes.split(",")]
+    dropouts = ", ".join(sorted({str(dropout_for(shape, args)) for shape in shapes}))
+    print(f"device={args.device} dtype={'bf16 autocast' if args.bf16 else 'fp32'} dropout={dropouts} "
           f"torch={torch.__version__} threads={args.threads or torch.get_num_threads()} warmup={args.warmup} "
           f"timed steps={args.steps} (median) load average at start={os.getloadavg()[0]:.2f}")
-    print(batches_label(args.data))
+    for fam in dict.fromkeys(family(shape) for shape in shapes):
+        print(fam.batches_label(args.data))
     results, summaries = {}, {}
     for shape in args.shapes.split(","):
-        results[shape] = {w: run_worker(w, shape, args) for w in WORKERS}
-        summaries[shape] = summarise(shape, results[shape], args)
-        trio = results[shape]
+        trio = results[shape] = {w: run_worker(w, shape, args) for w in ("ref", "ours", "floor")}
+        stats = trio["ours"]["batch_stats"]
+        if any(s["real"] < s["rows"] * s["width"] for s in stats):
+            trio["floor_real"] = run_worker("floor_real", shape, args)
+        else:  # no padding: the real tokens' GEMMs are the padded ones
+            trio["floor_real"] = trio["floor"]
+        summaries[shape] = summarise(shape, trio, args)
         print(f"{shape}: ref {1000 * trio['ref']['step_s']:.0f} ms, ours {1000 * trio['ours']['step_s']:.0f} ms, "
               f"floor {1000 * trio['floor']['step_s']:.0f} ms", flush=True)
     first = results[next(iter(results))]
     isolation = "in one process, not isolated" if args.in_process else "a fresh process per model"
-    print(f"reference attention: {first['ref']['ref_attention']}; memory: {first['ours']['mem_method']}, "
-          f"{isolation}; "
+    attention = ", ".join(f"{shape} {trio['ref']['ref_attention']}" for shape, trio in results.items())
+    print(f"reference attention: {attention}; memory: {first['ours']['mem_method']}, {isolation}; "
           f"device: {first['ours']['device_name']}; load average at end={os.getloadavg()[0]:.2f}\n")
     ok = print_tables(results, summaries, args)
     if args.json:

@@ -27,6 +27,8 @@ class Shape:
     seq: int
     batch: int
     vocab: int = 30522
+    arch: str = "megatron_bert"
+    """`model.arch`: which module builds the models and batches (common.py or modern.py)."""
 
 
 SHAPES = {
@@ -60,14 +62,16 @@ def model_config(shape: Shape, dropout: float):
                        attention_dropout=dropout)
 
 
-def reference_model(cfg):
-    """`MegatronBertForPreTraining` with its seeded init; SDPA attention where transformers offers
-    it for MegatronBERT, else eager (its default). Returns (model, attention implementation)."""
+def reference_model(cfg, attention: str = "auto"):
+    """`MegatronBertForPreTraining` with its seeded init; `auto`: SDPA attention where transformers
+    offers it for MegatronBERT, else eager (its default). Returns (model, attention implementation)."""
     from transformers import MegatronBertConfig, MegatronBertForPreTraining
     def hf_config():
         return MegatronBertConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"})
 
     torch.manual_seed(0)
+    if attention != "auto":
+        return MegatronBertForPreTraining._from_config(hf_config(), attn_implementation=attention).float(), attention
     try:
         return MegatronBertForPreTraining._from_config(hf_config(), attn_implementation="sdpa").float(), "sdpa"
     except (ValueError, ImportError):  # transformers 5 refuses SDPA for MegatronBERT
@@ -75,12 +79,12 @@ def reference_model(cfg):
         return MegatronBertForPreTraining._from_config(hf_config(), attn_implementation="eager").float(), "eager"
 
 
-def build(which: str, cfg, device: torch.device | str = "cpu"):
+def build(which: str, cfg, device: torch.device | str = "cpu", attention: str = "auto"):
     """(model, reference attention implementation): the reference, or ours (TP=1) holding its
     weights (`hf_to_full` + `shard_state_dict`), both on `device` (built there: a GPU draws
     BERT-large's init in a blink) and in train mode."""
     with torch.device(device):
-        ref, attn = reference_model(cfg)
+        ref, attn = reference_model(cfg, attention)
         if which == "ref":
             return ref.train(), attn
         from mbert_train.model import MegatronBert
@@ -88,6 +92,18 @@ def build(which: str, cfg, device: torch.device | str = "cpu"):
         ours = MegatronBert(cfg, mlm_masked_only=True)
         ours.load_state_dict(shard_state_dict(hf_to_full(ref.state_dict(), cfg), ours))
     return ours.train(), attn
+
+
+def gemm_dims(shape: Shape) -> tuple[tuple[int, int], ...]:
+    """(out, in) of each layer's dense GEMMs: QKV, attention-out, MLP-in, MLP-out."""
+    h, i = shape.hidden, shape.intermediate
+    return (3 * h, h), (h, h), (i, h), (h, i)
+
+
+def floor_parameters(cfg) -> list[torch.nn.Parameter]:
+    """Our model's parameters (for their count and shapes: the floor's AdamW step)."""
+    from mbert_train.model import MegatronBert
+    return list(MegatronBert(cfg).parameters())
 
 
 def loss_of(which: str, model, batch) -> torch.Tensor:

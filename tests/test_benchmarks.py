@@ -59,6 +59,20 @@ def test_bench_model_dry_run_on_our_pipelines_batches(dataset):
     assert " ok |" in out  # dropout-0 losses agree
 
 
+def test_bench_model_dry_run_modernbert(dataset):
+    """ModernBERT against ModernBertForMaskedLM, with the modernbert-base preset's dropout (0) and
+    data settings on our pipeline's batches; in one process to keep it short."""
+    out = _run([sys.executable, str(BENCH / "bench_model.py"), "--shapes", "moderntiny", *DRY, "--threads", "1",
+                "--in-process", "--data", str(dataset)])
+    assert f"batches (modernbert-base): our data pipeline on {dataset} (modernbert-base preset: objective=none, " \
+           f"masked_lm_prob=0.3" in out and "dropout=0.0" in out, out
+    assert "reference attention: moderntiny sdpa;" in out, out
+    assert re.search(r"^ratio moderntiny: time ref/ours \d+\.\d+x, step memory ref/ours \d+\.\d+x, "
+                     r"ref/floor \d+\.\d+x, ours/floor \d+\.\d+x, ours/real floor \d+\.\d+x", out, re.M), out
+    assert "| moderntiny | floor (GEMMs + AdamW) |" in out
+    assert " ok |" in out  # dropout-0 losses agree
+
+
 def test_bench_tp_dry_run():
     out = _run([sys.executable, str(BENCH / "bench_tp.py"), "--shape", "tiny", *DRY])
     assert "batches: SYNTHETIC" in out
