@@ -233,7 +233,7 @@ class Engine:
                     st = _adam_state(opt.state, p)
                     views = {k: st[k].view(-1) for k in MOMENTS}
                     views[PARAM] = p.data.view(-1)
-                    out.append(Fragment(names[id(p)], tuple(p.shape), 0, p.numel(), views, **_sharding(p)))
+                    out.append(Fragment(names[id(p)], tuple(p.shape), 0, p.numel(), views, sharding(p)))
             return out
         opt = self.optimizer
         for i, params in enumerate(opt.bit16_groups):
@@ -247,14 +247,14 @@ class Engine:
                 views = {k: st[k].narrow(0, hp.start, hp.numel) for k in MOMENTS}
                 views[MASTER] = m.hp_fragment
                 views[PARAM] = p.data.view(-1).narrow(0, lp.start, lp.numel)
-                out.append(Fragment(names[id(p)], tuple(p.shape), lp.start, lp.numel, views, **_sharding(p)))
+                out.append(Fragment(names[id(p)], tuple(p.shape), lp.start, lp.numel, views, sharding(p)))
         return out
 
     def weight_fragments(self):
         """The whole TP shard of every parameter (`param` only): what every rank loads."""
         from mbert_train.checkpoint.dcp import PARAM, Fragment
 
-        return [Fragment(n, tuple(p.shape), 0, p.numel(), {PARAM: p.data.view(-1)}, **_sharding(p))
+        return [Fragment(n, tuple(p.shape), 0, p.numel(), {PARAM: p.data.view(-1)}, sharding(p))
                 for n, p in self.module.named_parameters()]
 
     def scalar_state(self) -> dict:
@@ -296,9 +296,6 @@ class Engine:
             group["lr"] = lr
 
 
-def _sharding(p: torch.nn.Parameter) -> dict:
-    sh = sharding(p)
-    return {"sharded": sh.sharded, "partition_dim": sh.dim, "partition_stride": sh.stride}
 
 
 def _adam_state(states: dict, p: torch.Tensor) -> dict:

@@ -15,16 +15,6 @@ import numpy as np
 import torch
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy, torch CPU and every CUDA device with the same `seed`."""
-    if not 0 <= seed < 2**32:
-        raise ValueError(f"seed={seed} must be in [0, 2**32) so NumPy accepts it")
-    random.seed(seed)
-    np.random.seed(seed)
-    # torch.manual_seed also seeds all CUDA devices (lazily when CUDA is not initialised yet).
-    torch.manual_seed(seed)
-
-
 def _numpy_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached_gauss = np.random.get_state(legacy=True)
     # The Mersenne Twister key is 624 uint32 words; int64 holds them without sign trouble.

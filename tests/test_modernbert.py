@@ -186,6 +186,51 @@ def test_window_and_rope_bases_matter():
     assert len(set(losses)) == 4, losses
 
 
+@pytest.mark.parametrize("s, half", [(50, 4), (7, 4), (64, 8), (33, 2)])
+def test_sliding_window_attention_is_the_masked_attention(s, half):
+    """The band alone (query blocks of 2 half, each against its window) against SDPA with the
+    whole (s, s) window mask, padding included, forward and backward, fp64: lengths that the
+    blocks divide and do not, and one shorter than the window."""
+    import torch.nn.functional as F
+
+    from mbert_train.model.window import sliding_window_attention
+
+    torch.manual_seed(s)
+    b, n, d = 3, 2, 8
+    q, k, v = (torch.randn(b, n, s, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    lengths = torch.tensor([s, max(1, s // 2), 1])
+    real = torch.arange(s)[None] < lengths[:, None]  # (b, s)
+    pos = torch.arange(s)
+    window = (pos[:, None] - pos[None, :]).abs() <= half
+    for key_real, mask in ((real, (window & real[:, None, None, :]) | torch.eye(s, dtype=torch.bool)),
+                           (None, window)):
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        got = sliding_window_attention(q, k, v, half, key_real)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+        weight = torch.randn_like(got) * (real[:, None, :, None] if key_real is not None else 1)
+        grads = torch.autograd.grad((got * weight).sum(), (q, k, v))
+        for g, e in zip(grads, torch.autograd.grad((expected * weight).sum(), (q, k, v)), strict=True):
+            torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
+
+
+def test_geglu_keeps_autograds_gradients():
+    """GatedDown (the product recomputed in backward) against autograd on the plain ops, bit for bit."""
+    import torch.nn.functional as F
+
+    from mbert_train.model.modernbert import GatedDown
+
+    torch.manual_seed(0)
+    h = torch.randn(3, 5, 16, requires_grad=True)
+    w = torch.randn(6, 8, requires_grad=True)
+    grad = torch.randn(3, 5, 6)
+    act, gate = h.chunk(2, dim=-1)
+    expected = F.linear(F.gelu(act) * gate, w)
+    got = GatedDown.apply(h, w)
+    assert torch.equal(got, expected)
+    for g, e in zip(torch.autograd.grad(got, (h, w), grad), torch.autograd.grad(expected, (h, w), grad), strict=True):
+        assert torch.equal(g, e)
+
+
 def test_tp1_dropout():
     check_dropout(None)
     cfg = small_config(dropout=0.1)

@@ -19,6 +19,7 @@ from mbert_train.checkpoint.dcp import Fragment, Part, chunks
 from mbert_train.engine import MOMENTS
 from mbert_train.model.config import ModelConfig
 from mbert_train.model.weights import full_shapes, shard_full, template
+from mbert_train.parallel.layers import sharding
 from tests.dist import spawn
 from tests.train_util import ONE_STEP, losses, train
 
@@ -41,11 +42,9 @@ def _fragments_of(tp: int, tp_rank: int, dp: int, dp_rank: int, zero: bool, shar
         start, stop = max(lo, offset), min(hi, offset + n)
         if start < stop:
             p = params[name]
-            sharded = bool(getattr(p, "tensor_model_parallel", False))
             flat = shards[name].reshape(-1)
             out.append(Fragment(name, tuple(shards[name].shape), start - offset, stop - start,
-                                {"exp_avg": flat[start - offset:stop - offset]}, sharded,
-                                getattr(p, "partition_dim", 0), getattr(p, "partition_stride", 1)))
+                                {"exp_avg": flat[start - offset:stop - offset]}, sharding(p)))
         offset += n
     return out
 
@@ -108,7 +107,7 @@ def _save_then_load(directory: str, save_layout: tuple, load_layout: tuple) -> N
                    vocab_size=TINY.vocab_size)
     tp, tp_rank, dp_rank, zero, expected = mine(load_layout)
     targets = [Fragment(f.name, f.local_shape, f.start, f.numel, {"exp_avg": torch.full_like(f.views["exp_avg"], 7.0)},
-                        f.sharded, f.partition_dim, f.partition_stride) for f in expected]
+                        f.sharding) for f in expected]
     got_blobs = dcp.load_state(Path(directory), [Part(targets, ("exp_avg",))], ["scalars", f"rng/{1 - rank}"],
                                tp=tp, tp_rank=tp_rank, vocab_size=TINY.vocab_size)
     assert got_blobs == {"scalars": b'{"step": 3}', f"rng/{1 - rank}": bytes([1 - rank]) * 3}

@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.planner import (LoadItemType, LoadPlan, ReadIt
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from mbert_train.model.weights import VOCAB_PARAMS
+from mbert_train.parallel.layers import Sharding
 
 METADATA_FILE = ".metadata"
 """DCP's index of a saved state (which chunk of which tensor is where), written last by rank 0."""
@@ -62,16 +63,14 @@ class Fragment:
     start: int
     numel: int
     views: dict[str, torch.Tensor]
-    sharded: bool
-    partition_dim: int = 0
-    partition_stride: int = 1
+    sharding: Sharding
 
     def full_shape(self, tp: int, vocab_size: int) -> tuple[int, ...]:
         """The shape of the full parameter: the shard's, times `tp` along the partition dim,
         and `vocab_size` rows for a vocabulary parameter (its padding dropped)."""
         shape = list(self.local_shape)
-        if self.sharded:
-            shape[self.partition_dim] *= tp
+        if self.sharding.sharded:
+            shape[self.sharding.dim] *= tp
         if self.name in VOCAB_PARAMS:
             shape[0] = vocab_size
         return tuple(shape)
@@ -118,10 +117,10 @@ def _to_global(frag: Fragment, offsets: tuple[int, ...], sizes: tuple[int, ...],
     """Split a local rectangle at the shard's stride blocks and place each piece in the full
     parameter: (first local index along the partition dim, global offsets, sizes). Pieces at
     or past `full_len` (vocabulary padding) are dropped."""
-    if not frag.sharded:
+    if not frag.sharding.sharded:
         yield offsets[0] if offsets else 0, offsets, sizes
         return
-    dim, stride = frag.partition_dim, frag.partition_stride
+    dim, stride = frag.sharding.dim, frag.sharding.stride
     local_len = frag.local_shape[dim]
     block = local_len // stride
     lo, hi = offsets[dim], offsets[dim] + sizes[dim]
@@ -151,7 +150,7 @@ def chunks(frag: Fragment, kind: str, tp: int, tp_rank: int, full_shape: tuple[i
         cols = sizes[1] if len(sizes) == 2 else 1
         rect = view.narrow(0, pos, sizes[0] * cols).view(sizes)
         for local_lo, g_offsets, g_sizes in _to_global(frag, offsets, sizes, tp, tp_rank, full_len):
-            dim = frag.partition_dim if frag.sharded else 0
+            dim = frag.sharding.dim if frag.sharding.sharded else 0
             piece = rect.narrow(dim, local_lo - offsets[dim], g_sizes[dim])
             found.append(Chunk(g_offsets, g_sizes, piece))
     padding = []
@@ -300,7 +299,7 @@ def _table(parts: list[Part], *, tp: int, tp_rank: int, vocab_size: int, writer:
     table = _ChunkTable()
     for part in parts:
         for frag in part.fragments:
-            if writer and not frag.sharded and tp_rank != 0:
+            if writer and not frag.sharding.sharded and tp_rank != 0:
                 continue  # replicated over TP: TP rank 0 writes it
             full_shape = frag.full_shape(tp, vocab_size)
             for kind in part.kinds:

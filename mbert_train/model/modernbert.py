@@ -25,6 +25,7 @@ from mbert_train.batch import Packing
 from mbert_train.model.bert import MAX_COMPILED_SHAPES, PretrainOutput
 from mbert_train.model.config import ModelConfig
 from mbert_train.model.rotary import apply_rope, rope_tables
+from mbert_train.model.window import sliding_window_attention
 from mbert_train.parallel.context import LayerNorm, TPContext
 from mbert_train.parallel.cross_entropy import (
     vocab_parallel_argmax,
@@ -126,6 +127,7 @@ class Attention(nn.Module):
         self.local_heads = cfg.num_heads // tp.size
         self.heads_total, self.head_offset = cfg.num_heads, self.local_heads * tp.rank
         self.head_dim, self.dropout = cfg.head_dim, cfg.attention_dropout
+        self.half_window = cfg.local_attention // 2
         std, h = cfg.initializer_range, cfg.hidden_size
         # The master weight is [Q; K; V] stacked (3h, h), as transformers' Wqkv.
         self.qkv = ColumnParallelLinear(h, 3 * h, tp, bias=False, stride=3, init=trunc_init(std))
@@ -152,7 +154,21 @@ class Attention(nn.Module):
             q = q.gather(1, rows[:, :, None, None].expand(-1, -1, *q.shape[2:]))  # (b, m, n/tp, d)
             if mask is not None and mask.shape[2] > 1:
                 mask = mask.expand(b, -1, -1, -1).gather(2, rows[:, None, :, None].expand(-1, 1, -1, mask.shape[3]))
-        ctx = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2)
+        # v on its own: as a view it would keep the whole QKV output alive for backward.
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2).contiguous()
+        if self.kind == "local" and (packing is not None or rows is None) and not (self.training and self.dropout):
+            # Every query, no dropout (the published models' setting): the band alone. Its
+            # forward runs again in backward: a quarter of the score matrix at 1024 tokens,
+            # against keeping the windows' copies of the keys and values.
+            real = inputs.masks["global"]  # (b, 1, 1, s) or None
+            real = None if real is None else real[:, 0, 0]
+            if torch.is_grad_enabled():
+                ctx = checkpoint(sliding_window_attention, q, k, v, self.half_window, real, use_reentrant=False)
+            else:
+                ctx = sliding_window_attention(q, k, v, self.half_window, real)
+        else:
+            ctx = self._attend(q, k, v, mask)
+        ctx = ctx.transpose(1, 2)
         if packing is not None:
             keep = packing.index if rows is None else packing.index[rows[0]]
             ctx = ctx.flatten(0, 1).index_select(0, keep)[None]  # (1, T|M, n/tp, d)
@@ -187,8 +203,35 @@ class GeGLU(nn.Module):
         self.fc2 = RowParallelLinear(inter, h, tp, bias=False, init=trunc_init(std / math.sqrt(2 * cfg.num_layers)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act, gate = self.fc1(x).chunk(2, dim=-1)  # each (b, s, I/tp)
-        return self.fc2(self.tp.sharded_dropout(F.gelu(act) * gate, self.dropout, self.training))
+        h = self.fc1(x)  # (b, s, 2I/tp): [act, gate]
+        if self.training and self.dropout:
+            act, gate = h.chunk(2, dim=-1)
+            return self.fc2(self.tp.sharded_dropout(F.gelu(act) * gate, self.dropout, self.training))
+        return self.fc2.reduce(GatedDown.apply(h, self.fc2.weight))
+
+
+class GatedDown(torch.autograd.Function):
+    """(gelu(act) * gate) W^T of h = [act, gate] (..., 2I): GeGLU's product and this rank's part of
+    the down projection, with the gradients autograd computes for them, op for op, but keeping
+    only h (and W) for backward and computing the product again there. Autograd would also keep
+    gelu(act) and the product, two (..., I) tensors per layer, a sixth of a layer's activations."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        act, gate = h.chunk(2, dim=-1)
+        ctx.save_for_backward(h, weight)
+        return F.linear(F.gelu(act) * gate, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, weight = ctx.saved_tensors
+        act, gate = h.chunk(2, dim=-1)
+        gelu = F.gelu(act)
+        product = gelu * gate
+        grad_weight = grad.reshape(-1, grad.shape[-1]).T @ product.reshape(-1, product.shape[-1])
+        grad_product = grad @ weight
+        grad_h = torch.cat((torch.ops.aten.gelu_backward(grad_product * gate, act), grad_product * gelu), dim=-1)
+        return grad_h, grad_weight
 
 
 class Layer(nn.Module):

@@ -116,7 +116,12 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.group)
-        y = F.linear(x, self.weight)
+        return self.reduce(F.linear(x, self.weight))
+
+    def reduce(self, y: torch.Tensor) -> torch.Tensor:
+        """This rank's partial product (..., out) -> the layer's output: reduced over the group
+        (scattered along the sequence under SP), plus the bias. For a caller that computes the
+        product its own way (`modernbert.GeGLU`)."""
         y = reduce_scatter_to_seq(y, self.group) if self.tp.sp else reduce_from_tp(y, self.group)  # (..., out)
         return y if self.bias is None else y + self.tp.replicated_param(self.bias)
 
