@@ -144,7 +144,8 @@ class Attention(nn.Module):
         b, s, _ = qkv.shape
         qkv = qkv.view(b, s, 3, self.local_heads, self.head_dim)  # (b, s, 3, n/tp, d)
         cos, sin = inputs.rope[self.kind]
-        q, k, v = apply_rope(qkv[:, :, 0], cos, sin), apply_rope(qkv[:, :, 1], cos, sin), qkv[:, :, 2]
+        q, k, v = qkv.unbind(2)  # one gradient buffer in backward (indexing would zero-fill three)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask, packing = inputs.masks[self.kind], inputs.packing
         if packing is not None:
             # SDPA has no variable-length form: the padded layout, whose masks keep samples apart
