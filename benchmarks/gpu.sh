@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The GPU table: BERT-base and BERT-large at seq 128 and 512, bf16 autocast, ours against the
-# reference (SDPA where transformers offers it for MegatronBERT, else eager), dropout 0.1, with
-# MFU on real (unpadded) tokens, peak memory, and the same-math floor; one JSON with it all.
+# The GPU table: BERT-base and BERT-large at seq 128 and 512 (dropout 0.1; the reference with SDPA
+# where transformers offers it for MegatronBERT, else eager) and ModernBERT-base at seq 1024
+# (its preset's dropout 0, MLM only, 30 % masked; the reference ModernBertForMaskedLM with SDPA),
+# bf16 autocast, ours against the reference, with MFU on real (unpadded) tokens, peak memory,
+# and the same-math floor; one JSON with it all.
 #
 #   benchmarks/gpu.sh OUT.json [bench_model.py flags, e.g. --data DIR]
 #   benchmarks/gpu.sh --dry-run OUT.json [flags]    # CPU, tiny shape, 1 step: the script's own check
@@ -22,7 +24,7 @@ shift
 
 if (( dry_run )); then
   # --peak-tflops 1 is a nominal peak: it only exercises the MFU columns on CPU.
-  runs=("tiny:4")
+  runs=("tiny:4" "moderntiny:2")
   common=(--device cpu --steps 1 --warmup 0 --peak-tflops 1 --in-process)
   echo "gpu.sh: DRY RUN on CPU (tiny shape, 1 step, nominal 1 TFLOP/s peak): checks the script, measures nothing"
 else
@@ -31,7 +33,7 @@ else
     exit 2
   fi
   runs=("base128:${BATCH_base128:-128}" "base512:${BATCH_base512:-32}"
-        "large128:${BATCH_large128:-64}" "large512:${BATCH_large512:-16}")
+        "large128:${BATCH_large128:-64}" "large512:${BATCH_large512:-16}" "modern1024:${BATCH_modern1024:-16}")
   # In one process per shape: CUDA memory is counted by the allocator, so the models need no
   # process of their own, and each shape saves the imports of two more.
   common=(--bf16 --steps 10 --warmup 3 --in-process)
