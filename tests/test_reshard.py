@@ -67,7 +67,7 @@ def test_fragments_tile_the_full_parameters_exactly_once(tp, dp, zero):
             if not zero and dp_rank:
                 continue  # replicas write nothing
             for frag in _fragments_of(tp, tp_rank, dp, dp_rank, zero, shards, model):
-                if not frag.sharded and tp_rank:
+                if not frag.sharding.sharded and tp_rank:
                     continue
                 assert frag.full_shape(tp, TINY.vocab_size) == shapes[frag.name]  # from the shard alone
                 found, padding = chunks(frag, "exp_avg", tp, tp_rank, shapes[frag.name])
