@@ -24,7 +24,7 @@ shift
 
 if (( dry_run )); then
   # --peak-tflops 1 is a nominal peak: it only exercises the MFU columns on CPU.
-  runs=("tiny:4" "moderntiny:2")
+  runs=("tiny:4")
   common=(--device cpu --steps 1 --warmup 0 --peak-tflops 1 --in-process)
   echo "gpu.sh: DRY RUN on CPU (tiny shape, 1 step, nominal 1 TFLOP/s peak): checks the script, measures nothing"
 else

@@ -85,10 +85,8 @@ def test_gpu_script_dry_run_writes_its_json(tmp_path):
                env={**os.environ, "PYTHON": sys.executable})
     assert "DRY RUN on CPU" in out and re.search(r"^ratio tiny: time ref/ours \d+\.\d+x", out, re.M), out
     assert re.search(r"^\| tiny \| 4 \| \d+% \| [\d.]+ \| [\d.]+ \| [\d.]+x \| [\d.]+% \| [\d.]+% \|", out, re.M), out
-    for shape in ("tiny", "moderntiny"):  # MegatronBERT and ModernBERT
-        assert re.search(rf"^ratio {shape}: time ref/ours \d+\.\d+x", out, re.M), out
-        result = json.loads(target.read_text())[shape]
-        assert result["results"][shape]["ours"]["mfu"] > 0 and result["summaries"][shape]["real_tokens"] > 0
+    result = json.loads(target.read_text())["tiny"]
+    assert result["results"]["tiny"]["ours"]["mfu"] > 0 and result["summaries"]["tiny"]["real_tokens"] > 0
 
 
 def test_gpu_script_refuses_a_machine_without_cuda(tmp_path):
