@@ -57,8 +57,9 @@ def make_batch(cfg: ModelConfig, b: int = 3, s: int = 12) -> dict:
                 nsp_labels=torch.tensor([0, 1, 1])[:b])
 
 
-def full_vocab_logits(model: MegatronBert, logits: torch.Tensor) -> torch.Tensor:
-    """(..., V) logits from the vocab shards (..., V_pad/tp) every TP rank holds."""
+def full_vocab_logits(model, logits: torch.Tensor) -> torch.Tensor:
+    """(..., V) logits from the vocab shards (..., V_pad/tp) every TP rank holds (a MegatronBert or
+    a ModernBert)."""
     return gather_from_tp(logits, model.group)[..., : model.cfg.vocab_size]
 
 

@@ -21,6 +21,7 @@ from mbert_train.model.modernbert_hf import (
 from mbert_train.model.weights import full_shapes, full_state_dict
 from mbert_train.parallel.context import TPContext
 from tests.dist import spawn
+from tests.test_model_reference import full_vocab_logits
 from tests.train_util import losses, train
 
 VOCAB = 301  # not a multiple of 128 x TP: exercises vocab padding
@@ -95,7 +96,7 @@ def check_against_reference(tp, cfg: ModelConfig | None = None, lengths=(24, 15,
     dense = ours_from_reference(ref, cfg, tp, mlm_masked_only=False)
     out = dense(**batch)
     out.loss.backward()
-    torch.testing.assert_close(dense.gather_logits(out.mlm_logits)[real], out_ref.logits[real], **TOL)
+    torch.testing.assert_close(full_vocab_logits(dense, out.mlm_logits)[real], out_ref.logits[real], **TOL)
     torch.testing.assert_close(out.loss, out_ref.loss, **TOL)
     assert_grads_equal(grads_as_hf(dense), ref_grads, "dense head")
 
@@ -111,7 +112,7 @@ def check_against_reference(tp, cfg: ModelConfig | None = None, lengths=(24, 15,
         rows = int(real.sum()) if unpad else SEQ // ctx.size if ctx.sp else SEQ
         assert seen == [(1 if unpad else len(lengths), rows, cfg.hidden_size)]
         torch.testing.assert_close(out_s.loss, out_ref.loss, **TOL)
-        torch.testing.assert_close(sparse.gather_logits(out_s.mlm_logits), out_ref.logits[selected], **TOL)
+        torch.testing.assert_close(full_vocab_logits(sparse, out_s.mlm_logits), out_ref.logits[selected], **TOL)
         assert out_s.mlm_count == int(selected.sum())
         assert out_s.mlm_correct == (out_ref.logits[selected].argmax(-1) == batch["mlm_labels"][selected]).sum()
         assert_grads_equal(grads_as_hf(sparse), ref_grads, f"sparse head unpad={unpad}")
@@ -271,7 +272,7 @@ def test_export_loads_in_transformers(tmp_path):
     assert not any(info.values()), info
     batch = make_batch(cfg)
     with torch.no_grad():
-        logits = ours.gather_logits(ours(**batch).mlm_logits)
+        logits = full_vocab_logits(ours, ours(**batch).mlm_logits)
         ref_logits = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(logits[real], ref_logits[real], **TOL)

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mbert_train.arithmetic import padded_vocab_size
 from mbert_train.batch import Packing
-from mbert_train.model.bert import MAX_COMPILED_SHAPES, PretrainOutput
+from mbert_train.model.bert import MAX_COMPILED_SHAPES, MegatronBert, PretrainOutput
 from mbert_train.model.config import ModelConfig
 from mbert_train.model.rotary import apply_rope, rope_tables
 from mbert_train.model.window import sliding_window_attention
@@ -37,11 +37,7 @@ from mbert_train.parallel.layers import (
     VocabParallelEmbedding,
     mark_sharded,
 )
-from mbert_train.parallel.mappings import (
-    copy_to_tp,
-    gather_from_tp,
-    gather_seq_replicated,
-)
+from mbert_train.parallel.mappings import gather_seq_replicated
 from mbert_train.parallel.random import (
     apply_keep,
     keep_bytes_from_seeds,
@@ -343,22 +339,11 @@ class ModernBert(nn.Module):
             x = x[0] if packed else x.flatten(0, 1)[slots]  # (M, h)
         return self.final_norm(x)
 
-    def packs(self, packing: Packing | None) -> bool:
-        """Whether a batch runs packed: it has padding, and none of these is in the way:
-        sequence parallelism, compiled layers (a packed length would compile for nearly every
-        batch), TP-invariant dropout (whose masks are those of the padded tensors)."""
-        tp = self.tp
-        return (self.unpad and packing is not None and packing.padded and not tp.sp and not tp.invariant_dropout
-                and not (self.training and self._compiled_layers is not None))
-
-    def mlm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Vocab-shard logits (..., V_pad/tp); the decoder is tied to the word embeddings."""
-        hidden = self.mlm_norm(F.gelu(self.mlm_dense(hidden)))
-        return F.linear(copy_to_tp(hidden, self.group), self.word_embeddings.weight, self.mlm_bias)
-
-    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Full-vocab logits (..., V) from shards; for tests and export, not the training path."""
-        return gather_from_tp(logits, self.group)[..., : self.cfg.vocab_size]
+    # Which batches run packed, and the tied MLM head: MegatronBert's, on attributes of the
+    # same names (`unpad`, `tp`, `_compiled_layers`; `mlm_dense`, `mlm_norm`, `word_embeddings`,
+    # `mlm_bias`, `group`).
+    packs = MegatronBert.packs
+    mlm_head = MegatronBert.mlm_head
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None,
