@@ -108,6 +108,15 @@ class PretrainOutput:
     nsp_correct: torch.Tensor | None = None
 
 
+def model_context(cfg: ModelConfig, tp) -> TPContext:
+    """The `TPContext` a model of `cfg` runs in (`tp`: a TPContext, a bare group or None), once
+    the config's vocabulary is known; for every family."""
+    if cfg.vocab_size is None:
+        raise ValueError("model.vocab_size is unset; it is taken from the dataset's tokenizer "
+                         "(mbert_train.data.resolve_vocab) before the model is built")
+    return tp if isinstance(tp, TPContext) else TPContext(tp, invariant_dropout=cfg.tp_invariant_dropout)
+
+
 class MegatronBert(nn.Module):
     """Encoder + pooler + MLM/NSP heads; `cfg.binary_head=False` gives the MLM-only model.
 
@@ -119,11 +128,7 @@ class MegatronBert(nn.Module):
     def __init__(self, cfg: ModelConfig, tp=None, *, activation_checkpointing: bool = False,
                  mlm_masked_only: bool = True, unpad: bool = True):
         super().__init__()
-        if cfg.vocab_size is None:
-            raise ValueError("model.vocab_size is unset; it is taken from the dataset's tokenizer "
-                             "(mbert_train.data.resolve_vocab) before the model is built")
-        if not isinstance(tp, TPContext):
-            tp = TPContext(tp, invariant_dropout=cfg.tp_invariant_dropout)
+        tp = model_context(cfg, tp)
         self.cfg, self.tp, self.group = cfg, tp, tp.group
         self.activation_checkpointing = activation_checkpointing
         self.mlm_masked_only = mlm_masked_only

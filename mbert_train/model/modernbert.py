@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mbert_train.arithmetic import padded_vocab_size
 from mbert_train.batch import Packing
-from mbert_train.model.bert import MAX_COMPILED_SHAPES, MegatronBert, PretrainOutput
+from mbert_train.model.bert import MAX_COMPILED_SHAPES, MegatronBert, PretrainOutput, model_context
 from mbert_train.model.config import ModelConfig
 from mbert_train.model.rotary import apply_rope, rope_tables
 from mbert_train.model.window import sliding_window_attention
@@ -266,11 +266,7 @@ class ModernBert(nn.Module):
         super().__init__()
         if cfg.arch != "modernbert":
             raise ValueError(f"ModernBert needs model.arch=modernbert, not {cfg.arch!r}")
-        if cfg.vocab_size is None:
-            raise ValueError("model.vocab_size is unset; it is taken from the dataset's tokenizer "
-                             "(mbert_train.data.resolve_vocab) before the model is built")
-        if not isinstance(tp, TPContext):
-            tp = TPContext(tp, invariant_dropout=cfg.tp_invariant_dropout)
+        tp = model_context(cfg, tp)
         self.cfg, self.tp, self.group = cfg, tp, tp.group
         self.activation_checkpointing, self.mlm_masked_only, self.unpad = activation_checkpointing, mlm_masked_only, unpad
         self.padded_vocab = padded_vocab_size(cfg.vocab_size, tp.size)
