@@ -214,8 +214,10 @@ def test_sliding_window_attention_is_the_masked_attention(s, half):
             torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
 
 
-def test_geglu_keeps_autograds_gradients():
-    """GatedDown (the product recomputed in backward) against autograd on the plain ops, bit for bit."""
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_geglu_keeps_autograds_gradients(autocast):
+    """GatedDown (the product recomputed in backward) against autograd on the plain ops, bit for
+    bit, in fp32 and under bf16 autocast (backward in the forward's dtypes, fp32 weight grads)."""
     import torch.nn.functional as F
 
     from mbert_train.model.modernbert import GatedDown
@@ -223,13 +225,16 @@ def test_geglu_keeps_autograds_gradients():
     torch.manual_seed(0)
     h = torch.randn(3, 5, 16, requires_grad=True)
     w = torch.randn(6, 8, requires_grad=True)
-    grad = torch.randn(3, 5, 6)
-    act, gate = h.chunk(2, dim=-1)
-    expected = F.linear(F.gelu(act) * gate, w)
-    got = GatedDown.apply(h, w)
-    assert torch.equal(got, expected)
-    for g, e in zip(torch.autograd.grad(got, (h, w), grad), torch.autograd.grad(expected, (h, w), grad), strict=True):
-        assert torch.equal(g, e)
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        x = h * 1.0  # an op's output, as fc1's is
+        act, gate = x.chunk(2, dim=-1)
+        expected = F.linear(F.gelu(act) * gate, w)
+        got = GatedDown.apply(x, w)
+    grad = torch.randn(3, 5, 6).to(got.dtype)
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+    for g, e in zip(torch.autograd.grad(got, (h, w), grad, retain_graph=True),
+                    torch.autograd.grad(expected, (h, w), grad), strict=True):
+        assert g.dtype == e.dtype and torch.equal(g, e)
 
 
 def test_tp1_dropout():

@@ -215,6 +215,10 @@ class GatedDown(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # Backward runs under the forward's autocast state, as autograd runs an autocast op's
+        # backward in the dtypes of its forward (torch.amp.custom_bwd, for any device type).
+        device = h.device.type
+        ctx.autocast = device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device)
         act, gate = h.chunk(2, dim=-1)
         ctx.save_for_backward(h, weight)
         return F.linear(F.gelu(act) * gate, weight)
@@ -222,13 +226,15 @@ class GatedDown(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h, weight = ctx.saved_tensors
-        act, gate = h.chunk(2, dim=-1)
-        gelu = F.gelu(act)
-        product = gelu * gate
-        grad_weight = grad.reshape(-1, grad.shape[-1]).T @ product.reshape(-1, product.shape[-1])
-        grad_product = grad @ weight
-        grad_h = torch.cat((torch.ops.aten.gelu_backward(grad_product * gate, act), grad_product * gelu), dim=-1)
-        return grad_h, grad_weight
+        device, dtype, enabled = ctx.autocast
+        with torch.autocast(device, dtype, enabled=enabled):
+            act, gate = h.chunk(2, dim=-1)
+            gelu = F.gelu(act)
+            product = gelu * gate
+            grad_weight = grad.reshape(-1, grad.shape[-1]).T @ product.reshape(-1, product.shape[-1])
+            grad_product = (grad @ weight).to(h.dtype)
+            grad_h = torch.cat((torch.ops.aten.gelu_backward(grad_product * gate, act), grad_product * gelu), dim=-1)
+        return grad_h.to(h.dtype), grad_weight.to(weight.dtype)
 
 
 class Layer(nn.Module):
